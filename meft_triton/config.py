@@ -1,0 +1,102 @@
+"""MEFTConfig: the sizes and settings of one MEFT adapter (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+GATES = ("logit", "softmax")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum``; otherwise raise an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value: Any, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number >= {minimum}, got {type(value).__name__} {value!r}")
+    if not value >= minimum or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MEFTConfig:
+    """Settings of one MEFT adapter layer.
+
+    ``num_neurons`` (N) key/value rows are split evenly among ``num_experts`` (E) experts; each
+    token picks ``experts_per_token`` (P) experts with the router and then its ``topk`` (K_top)
+    best-scoring neurons among their P * N/E candidates.
+    """
+
+    num_neurons: int = 4096
+    num_experts: int = 64
+    experts_per_token: int = 8
+    topk: int = 64
+    gate: str = "logit"
+    backend: str = "auto"
+    key_init_std: float = 0.02
+    value_init_std: float = 0.0
+    router_init_scale: float = 50.0
+
+    def __post_init__(self) -> None:
+        check_int("num_neurons", self.num_neurons)
+        check_int("num_experts", self.num_experts)
+        check_int("experts_per_token", self.experts_per_token)
+        check_int("topk", self.topk)
+        check_choice("gate", self.gate, GATES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_float("key_init_std", self.key_init_std)
+        check_float("value_init_std", self.value_init_std)
+        check_float("router_init_scale", self.router_init_scale)
+        if self.num_neurons % self.num_experts:
+            raise ValueError(
+                f"num_neurons ({self.num_neurons}) must be divisible by num_experts "
+                f"({self.num_experts}): each expert owns num_neurons / num_experts neurons"
+            )
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token must be in [1, num_experts={self.num_experts}], "
+                f"got {self.experts_per_token}"
+            )
+        if self.topk > self.num_candidates:
+            raise ValueError(
+                f"topk must be in [1, experts_per_token * num_neurons / num_experts = "
+                f"{self.num_candidates}], got {self.topk}"
+            )
+
+    @property
+    def neurons_per_expert(self) -> int:
+        return self.num_neurons // self.num_experts
+
+    @property
+    def num_candidates(self) -> int:
+        """Neurons a token scores: the P selected experts' N/E neurons each."""
+        return self.experts_per_token * self.neurons_per_expert
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MEFTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MEFTConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "MEFTConfig":
+        return dataclasses.replace(self, **changes)
