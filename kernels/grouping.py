@@ -1,0 +1,56 @@
+"""Index bookkeeping for the grouped kernels, in plain torch ops on the kernels' device.
+
+The key-score kernel works on (token, expert) pairs sorted by expert, cut into blocks of at
+most ``block_m`` pairs that all belong to one expert, so each program reads a single expert's
+key rows (vLLM fused_moe's sorted-token layout). The block table has a fixed, host-known upper
+size, so building it never synchronizes with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segments_by_key(keys: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order that groups equal keys, and offsets [num_keys + 1] of each key's run."""
+    keys = keys.reshape(-1).long()
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_keys)
+    offsets = torch.zeros(num_keys + 1, dtype=torch.int64, device=keys.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def expert_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Blocks of <= block_m same-expert (token, expert) pairs.
+
+    Returns ``(order, block_start, block_end, block_expert)``: ``order[block_start[b]:
+    block_end[b]]`` are flat pair indices (token * P + slot) of expert ``block_expert[b]``,
+    capped to ``block_m`` by the kernel. Blocks past the real count have start == end.
+    """
+    order, offsets = segments_by_key(expert_ids, num_experts)
+    counts = offsets[1:] - offsets[:-1]
+    blocks_per_expert = (counts + block_m - 1) // block_m
+    block_end_cum = torch.cumsum(blocks_per_expert, 0)
+    max_blocks = -(-expert_ids.numel() // block_m) + num_experts
+    block = torch.arange(max_blocks, device=expert_ids.device)
+    expert = torch.searchsorted(block_end_cum, block, right=True).clamp_(max=num_experts - 1)
+    first_block = block_end_cum[expert] - blocks_per_expert[expert]
+    valid = block < block_end_cum[-1]
+    start = torch.where(valid, offsets[expert] + (block - first_block) * block_m, 0)
+    end = torch.where(valid, offsets[expert + 1], 0)
+    return order, start, end, expert
+
+
+def unique_row_segments(row_ids: torch.Tensor):
+    """Distinct rows among ``row_ids`` and, per distinct row, the run of its occurrences.
+
+    Returns ``(rows [U] int64, order, offsets [U + 1])``. U is data-dependent, so this
+    synchronizes once with the device.
+    """
+    flat = row_ids.reshape(-1).long()
+    rows, counts = torch.unique(flat, sorted=True, return_counts=True)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return rows, order, offsets

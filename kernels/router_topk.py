@@ -1,0 +1,110 @@
+"""Fused router top-k: g = G h for a tile of tokens and experts, merged into a running per-row
+top-k kept in registers. No [T, E] logits tensor is ever written.
+
+Ordering: descending logits; ties go to the smaller expert id; a NaN logit counts as the
+largest (as torch.topk does) and its row's gate logits come out NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .validation import (FLOAT_DTYPES, check_devices, check_int_arg, check_same_dtype,
+                         check_tensor, dot_precision, pow2_block)
+
+
+@triton.jit
+def _router_topk_kernel(
+    hidden_ptr, router_ptr, logits_out_ptr, ids_out_ptr,
+    num_tokens, num_experts, hidden_size,
+    stride_ht, stride_hd, stride_re, stride_rd,
+    K: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    slots = tl.arange(0, K_PAD)
+    no_id = num_experts  # larger than every real id, so it never wins a tie
+
+    top_val = tl.full([BLOCK_T, K_PAD], float("-inf"), tl.float32)
+    top_id = tl.full([BLOCK_T, K_PAD], no_id, tl.int32)
+    row_has_nan = tl.zeros([BLOCK_T], tl.int32)
+
+    for e0 in range(0, num_experts, BLOCK_E):
+        cols = e0 + tl.arange(0, BLOCK_E)
+        col_ok = cols < num_experts
+        acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+        for d0 in range(0, hidden_size, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_ok = dims < hidden_size
+            h = tl.load(hidden_ptr + rows[:, None] * stride_ht + dims[None, :] * stride_hd,
+                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            g = tl.load(router_ptr + cols[None, :].to(tl.int64) * stride_re + dims[:, None] * stride_rd,
+                        mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+            acc = tl.dot(h, g, acc, input_precision=DOT_PRECISION)
+        is_nan = acc != acc
+        row_has_nan = tl.maximum(row_has_nan, tl.max(is_nan.to(tl.int32), axis=1))
+        tile_val = tl.where(is_nan, float("inf"), acc)
+        tile_val = tl.where(col_ok[None, :], tile_val, float("-inf"))
+        tile_id = tl.where(col_ok, cols, no_id).to(tl.int32)[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
+
+        # Merge: K rounds of "take the best of running top-k and tile", marking the winner used.
+        new_val = tl.full([BLOCK_T, K_PAD], float("-inf"), tl.float32)
+        new_id = tl.full([BLOCK_T, K_PAD], no_id, tl.int32)
+        for i in tl.static_range(K):
+            best = tl.maximum(tl.max(top_val, axis=1), tl.max(tile_val, axis=1))
+            id_top = tl.min(tl.where(top_val == best[:, None], top_id, no_id), axis=1)
+            id_tile = tl.min(tl.where(tile_val == best[:, None], tile_id, no_id), axis=1)
+            winner = tl.minimum(id_top, id_tile)
+            new_val = tl.where(slots[None, :] == i, best[:, None], new_val)
+            new_id = tl.where(slots[None, :] == i, winner[:, None], new_id)
+            top_val = tl.where(top_id == winner[:, None], float("-inf"), top_val)
+            tile_val = tl.where(tile_id == winner[:, None], float("-inf"), tile_val)
+        top_val = new_val
+        top_id = new_id
+
+    top_val = tl.where(row_has_nan[:, None] > 0, float("nan"), top_val)
+    out = rows[:, None] * K + slots[None, :]
+    out_ok = row_ok[:, None] & (slots[None, :] < K)
+    tl.store(logits_out_ptr + out, top_val, mask=out_ok)
+    tl.store(ids_out_ptr + out, top_id, mask=out_ok)
+
+
+def router_topk(hidden: torch.Tensor, router_weight: torch.Tensor, k: int):
+    """Top-``k`` experts per token: ``(gate_logits [T, k] float32, expert_ids [T, k] int32)``,
+    each row in descending order of ``hidden @ router_weight.T``.
+
+    hidden [T, d] and router_weight [E, d] share one float dtype (fp16, bf16, fp32) and device;
+    any strides; 1 <= k <= E.
+    """
+    check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
+    check_tensor("router_weight", router_weight, 2, FLOAT_DTYPES)
+    check_same_dtype(hidden=hidden, router_weight=router_weight)
+    check_devices(hidden=hidden, router_weight=router_weight)
+    num_tokens, hidden_size = hidden.shape
+    num_experts = router_weight.shape[0]
+    if router_weight.shape[1] != hidden_size:
+        raise ValueError(f"router_weight must have shape [E, {hidden_size}] to match hidden, "
+                         f"got {tuple(router_weight.shape)}")
+    check_int_arg("k", k, 1, num_experts)
+
+    gate_logits = torch.empty(num_tokens, k, dtype=torch.float32, device=hidden.device)
+    expert_ids = torch.empty(num_tokens, k, dtype=torch.int32, device=hidden.device)
+    if num_tokens == 0:
+        return gate_logits, expert_ids
+    k_pad = triton.next_power_of_2(k)
+    block_t = 16 if num_tokens <= 16 else 32
+    block_e = pow2_block(num_experts, max(16, k_pad), 64)
+    block_d = pow2_block(hidden_size, 16, 64)
+    grid = (triton.cdiv(num_tokens, block_t),)
+    _router_topk_kernel[grid](
+        hidden, router_weight, gate_logits, expert_ids,
+        num_tokens, num_experts, hidden_size,
+        hidden.stride(0), hidden.stride(1), router_weight.stride(0), router_weight.stride(1),
+        K=k, K_PAD=k_pad, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+    )
+    return gate_logits, expert_ids

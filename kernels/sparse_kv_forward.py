@@ -1,0 +1,204 @@
+"""Sparse key-value forward: y = sum over each token's top-K candidates j of ReLU(s_j) V_j.
+
+Three launches, none of which forms a [T, N] or [T, P*S, d] tensor:
+
+1. key scores: (token, expert) pairs sorted by expert; each program multiplies one block of
+   same-expert tokens [BLOCK_M, d] by a slice of that expert's keys [d, BLOCK_S] on tensor
+   cores and writes s = w_e * (K h) into the per-token candidate scores [T, P*S] (fp32).
+2. select: per token, the K_top-th largest candidate score is found by bisection on the
+   scores' order-preserving integer keys (any P*S, no sort), then the winners are compacted
+   into ``neuron_ids [T, K_top]`` and ``activations = ReLU(s) [T, K_top]``.
+3. values: y[t] = sum_k a[t, k] V[neuron_ids[t, k]], streamed per token and slice of d.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .grouping import expert_blocks
+from .row_gather_sum import row_gather_sum
+from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in_range,
+                         check_int_arg, check_same_dtype, check_shape, check_tensor,
+                         dot_precision, pow2_block)
+
+
+@triton.jit
+def _key_scores_kernel(
+    hidden_ptr, keys_ptr, gate_weights_ptr, scores_ptr,
+    order_ptr, block_start_ptr, block_end_ptr, block_expert_ptr,
+    hidden_size, neurons_per_expert, experts_per_token,
+    stride_ht, stride_hd, stride_kn, stride_kd,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    start = tl.load(block_start_ptr + block)
+    end = tl.load(block_end_ptr + block)
+    if start >= end:
+        return
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    slots = start + tl.arange(0, BLOCK_M)
+    pair_ok = slots < end
+    pair = tl.load(order_ptr + slots, mask=pair_ok, other=0).to(tl.int64)
+    token = pair // experts_per_token
+    offs_s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < neurons_per_expert
+    neuron = expert * neurons_per_expert + offs_s
+
+    acc = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
+    for d0 in range(0, hidden_size, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < hidden_size
+        h = tl.load(hidden_ptr + token[:, None] * stride_ht + dims[None, :] * stride_hd,
+                    mask=pair_ok[:, None] & dim_ok[None, :], other=0.0)
+        k = tl.load(keys_ptr + neuron[None, :] * stride_kn + dims[:, None] * stride_kd,
+                    mask=s_ok[None, :] & dim_ok[:, None], other=0.0)
+        acc = tl.dot(h, k, acc, input_precision=DOT_PRECISION)
+    weight = tl.load(gate_weights_ptr + pair, mask=pair_ok, other=0.0)
+    num_candidates = experts_per_token * neurons_per_expert
+    column = (pair % experts_per_token) * neurons_per_expert
+    out = scores_ptr + token[:, None] * num_candidates + column[:, None] + offs_s[None, :]
+    tl.store(out, acc * weight[:, None], mask=pair_ok[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _order_key(x):
+    """An int32 that orders like the float32 x (NaN above +inf, as torch.topk ranks it)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _select_topk_kernel(
+    scores_ptr, expert_ids_ptr, neuron_ids_ptr, activations_ptr,
+    num_tokens, num_candidates, neurons_per_expert, experts_per_token,
+    TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < num_tokens
+    rows = scores_ptr + tokens[:, None] * num_candidates
+
+    # Bisection for thr = each row's TOPK-th largest key: the largest thr with
+    # count(key >= thr) >= TOPK. Keys are int32, so 32 halvings pin it exactly.
+    lo = tl.full([BLOCK_T], -2147483648, tl.int64)
+    hi = tl.full([BLOCK_T], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.zeros([BLOCK_T], tl.int32)
+        for c0 in range(0, num_candidates, BLOCK_C):
+            cand = c0 + tl.arange(0, BLOCK_C)
+            ok = token_ok[:, None] & (cand < num_candidates)[None, :]
+            key = _order_key(tl.load(rows + cand[None, :], mask=ok, other=0.0)).to(tl.int64)
+            count += tl.sum(((key >= mid[:, None]) & ok).to(tl.int32), axis=1)
+        take = count >= TOPK
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    threshold = lo[:, None]
+
+    num_above = tl.zeros([BLOCK_T], tl.int32)
+    for c0 in range(0, num_candidates, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = token_ok[:, None] & (cand < num_candidates)[None, :]
+        key = _order_key(tl.load(rows + cand[None, :], mask=ok, other=0.0)).to(tl.int64)
+        num_above += tl.sum(((key > threshold) & ok).to(tl.int32), axis=1)
+    ties_needed = (TOPK - num_above)[:, None]
+
+    # Compaction: everything above the threshold, then the first ties_needed ties (ties: any).
+    written = tl.zeros([BLOCK_T], tl.int32)
+    ties_seen = tl.zeros([BLOCK_T], tl.int32)
+    for c0 in range(0, num_candidates, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = token_ok[:, None] & (cand < num_candidates)[None, :]
+        score = tl.load(rows + cand[None, :], mask=ok, other=0.0)
+        key = _order_key(score).to(tl.int64)
+        tie = (key == threshold) & ok
+        tie_rank = ties_seen[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
+        chosen = ((key > threshold) & ok) | (tie & (tie_rank <= ties_needed))
+        position = written[:, None] + tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+        slot = cand // neurons_per_expert
+        expert = tl.load(expert_ids_ptr + tokens[:, None] * experts_per_token + slot[None, :],
+                         mask=chosen, other=0)
+        neuron = expert.to(tl.int64) * neurons_per_expert + (cand % neurons_per_expert)[None, :]
+        out = tokens[:, None] * TOPK + position
+        tl.store(neuron_ids_ptr + out, neuron.to(tl.int32), mask=chosen)
+        tl.store(activations_ptr + out, tl.where(score < 0.0, 0.0, score), mask=chosen)
+        written += tl.sum(chosen.to(tl.int32), axis=1)
+        ties_seen += tl.sum(tie.to(tl.int32), axis=1)
+
+
+def sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, num_experts: int,
+                      topk: int, check_ids: bool = True):
+    """MEFT steps 2-4 for tokens whose experts are already chosen.
+
+    Args:
+        hidden: [T, d], fp16/bf16/fp32, any strides.
+        keys, values: [N, d], hidden's dtype and device; expert e owns rows e*S .. e*S+S-1,
+            S = N / num_experts.
+        expert_ids: [T, P] int32/int64, each row's distinct experts.
+        gate_weights: [T, P] float32, the gate weight w_e of each selected expert.
+        num_experts: E, dividing N.
+        topk: K_top, in [1, P * S].
+        check_ids: verify ``expert_ids`` lie in [0, E) (one device sync); callers passing the
+            router kernel's own output may skip it.
+
+    Returns ``(y [T, d] in hidden's dtype, neuron_ids [T, K_top] int32,
+    activations [T, K_top] float32)``; the last two are what the backward needs.
+    """
+    check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
+    check_tensor("keys", keys, 2, FLOAT_DTYPES)
+    check_tensor("values", values, 2, FLOAT_DTYPES)
+    check_tensor("expert_ids", expert_ids, 2, INDEX_DTYPES)
+    check_tensor("gate_weights", gate_weights, 2, (torch.float32,))
+    check_same_dtype(hidden=hidden, keys=keys, values=values)
+    check_devices(hidden=hidden, keys=keys, values=values, expert_ids=expert_ids,
+                  gate_weights=gate_weights)
+    num_tokens, hidden_size = hidden.shape
+    num_neurons = keys.shape[0]
+    check_shape("keys", keys, (num_neurons, hidden_size))
+    check_shape("values", values, (num_neurons, hidden_size))
+    check_int_arg("num_experts", num_experts, 1, num_neurons)
+    if num_neurons % num_experts:
+        raise ValueError(f"num_experts ({num_experts}) must divide the number of key rows ({num_neurons})")
+    experts_per_token = expert_ids.shape[1]
+    check_int_arg("expert_ids.shape[1] (experts per token)", experts_per_token, 1, num_experts)
+    check_shape("expert_ids", expert_ids, (num_tokens, experts_per_token))
+    check_shape("gate_weights", gate_weights, (num_tokens, experts_per_token))
+    neurons_per_expert = num_neurons // num_experts
+    num_candidates = experts_per_token * neurons_per_expert
+    check_int_arg("topk", topk, 1, num_candidates)
+    if check_ids:
+        check_ids_in_range("expert_ids", expert_ids, num_experts)
+
+    device = hidden.device
+    y = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=device)
+    neuron_ids = torch.empty(num_tokens, topk, dtype=torch.int32, device=device)
+    activations = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
+    if num_tokens == 0:
+        return y, neuron_ids, activations
+    expert_ids = expert_ids.contiguous()
+    gate_weights = gate_weights.contiguous()
+
+    block_m = 16 if num_tokens * experts_per_token <= 16 * num_experts else 64
+    block_s = pow2_block(neurons_per_expert, 16, 64)
+    block_d = pow2_block(hidden_size, 16, 64)
+    order, block_start, block_end, block_expert = expert_blocks(expert_ids, num_experts, block_m)
+    scores = torch.empty(num_tokens, num_candidates, dtype=torch.float32, device=device)
+    grid = (block_start.numel(), triton.cdiv(neurons_per_expert, block_s))
+    _key_scores_kernel[grid](
+        hidden, keys, gate_weights, scores, order, block_start, block_end, block_expert,
+        hidden_size, neurons_per_expert, experts_per_token,
+        hidden.stride(0), hidden.stride(1), keys.stride(0), keys.stride(1),
+        BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+    )
+    block_c = pow2_block(num_candidates, 16, 1024)
+    block_t = max(1, 2048 // block_c)
+    _select_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
+        scores, expert_ids, neuron_ids, activations,
+        num_tokens, num_candidates, neurons_per_expert, experts_per_token,
+        TOPK=topk, BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+    row_gather_sum(y, activations, neuron_ids, values)
+    return y, neuron_ids, activations
