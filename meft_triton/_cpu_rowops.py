@@ -1,0 +1,407 @@
+"""Row kernels of the CPU store and the row-sparse optimizer: a small C loop and a torch twin.
+
+Two operations run over rows picked by id from a CPU matrix whose rows are contiguous:
+
+* ``adamw_rows``: the lazy AdamW update of the picked rows of a parameter matrix and its two
+  moments, one pass over memory (read p, g, m, v; write p, m, v), split over threads;
+* ``gather_rows``: copy the picked rows (or a fixed column slice of each) into a buffer.
+
+The C loop is compiled on first use with the system C compiler (``cc``/``gcc``), cached on
+disk keyed by a hash of its source, flags and CPU, and called through :mod:`ctypes` (which
+releases the GIL, so a worker thread's update overlaps Python work elsewhere). Where no
+compiler is found, or ``MEFT_TRITON_CPU_KERNELS=torch`` is set, the pure-torch twin runs
+instead; it performs the same fp32 operations in the same order, so both give the same
+numbers (tests check this). ``MEFT_TRITON_CPU_KERNELS=c`` makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_C_SOURCE = r"""
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    float *p, *m, *v;
+    const float *g;
+    const int64_t *ids, *gidx;
+    int64_t begin, end, rowlen;
+    float decay, omb1, omb2, eps, neg_step, gscale;
+    int use_decay, use_scale;
+} adam_job;
+
+/* Same fp32 operations, same order as torch.optim.SparseAdam (plus the decoupled decay and
+   the clip scale, each one multiply, when enabled). Compiled with -ffp-contract=off. */
+static void *adam_worker(void *arg) {
+    const adam_job *j = (const adam_job *)arg;
+    const int64_t L = j->rowlen;
+    for (int64_t k = j->begin; k < j->end; ++k) {
+        float *restrict p = j->p + j->ids[k] * L;
+        float *restrict m = j->m + j->ids[k] * L;
+        float *restrict v = j->v + j->ids[k] * L;
+        const float *restrict g = j->g + (j->gidx ? j->gidx[k] : k) * L;
+        if (k + 1 < j->end) {
+            const int64_t nx = j->ids[k + 1] * L;
+            __builtin_prefetch(j->p + nx, 1, 0);
+            __builtin_prefetch(j->m + nx, 1, 0);
+            __builtin_prefetch(j->v + nx, 1, 0);
+        }
+        const float omb1 = j->omb1, omb2 = j->omb2, eps = j->eps, ns = j->neg_step;
+        if (j->use_scale) {
+            const float s = j->gscale;
+            if (j->use_decay) {
+                const float dc = j->decay;
+                for (int64_t i = 0; i < L; ++i) {
+                    const float gi = g[i] * s;
+                    const float mo = m[i], vo = v[i];
+                    const float mn = mo + (gi - mo) * omb1;
+                    const float vn = vo + (gi * gi - vo) * omb2;
+                    m[i] = mn; v[i] = vn;
+                    p[i] = p[i] * dc + ns * (mn / (sqrtf(vn) + eps));
+                }
+            } else {
+                for (int64_t i = 0; i < L; ++i) {
+                    const float gi = g[i] * s;
+                    const float mo = m[i], vo = v[i];
+                    const float mn = mo + (gi - mo) * omb1;
+                    const float vn = vo + (gi * gi - vo) * omb2;
+                    m[i] = mn; v[i] = vn;
+                    p[i] = p[i] + ns * (mn / (sqrtf(vn) + eps));
+                }
+            }
+        } else {
+            if (j->use_decay) {
+                const float dc = j->decay;
+                for (int64_t i = 0; i < L; ++i) {
+                    const float gi = g[i];
+                    const float mo = m[i], vo = v[i];
+                    const float mn = mo + (gi - mo) * omb1;
+                    const float vn = vo + (gi * gi - vo) * omb2;
+                    m[i] = mn; v[i] = vn;
+                    p[i] = p[i] * dc + ns * (mn / (sqrtf(vn) + eps));
+                }
+            } else {
+                for (int64_t i = 0; i < L; ++i) {
+                    const float gi = g[i];
+                    const float mo = m[i], vo = v[i];
+                    const float mn = mo + (gi - mo) * omb1;
+                    const float vn = vo + (gi * gi - vo) * omb2;
+                    m[i] = mn; v[i] = vn;
+                    p[i] = p[i] + ns * (mn / (sqrtf(vn) + eps));
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+#define MAX_THREADS 64
+
+int meft_adamw_rows(float *p, float *m, float *v, const float *g,
+                    const int64_t *ids, const int64_t *gidx, int64_t n, int64_t rowlen,
+                    float decay, float omb1, float omb2, float eps, float neg_step,
+                    float gscale, int use_decay, int use_scale, int nthreads) {
+    if (n <= 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    /* at least ~64K elements per thread, else threads cost more than they give */
+    int64_t most = (n * rowlen) / 65536;
+    if (most < 1) most = 1;
+    if (nthreads > most) nthreads = (int)most;
+    adam_job jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < nthreads; ++t) {
+        adam_job *j = &jobs[t];
+        j->p = p; j->m = m; j->v = v; j->g = g; j->ids = ids; j->gidx = gidx;
+        j->begin = n * t / nthreads; j->end = n * (t + 1) / nthreads; j->rowlen = rowlen;
+        j->decay = decay; j->omb1 = omb1; j->omb2 = omb2; j->eps = eps; j->neg_step = neg_step;
+        j->gscale = gscale; j->use_decay = use_decay; j->use_scale = use_scale;
+        started[t] = 0;
+    }
+    for (int t = 1; t < nthreads; ++t)
+        started[t] = pthread_create(&tids[t], 0, adam_worker, &jobs[t]) == 0;
+    adam_worker(&jobs[0]);
+    for (int t = 1; t < nthreads; ++t) {
+        if (started[t]) pthread_join(tids[t], 0);
+        else adam_worker(&jobs[t]);
+    }
+    return 0;
+}
+
+typedef struct {
+    const char *src; char *dst;
+    const int64_t *ids;
+    int64_t begin, end, src_stride, dst_stride, nbytes;
+} gather_job;
+
+static void *gather_worker(void *arg) {
+    const gather_job *j = (const gather_job *)arg;
+    for (int64_t k = j->begin; k < j->end; ++k) {
+        if (k + 1 < j->end) __builtin_prefetch(j->src + j->ids[k + 1] * j->src_stride, 0, 0);
+        memcpy(j->dst + k * j->dst_stride, j->src + j->ids[k] * j->src_stride, (size_t)j->nbytes);
+    }
+    return 0;
+}
+
+int meft_gather_rows(const char *src, int64_t src_stride, const int64_t *ids, int64_t n,
+                     char *dst, int64_t dst_stride, int64_t nbytes, int nthreads) {
+    if (n <= 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    int64_t most = (n * nbytes) / (256 * 1024);
+    if (most < 1) most = 1;
+    if (nthreads > most) nthreads = (int)most;
+    gather_job jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < nthreads; ++t) {
+        gather_job *j = &jobs[t];
+        j->src = src; j->dst = dst; j->ids = ids;
+        j->begin = n * t / nthreads; j->end = n * (t + 1) / nthreads;
+        j->src_stride = src_stride; j->dst_stride = dst_stride; j->nbytes = nbytes;
+        started[t] = 0;
+    }
+    for (int t = 1; t < nthreads; ++t)
+        started[t] = pthread_create(&tids[t], 0, gather_worker, &jobs[t]) == 0;
+    gather_worker(&jobs[0]);
+    for (int t = 1; t < nthreads; ++t) {
+        if (started[t]) pthread_join(tids[t], 0);
+        else gather_worker(&jobs[t]);
+    }
+    return 0;
+}
+"""
+
+# -ffp-contract=off: no fused multiply-add, so each operation rounds like torch's twin.
+# -fno-math-errno lets sqrtf vectorize; it changes nothing for the non-negative inputs here.
+_BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+_ARCH_FLAGS = ["-march=native"]
+
+_ENV_VAR = "MEFT_TRITON_CPU_KERNELS"
+
+
+@dataclass
+class _Lib:
+    handle: ctypes.CDLL
+    path: str
+
+
+_lock = threading.Lock()
+_lib: _Lib | None = None
+_lib_error: str | None = None
+_tried = False
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("MEFT_TRITON_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "meft_triton")
+    return os.path.join(root, "cpu_rowops")
+
+
+def _cpu_tag() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cc: str) -> str:
+    last_err = ""
+    for flags in (_BASE_FLAGS + _ARCH_FLAGS, _BASE_FLAGS):
+        key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_tag(), sys.platform]).encode()).hexdigest()[:16]
+        out_dir = _cache_dir()
+        path = os.path.join(out_dir, f"meft_rowops_{key}.so")
+        if os.path.exists(path):
+            return path
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src = os.path.join(tmp, "rowops.c")
+            with open(src, "w") as f:
+                f.write(_C_SOURCE)
+            tmp_so = os.path.join(tmp, "rowops.so")
+            proc = subprocess.run([cc, *flags, src, "-o", tmp_so, "-lm"], capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp_so, path)  # atomic: concurrent builders are harmless
+                return path
+            last_err = proc.stderr[-2000:]
+    raise RuntimeError(f"compiling the CPU row kernels failed:\n{last_err}")
+
+
+def _load() -> _Lib | None:
+    global _lib, _lib_error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        mode = os.environ.get(_ENV_VAR, "auto").lower()
+        if mode not in ("auto", "c", "torch"):
+            raise ValueError(f"{_ENV_VAR} must be 'auto', 'c' or 'torch', got {mode!r}")
+        if mode == "torch":
+            _lib_error = f"disabled by {_ENV_VAR}=torch"
+        else:
+            try:
+                cc = _compiler()
+                if cc is None:
+                    raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
+                path = _build(cc)
+                handle = ctypes.CDLL(path)
+                i64, f32, vp, ci = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+                handle.meft_adamw_rows.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64,
+                                                   f32, f32, f32, f32, f32, f32, ci, ci, ci]
+                handle.meft_adamw_rows.restype = ci
+                handle.meft_gather_rows.argtypes = [vp, i64, vp, i64, vp, i64, i64, ci]
+                handle.meft_gather_rows.restype = ci
+                _lib = _Lib(handle, path)
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the torch twin
+                _lib_error = f"{type(exc).__name__}: {exc}"
+                if mode == "c":
+                    _tried = True
+                    raise RuntimeError(f"{_ENV_VAR}=c but the C row kernels are unavailable: {_lib_error}") from exc
+                warnings.warn(
+                    f"meft_triton: C row kernels unavailable ({_lib_error}); using the slower torch path",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _tried = True
+        return _lib
+
+
+def backend_name() -> str:
+    """``"c"`` when the compiled loop is in use, ``"torch"`` otherwise."""
+    return "c" if _load() is not None else "torch"
+
+
+def backend_error() -> str | None:
+    """Why the compiled loop is not in use (None when it is)."""
+    _load()
+    return _lib_error
+
+
+def default_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def adamw_rows(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor,
+    ids: Tensor,
+    gidx: Tensor | None,
+    *,
+    decay: float,
+    one_minus_beta1: float,
+    one_minus_beta2: float,
+    eps: float,
+    neg_step_size: float,
+    grad_scale: float,
+    num_threads: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """In place, for each k: rows ``r = ids[k]`` of ``param``/``exp_avg``/``exp_avg_sq`` (each
+    [R, L] contiguous fp32) get the AdamW update with gradient row ``grad[gidx[k]]`` (or
+    ``grad[k]`` when ``gidx`` is None) times ``grad_scale``:
+
+        g = grad * grad_scale                 (skipped when grad_scale == 1)
+        m = m + (g - m) * (1 - beta1)
+        v = v + (g * g - v) * (1 - beta2)
+        p = p * decay + neg_step_size * (m / (sqrt(v) + eps))   (p * decay skipped when decay == 1)
+
+    ``ids`` must not repeat (callers pass unique sorted ids). No argument checking here:
+    callers (the optimizer) validate.
+    """
+    n = ids.numel()
+    if n == 0:
+        return
+    use_c = (backend or ("c" if _load() is not None else "torch")) == "c"
+    use_decay = decay != 1.0
+    use_scale = grad_scale != 1.0
+    if use_c:
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"C row kernels unavailable: {_lib_error}")
+        lib.handle.meft_adamw_rows(
+            _ptr(param), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(grad), _ptr(ids), _ptr(gidx),
+            n, param.shape[1], decay, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+            grad_scale, int(use_decay), int(use_scale), int(num_threads or default_threads()),
+        )
+        return
+    # torch twin: the same fp32 ops in the same order (python floats become fp32 scalars)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731 - explicit fp32 scalars
+    g = grad if gidx is None else grad.index_select(0, gidx)
+    if use_scale:
+        g = g * f32(grad_scale)
+    p = param.index_select(0, ids)
+    m = exp_avg.index_select(0, ids)
+    v = exp_avg_sq.index_select(0, ids)
+    mn = m + (g - m) * f32(one_minus_beta1)
+    vn = v + (g * g - v) * f32(one_minus_beta2)
+    upd = f32(neg_step_size) * (mn / (vn.sqrt() + f32(eps)))
+    p = (p * f32(decay) if use_decay else p) + upd
+    param.index_copy_(0, ids, p)
+    exp_avg.index_copy_(0, ids, mn)
+    exp_avg_sq.index_copy_(0, ids, vn)
+
+
+def gather_rows(
+    src: Tensor,
+    ids: Tensor,
+    out: Tensor,
+    *,
+    num_threads: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """``out[k] = src[ids[k]]`` for a 2-D ``src`` whose rows are contiguous (its row stride may
+    exceed its width, e.g. one half of a [N, 2, d] record store) and a row-contiguous ``out``."""
+    n = ids.numel()
+    if n == 0:
+        return
+    use_c = (backend or ("c" if _load() is not None else "torch")) == "c"
+    if use_c:
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"C row kernels unavailable: {_lib_error}")
+        es = src.element_size()
+        lib.handle.meft_gather_rows(
+            _ptr(src), src.stride(0) * es, _ptr(ids), n, _ptr(out), out.stride(0) * es,
+            src.shape[1] * es, int(num_threads or default_threads()),
+        )
+        return
+    torch.index_select(src, 0, ids, out=out) if out.is_contiguous() else out.copy_(src.index_select(0, ids))
