@@ -363,21 +363,57 @@ def adamw_rows(
             grad_scale, int(use_decay), int(use_scale), int(num_threads or default_threads()),
         )
         return
-    # torch twin: the same fp32 ops in the same order (python floats become fp32 scalars)
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731 - explicit fp32 scalars
-    g = grad if gidx is None else grad.index_select(0, gidx)
-    if use_scale:
-        g = g * f32(grad_scale)
-    p = param.index_select(0, ids)
-    m = exp_avg.index_select(0, ids)
-    v = exp_avg_sq.index_select(0, ids)
-    mn = m + (g - m) * f32(one_minus_beta1)
-    vn = v + (g * g - v) * f32(one_minus_beta2)
-    upd = f32(neg_step_size) * (mn / (vn.sqrt() + f32(eps)))
-    p = (p * f32(decay) if use_decay else p) + upd
-    param.index_copy_(0, ids, p)
-    exp_avg.index_copy_(0, ids, mn)
-    exp_avg_sq.index_copy_(0, ids, vn)
+    _adamw_rows_torch(param, exp_avg, exp_avg_sq, grad, ids, gidx, decay, one_minus_beta1,
+                      one_minus_beta2, eps, neg_step_size, grad_scale, use_decay, use_scale)
+
+
+_TORCH_CHUNK_ELEMS = 1 << 19  # rows per chunk so a chunk's temporaries stay in cache
+
+
+def _adamw_rows_torch(param, exp_avg, exp_avg_sq, grad, ids, gidx, decay, omb1, omb2, eps,
+                      neg_step, gscale, use_decay, use_scale) -> None:
+    """The torch twin of the C loop: the same fp32 operations in the same order.
+
+    Python float scalars enter torch's fp32 kernels as fp32 (torch's opmath for float32 is
+    float32), exactly as the C loop's float arguments do.
+    """
+    n, width = ids.numel(), param.shape[1]
+    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, width))
+    rows = min(n, chunk)
+    g = torch.empty(rows, width, dtype=param.dtype)
+    p, m, v = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+    t = torch.empty_like(g)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        k = hi - lo
+        idx = ids[lo:hi]
+        gk, pk, mk, vk, tk = g[:k], p[:k], m[:k], v[:k], t[:k]
+        if gidx is None:
+            gk.copy_(grad[lo:hi])
+        else:
+            torch.index_select(grad, 0, gidx[lo:hi], out=gk)
+        if use_scale:
+            gk.mul_(gscale)
+        torch.index_select(param, 0, idx, out=pk)
+        torch.index_select(exp_avg, 0, idx, out=mk)
+        torch.index_select(exp_avg_sq, 0, idx, out=vk)
+        # m = m + (g - m) * (1 - beta1)
+        torch.sub(gk, mk, out=tk)
+        mk.add_(tk.mul_(omb1))
+        # v = v + (g * g - v) * (1 - beta2)
+        torch.mul(gk, gk, out=tk)
+        vk.add_(tk.sub_(vk).mul_(omb2))
+        # p = p * decay + neg_step * (m / (sqrt(v) + eps))
+        torch.sqrt(vk, out=tk)
+        tk.add_(eps)
+        torch.div(mk, tk, out=tk)
+        tk.mul_(neg_step)
+        if use_decay:
+            pk.mul_(decay)
+        pk.add_(tk)
+        param.index_copy_(0, idx, pk)
+        exp_avg.index_copy_(0, idx, mk)
+        exp_avg_sq.index_copy_(0, idx, vk)
 
 
 def gather_rows(
