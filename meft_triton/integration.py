@@ -32,7 +32,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -392,6 +392,14 @@ def attach_meft(
     return model
 
 
+def _is_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has activation checkpointing on (newer name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def _register_input_grad_hook(model: nn.Module) -> tuple[nn.Module, int] | None:
     get = getattr(model, "get_input_embeddings", None)
     try:
@@ -406,7 +414,7 @@ def _register_input_grad_hook(model: nn.Module) -> tuple[nn.Module, int] | None:
         owner = model_ref()
         if (owner is not None and isinstance(output, Tensor) and torch.is_grad_enabled()
                 and output.is_floating_point() and not output.requires_grad
-                and getattr(owner, "is_gradient_checkpointing", False) and owner.training):
+                and owner.training and _is_checkpointing(owner)):
             output.requires_grad_(True)
 
     handle = embeddings.register_forward_hook(hook)

@@ -1,0 +1,496 @@
+"""transformers integration (issue 4): attach/detach, training, save/load, checkpointing, Trainer.
+
+Tiny random Llama / Mistral / Qwen2 models on CPU (hidden 32, 2 layers, vocab 100)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from meft_triton import MEFTAdapter, MEFTConfig  # noqa: E402
+from meft_triton import integration as integ  # noqa: E402
+from meft_triton.integration import (  # noqa: E402
+    MEFTMLP,
+    attach_meft,
+    create_meft_optimizer,
+    detach_meft,
+    load_adapter,
+    meft_adapters,
+    meft_parameters,
+    save_adapter,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 100
+CFG = MEFTConfig(num_neurons=256, num_experts=16, experts_per_token=4, topk=8, backend="torch")
+
+
+def tiny_config(arch: str):
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch))
+    return model.eval()
+
+
+def batch(seed: int = 1, rows: int = 4, length: int = 12) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=gen)
+
+
+def randomize_adapters(model, seed: int = 3, std: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in meft_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+ARCHS = ["llama", "mistral", "qwen2"]
+
+
+# ---------------------------------------------------------------------------------- attach
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attach_freezes_backbone_and_starts_equal(arch):
+    model = tiny_model(arch)
+    ids = batch()
+    before = logits(model, ids)
+    n_backbone = sum(p.numel() for p in model.parameters())
+    assert attach_meft(model, CFG) is model
+
+    adapters = meft_adapters(model)
+    assert list(adapters) == [0, 1]
+    for i, adapter in adapters.items():
+        mlp = model.model.layers[i].mlp
+        assert isinstance(mlp, MEFTMLP) and mlp.adapter is adapter
+        assert isinstance(adapter, MEFTAdapter) and adapter.hidden_size == 32
+        assert adapter.keys.dtype == torch.float32
+        assert mlp.gate_proj is mlp.base.gate_proj  # attribute passthrough
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in meft_parameters(model)}
+    assert sum(p.numel() for p in meft_parameters(model)) == 2 * 32 * (16 + 2 * 256)
+    assert sum(p.numel() for p in model.parameters()) == n_backbone + 2 * 32 * (16 + 2 * 256)
+    # values start at zero: the adapted model equals the base model exactly
+    assert torch.equal(logits(model, ids), before)
+    with pytest.raises(ValueError, match="already has MEFT adapters"):
+        attach_meft(model, CFG)
+
+
+def test_training_lowers_loss():
+    model = tiny_model("llama")
+    attach_meft(model, CFG)
+    model.train()
+    ids = batch()
+    opt = torch.optim.AdamW(meft_parameters(model), lr=1e-2)
+    backbone = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = []
+    for _ in range(20):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for n, p in model.named_parameters():
+        if n in backbone:
+            assert torch.equal(p, backbone[n]), n
+            assert p.grad is None, n
+
+
+def test_layers_subset_and_bad_layers():
+    model = tiny_model("qwen2")
+    attach_meft(model, CFG, layers=[1])
+    assert list(meft_adapters(model)) == [1]
+    assert not isinstance(model.model.layers[0].mlp, MEFTMLP)
+    assert isinstance(model.model.layers[1].mlp, MEFTMLP)
+    detach_meft(model)
+    for bad, err, msg in [([2], ValueError, r"out of range \[0, 2\)"),
+                          ([-1], ValueError, "out of range"),
+                          ([0, 0], ValueError, "duplicates"),
+                          ([], ValueError, "at least one"),
+                          ([True], TypeError, "ints"),
+                          ([0.0], TypeError, "ints"),
+                          ("some", ValueError, "'all'"),
+                          (3, TypeError, "list of ints")]:
+        with pytest.raises(err, match=msg):
+            attach_meft(model, CFG, layers=bad)
+        assert not meft_adapters(model)
+        assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(TypeError, match="MEFTConfig"):
+        attach_meft(model, CFG.to_dict())
+    with pytest.raises(TypeError, match="dtype"):
+        attach_meft(model, CFG, dtype=torch.int32)
+
+
+def test_adapter_dtype_option():
+    model = tiny_model("llama").to(torch.bfloat16)
+    attach_meft(model, CFG)
+    assert all(p.dtype == torch.float32 for p in meft_parameters(model))
+    detach_meft(model)
+    attach_meft(model, CFG, dtype=None)
+    assert all(p.dtype == torch.bfloat16 for p in meft_parameters(model))
+    ids = batch()
+    randomize_adapters(model)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in meft_parameters(model))
+
+
+class NoMLPModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_no_mlp_clear_error():
+    with pytest.raises(ValueError, match="NoMLPModel"):
+        attach_meft(NoMLPModel(), CFG)
+    # OPT keeps fc1/fc2 inline in the decoder layer: no MLP module to wrap
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
+        word_embed_proj_dim=16, max_position_embeddings=32))
+    with pytest.raises(ValueError, match="OPTForCausalLM"):
+        attach_meft(opt, CFG)
+    assert all(p.requires_grad for p in opt.parameters())
+
+
+class FFNByStructure(nn.Module):
+    """A decoder stack whose MLP has an unusual name but fc1/fc2 projections."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.channel_mixer = nn.Module()
+            self.channel_mixer.fc1 = nn.Linear(16, 24)
+            self.channel_mixer.fc2 = nn.Linear(24, 16)
+
+    def __init__(self):
+        super().__init__()
+        self.misc = nn.ModuleList([nn.Linear(2, 2)])
+        self.stack = nn.ModuleList(self.Block() for _ in range(3))
+
+
+def test_structure_detection_and_other_architectures():
+    model = FFNByStructure()
+    name, stack = integ.find_decoder_layers(model)
+    assert name == "stack" and len(stack) == 3
+    assert integ.find_mlp(stack[0])[0] == "channel_mixer"
+    for arch_config in [
+        transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, vocab_size=VOCAB),
+        transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                bos_token_id=1, eos_token_id=2),
+    ]:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(arch_config).eval()
+        ids = batch()
+        before = logits(model, ids)
+        attach_meft(model, CFG)
+        assert list(meft_adapters(model)) == [0, 1], type(model).__name__
+        assert all(a.hidden_size == 32 for a in meft_adapters(model).values())
+        assert torch.equal(logits(model, ids), before), type(model).__name__
+
+
+# ---------------------------------------------------------------------------------- detach
+
+
+def test_detach_restores_original_model():
+    model = tiny_model("mistral")
+    model.lm_head.weight.requires_grad_(False)  # mixed flags must come back as they were
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    mlps = [layer.mlp for layer in model.model.layers]
+    names = [n for n, _ in model.named_parameters()]
+    hooks = len(model.get_input_embeddings()._forward_hooks)
+    ids = batch()
+    before = logits(model, ids)
+
+    attach_meft(model, CFG)
+    randomize_adapters(model)
+    assert not torch.equal(logits(model, ids), before)
+    assert detach_meft(model) is model
+
+    assert [layer.mlp for layer in model.model.layers] == mlps
+    assert all(layer.mlp is m for layer, m in zip(model.model.layers, mlps))
+    assert [n for n, _ in model.named_parameters()] == names
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert len(model.get_input_embeddings()._forward_hooks) == hooks
+    assert not any(isinstance(m, (MEFTMLP, MEFTAdapter)) for m in model.modules())
+    assert torch.equal(logits(model, ids), before)
+    assert meft_adapters(model) == {}
+    with pytest.raises(ValueError, match="no MEFT adapters"):
+        detach_meft(model)
+
+
+# ---------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(arch, tmp_path):
+    model = tiny_model(arch)
+    attach_meft(model, CFG)
+    randomize_adapters(model)
+    ids = batch()
+    expected = logits(model, ids)
+    save_adapter(model, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == ["adapter.safetensors", "meft_config.json"]
+    info = json.loads((tmp_path / "a" / "meft_config.json").read_text())
+    assert info["layers"] == [0, 1] and info["hidden_size"] == 32 and info["format_version"] == 1
+    assert MEFTConfig.from_dict(info["meft_config"]) == CFG
+    assert len(info["weights_sha256"]) == 64
+
+    fresh = tiny_model(arch)  # same backbone seed, no adapters: load attaches from the file
+    load_adapter(fresh, tmp_path / "a")
+    assert list(meft_adapters(fresh)) == [0, 1]
+    assert torch.equal(logits(fresh, ids), expected)
+    # loading into already-attached adapters copies in place
+    other = tiny_model(arch)
+    attach_meft(other, CFG.replace(backend="auto", key_init_std=0.1))
+    params_before = meft_parameters(other)
+    load_adapter(other, tmp_path / "a")
+    assert all(a is b for a, b in zip(meft_parameters(other), params_before))
+    assert torch.equal(logits(other, ids), expected)
+
+
+def test_load_rejects_mismatches(tmp_path):
+    model = tiny_model("llama")
+    attach_meft(model, CFG)
+    save_adapter(model, tmp_path)
+    cases = [
+        (dict(config=CFG.replace(topk=4)), "topk: saved 8 vs model 4"),
+        (dict(config=CFG.replace(gate="softmax")), "gate"),
+        (dict(layers=[0]), r"layers \[0, 1\].*layers \[0\]"),
+        (dict(dtype=torch.bfloat16), "float32 in the file but torch.bfloat16"),
+    ]
+    for kwargs, msg in cases:
+        target = tiny_model("llama")
+        attach_meft(target, kwargs.get("config", CFG), layers=kwargs.get("layers", "all"),
+                    dtype=kwargs.get("dtype", torch.float32))
+        snapshot = [p.detach().clone() for p in meft_parameters(target)]
+        with pytest.raises(ValueError, match=msg):
+            load_adapter(target, tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(meft_parameters(target), snapshot))
+    wider = transformers.AutoModelForCausalLM.from_config(
+        tiny_config("llama").__class__(**{**tiny_config("llama").to_dict(), "hidden_size": 48}))
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter(wider, tmp_path)
+    with pytest.raises(ValueError, match="attach=False"):
+        load_adapter(tiny_model("llama"), tmp_path, attach=False)
+    with pytest.raises(FileNotFoundError):
+        load_adapter(tiny_model("llama"), tmp_path / "missing")
+
+
+def _saved(tmp_path, seed):
+    model = tiny_model("llama")
+    attach_meft(model, CFG)
+    randomize_adapters(model, seed=seed)
+    save_adapter(model, tmp_path)
+    return model
+
+
+def test_corrupt_and_truncated_files_detected(tmp_path):
+    ids = batch()
+    model = _saved(tmp_path, seed=5)
+    expected = logits(model, ids)
+    weights = tmp_path / "adapter.safetensors"
+    good = weights.read_bytes()
+
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(tiny_model("llama"), tmp_path)
+    flipped = bytearray(good)
+    flipped[-7] ^= 0x40  # one bit inside the tensor data
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(tiny_model("llama"), tmp_path)
+    weights.write_bytes(good)
+    (tmp_path / "meft_config.json").write_text('{"format": "meft-triton-ad')
+    with pytest.raises(ValueError, match="meft_config.json is truncated or corrupt"):
+        load_adapter(tiny_model("llama"), tmp_path)
+    save_adapter(model, tmp_path)  # repair
+    assert torch.equal(logits(load_adapter(tiny_model("llama"), tmp_path), ids), expected)
+
+
+def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
+    ids = batch()
+    first = _saved(tmp_path, seed=5)
+    expected = logits(first, ids)
+    second = tiny_model("llama")
+    attach_meft(second, CFG)
+    randomize_adapters(second, seed=6)
+
+    import safetensors.torch as st
+
+    real_save = st.save_file
+
+    def crash_mid_write(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(st, "save_file", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(second, tmp_path)
+    monkeypatch.setattr(st, "save_file", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "meft_config.json"]
+    assert torch.equal(logits(load_adapter(tiny_model("llama"), tmp_path), ids), expected)
+
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_replace(src, dst):
+        calls.append(dst)
+        raise OSError("disk full at rename")
+
+    monkeypatch.setattr(integ.os, "replace", crash_on_replace)
+    with pytest.raises(OSError):
+        save_adapter(second, tmp_path)
+    monkeypatch.setattr(integ.os, "replace", real_replace)
+    assert len(calls) == 1
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "meft_config.json"]
+    assert torch.equal(logits(load_adapter(tiny_model("llama"), tmp_path), ids), expected)
+
+    # killed between the two renames: the new weights file is whole and verifies on its own
+    def crash_on_second(src, dst):
+        if str(dst).endswith("meft_config.json"):
+            raise OSError("killed before the second rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(integ.os, "replace", crash_on_second)
+    with pytest.raises(OSError):
+        save_adapter(second, tmp_path)
+    monkeypatch.setattr(integ.os, "replace", real_replace)
+    with pytest.warns(UserWarning, match="does not describe"):
+        loaded = load_adapter(tiny_model("llama"), tmp_path)
+    assert torch.equal(logits(loaded, ids), logits(second, ids))
+
+
+# ---------------------------------------------------------------------------------- checkpointing
+
+
+def _adapter_grads(model, ids):
+    model.train()
+    for p in meft_parameters(model):
+        p.grad = None
+    model(ids, labels=ids).loss.backward()
+    return [p.grad.clone() for p in meft_parameters(model)]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_same_gradients(reentrant):
+    model = tiny_model("llama")
+    attach_meft(model, CFG)
+    randomize_adapters(model)
+    ids = batch()
+    plain = _adapter_grads(model, ids)
+    assert all(g.abs().sum() > 0 for g in plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = _adapter_grads(model, ids)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_checkpointing_needs_the_input_grad_hook():
+    """Why attach_meft(input_require_grads=True) exists: behind a frozen embedding, reentrant
+    checkpoint segments see no input requiring grad and the adapters get no gradient."""
+    model = tiny_model("llama")
+    attach_meft(model, CFG, input_require_grads=False)
+    randomize_adapters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()
+        loss = model(batch(), labels=batch()).loss
+    assert not loss.requires_grad or all(p.grad is None for p in meft_parameters(model))
+
+
+def test_bf16_autocast_cpu():
+    model = tiny_model("qwen2")
+    attach_meft(model, CFG)
+    randomize_adapters(model)
+    model.train()
+    ids = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for p in meft_parameters(model):
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
+
+
+# ---------------------------------------------------------------------------------- Trainer
+
+
+def test_create_meft_optimizer():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="attach_meft first"):
+        create_meft_optimizer(model)
+    attach_meft(model, CFG)
+    opt = create_meft_optimizer(model, lr=3e-3, weight_decay=0.1)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in meft_parameters(model)}
+    assert opt.param_groups[0]["lr"] == 3e-3
+    with pytest.raises(NotImplementedError, match="sparse"):
+        create_meft_optimizer(model, kind="sparse")
+
+
+def test_hf_trainer_trains_only_adapters(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_model("llama")
+    attach_meft(model, CFG)
+    ids = batch(rows=8)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+        gradient_accumulation_steps=2, max_grad_norm=1.0, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    backbone = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    values = [a.values.detach().clone() for a in meft_adapters(model).values()]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                   optimizers=(create_meft_optimizer(model, args), None))
+    trainer.train()
+    for n, p in model.named_parameters():
+        if n in backbone:
+            assert torch.equal(p, backbone[n]), n
+    assert any(not torch.equal(a.values, v) for a, v in zip(meft_adapters(model).values(), values))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
