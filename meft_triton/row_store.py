@@ -1,0 +1,249 @@
+"""CPURowStore: the CPU-resident fp32 master copy of an adapter's keys and values.
+
+Placement "cpu" (DESIGN.md section 3) keeps every neuron's key row and value row in host
+memory, stored together: neuron ``i`` is one contiguous record ``records[i] = [key_i,
+value_i]`` of ``2 * hidden_size`` fp32 numbers, so fetching or updating a neuron is one
+sequential read. The AdamW moments of :class:`meft_triton.optim.SparseRowAdamW` live beside
+it in the same ``[N, 2, d]`` layout (``exp_avg``, ``exp_avg_sq``), so the row-sparse update
+touches one record in each of four arrays per neuron.
+
+All three arrays are allocated in pinned (page-locked) memory when that is possible, so
+host-to-device copies of gathered rows can run asynchronously; when it is not (no CUDA in
+this torch build, or the pinned allocation fails), the store falls back to ordinary pageable
+memory and records why in :attr:`CPURowStore.pin_error`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _cpu_rowops
+
+PARTS = ("values", "keys", "both")
+_PART_INDEX = {"keys": 0, "values": 1}
+
+
+def _check_size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+def check_row_ids(row_ids: Any, num_rows: int, name: str = "row_ids") -> Tensor:
+    """Validate a 1-D CPU integer tensor of row ids in [0, num_rows); return it as int64."""
+    if not isinstance(row_ids, Tensor):
+        raise TypeError(f"{name} must be a 1-D int64 torch.Tensor, got {type(row_ids).__name__}")
+    if row_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got dtype {row_ids.dtype}")
+    if row_ids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(row_ids.shape)}")
+    if row_ids.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got device {row_ids.device}")
+    if row_ids.numel():
+        lo, hi = torch.aminmax(row_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= num_rows:
+            raise ValueError(
+                f"{name} must lie in [0, {num_rows}) (the store's num_rows), got values in [{lo}, {hi}]"
+            )
+    return row_ids.to(torch.int64).contiguous()
+
+
+def _want_pinned(pin_memory: Any) -> bool:
+    if pin_memory == "auto":
+        return torch.cuda.is_available()
+    if isinstance(pin_memory, bool):
+        return pin_memory
+    raise ValueError(f"pin_memory must be True, False or 'auto', got {pin_memory!r}")
+
+
+def _alloc(shape: tuple[int, ...], pinned: bool) -> tuple[Tensor, str | None]:
+    """An fp32 CPU tensor, pinned if asked and possible; returns (tensor, why-not-pinned)."""
+    if pinned:
+        if not torch.cuda.is_available():
+            err = "torch.cuda.is_available() is False: this torch build has no pinned-memory allocator"
+        else:
+            try:
+                return torch.empty(shape, dtype=torch.float32, pin_memory=True), None
+            except RuntimeError as exc:  # out of page-locked memory, driver trouble, ...
+                err = f"pinned allocation failed: {exc}"
+        return torch.empty(shape, dtype=torch.float32), err
+    return torch.empty(shape, dtype=torch.float32), None
+
+
+class Gathered(NamedTuple):
+    """Result of :meth:`CPURowStore.gather`: ``rows[k]`` is the row of neuron ``row_ids[k]``."""
+
+    rows: Tensor
+    row_ids: Tensor
+
+
+class CPURowStore:
+    """fp32 master keys and values of one adapter layer plus their AdamW moments, on the CPU.
+
+    ``records`` is ``[num_rows, 2, hidden_size]``: ``records[i, 0]`` is neuron i's key row,
+    ``records[i, 1]`` its value row. ``exp_avg`` and ``exp_avg_sq`` have the same layout.
+
+    ``pin_memory``: ``True`` asks for pinned memory and warns when it falls back to pageable
+    memory; ``"auto"`` (default) pins exactly when CUDA is available, silently; ``False``
+    never pins. :attr:`pinned` says what was obtained and :attr:`pin_error` why not.
+
+    ``num_threads``: threads used by :meth:`gather` (default: ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, num_rows: int, hidden_size: int, pin_memory: bool | str = "auto",
+                 *, num_threads: int | None = None) -> None:
+        self.num_rows = _check_size("num_rows", num_rows)
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        if num_threads is not None:
+            _check_size("num_threads", num_threads)
+        self.num_threads = num_threads
+        want = _want_pinned(pin_memory)
+        shape = (self.num_rows, 2, self.hidden_size)
+        self.records, err = _alloc(shape, want)
+        self.exp_avg, _ = _alloc(shape, want and err is None)
+        self.exp_avg_sq, _ = _alloc(shape, want and err is None)
+        self.records.zero_()
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        self.pinned = want and err is None
+        self.pin_error: str | None = err if want else None
+        if pin_memory is True and err is not None:
+            warnings.warn(f"CPURowStore: using pageable memory ({err})", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, keys: Tensor, values: Tensor, pin_memory: bool | str = "auto",
+                   *, num_threads: int | None = None) -> "CPURowStore":
+        """A store holding copies of ``keys`` and ``values`` (both ``[N, d]``, floating point,
+        any device; converted to fp32). Moments start at zero."""
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be 2-D [num_rows, hidden_size], got shape {tuple(t.shape)}")
+        if keys.shape != values.shape:
+            raise ValueError(
+                f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        store = cls(keys.shape[0], keys.shape[1], pin_memory=pin_memory, num_threads=num_threads)
+        with torch.no_grad():
+            store.records[:, 0].copy_(keys.detach())
+            store.records[:, 1].copy_(values.detach())
+        return store
+
+    # ------------------------------------------------------------------ views
+    def keys(self) -> Tensor:
+        """``[N, d]`` view of the key rows (row stride ``2 * d``); writes go into the store."""
+        return self.records[:, 0]
+
+    def values(self) -> Tensor:
+        """``[N, d]`` view of the value rows (row stride ``2 * d``); writes go into the store."""
+        return self.records[:, 1]
+
+    @property
+    def row_width(self) -> int:
+        """fp32 numbers per neuron record (key row + value row)."""
+        return 2 * self.hidden_size
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def master_nbytes(self) -> int:
+        """Bytes of the fp32 master keys and values."""
+        return self.records.numel() * self.records.element_size()
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the AdamW moments (exp_avg and exp_avg_sq)."""
+        return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * self.exp_avg.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """All host bytes the store holds: master rows plus moments (staging buffers excluded)."""
+        return self.master_nbytes + self.state_nbytes
+
+    # ------------------------------------------------------------------ gather
+    def staging_buffer(self, max_rows: int, part: str = "values") -> Tensor:
+        """An empty fp32 buffer for :meth:`gather` of up to ``max_rows`` rows, pinned when the
+        store is: ``[max_rows, d]`` for ``"keys"``/``"values"``, ``[max_rows, 2, d]`` for ``"both"``."""
+        _check_size("max_rows", max_rows)
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        shape = (max_rows, 2, self.hidden_size) if part == "both" else (max_rows, self.hidden_size)
+        buf, _ = _alloc(shape, self.pinned)
+        return buf
+
+    def gather(self, row_ids: Tensor, out: Tensor | None = None, part: str = "values",
+               *, sort: bool = True) -> Gathered:
+        """Copy the rows of ``row_ids`` into ``out`` (or a new buffer, pinned when the store is).
+
+        ``part``: ``"values"`` or ``"keys"`` gives ``[U, d]`` rows, ``"both"`` whole ``[U, 2, d]``
+        records. With ``sort=True`` (default) the ids are sorted first (sequential reads) and
+        the rows come back in ascending id order; with ``sort=False`` in the given order.
+        ``out`` may have more rows than needed; the result is then its first ``U`` rows.
+        Returns ``Gathered(rows, row_ids)`` with the ids in the order of ``rows``.
+        Uses a multi-threaded compiled copy loop (torch ``index_select`` where none is built).
+        """
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        ids = check_row_ids(row_ids, self.num_rows)
+        if sort and ids.numel() > 1:
+            ids = torch.sort(ids).values
+        n = ids.numel()
+        tail = (2, self.hidden_size) if part == "both" else (self.hidden_size,)
+        if out is None:
+            buf, _ = _alloc((n, *tail), self.pinned)
+            out = buf
+        else:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+            if out.dtype != torch.float32:
+                raise TypeError(f"out must be a float32 tensor, got dtype {out.dtype}")
+            if out.device.type != "cpu":
+                raise ValueError(f"out must be a CPU tensor, got device {out.device}")
+            if tuple(out.shape[1:]) != tail or out.shape[0] < n:
+                raise ValueError(
+                    f"out must have shape [>= {n}, {', '.join(map(str, tail))}] for part={part!r}, "
+                    f"got {tuple(out.shape)}"
+                )
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
+            out = out[:n]
+        if part == "both":
+            src = self.records.view(self.num_rows, self.row_width)
+            dst = out.view(n, self.row_width)
+        else:
+            src = self.records[:, _PART_INDEX[part]]
+            dst = out
+        _cpu_rowops.gather_rows(src, ids, dst, num_threads=self.num_threads)
+        return Gathered(out, ids)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The master rows (by reference, like ``nn.Module.state_dict``): ``{"records": [N, 2, d]}``.
+        The moments are saved by the optimizer's ``state_dict``."""
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "records" not in state:
+            raise ValueError("state must be a dict with key 'records'")
+        rec = state["records"]
+        if not isinstance(rec, Tensor) or tuple(rec.shape) != tuple(self.records.shape):
+            got = tuple(rec.shape) if isinstance(rec, Tensor) else type(rec).__name__
+            raise ValueError(f"state['records'] must have shape {tuple(self.records.shape)}, got {got}")
+        if rec.data_ptr() != self.records.data_ptr():
+            self.records.copy_(rec)
+
+    def __repr__(self) -> str:
+        return (
+            f"CPURowStore(num_rows={self.num_rows}, hidden_size={self.hidden_size}, "
+            f"pinned={self.pinned}, nbytes={self.nbytes})"
+        )
