@@ -92,7 +92,8 @@ class CPURowStore:
 
     ``pin_memory``: ``True`` asks for pinned memory and warns when it falls back to pageable
     memory; ``"auto"`` (default) pins exactly when CUDA is available, silently; ``False``
-    never pins. :attr:`pinned` says what was obtained and :attr:`pin_error` why not.
+    never pins. :attr:`pinned` says what was obtained and :attr:`pin_error` why not (None when
+    pinned or when ``pin_memory=False``).
 
     ``num_threads``: threads used by :meth:`gather` (default: ``torch.get_num_threads()``).
     """
@@ -105,6 +106,10 @@ class CPURowStore:
             _check_size("num_threads", num_threads)
         self.num_threads = num_threads
         want = _want_pinned(pin_memory)
+        if pin_memory == "auto" and not want:
+            auto_reason = "pin_memory='auto' and torch.cuda.is_available() is False"
+        else:
+            auto_reason = None
         shape = (self.num_rows, 2, self.hidden_size)
         self.records, err = _alloc(shape, want)
         self.exp_avg, _ = _alloc(shape, want and err is None)
@@ -113,7 +118,7 @@ class CPURowStore:
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
         self.pinned = want and err is None
-        self.pin_error: str | None = err if want else None
+        self.pin_error: str | None = err if want else auto_reason
         if pin_memory is True and err is not None:
             warnings.warn(f"CPURowStore: using pageable memory ({err})", RuntimeWarning, stacklevel=2)
 

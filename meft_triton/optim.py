@@ -1,0 +1,487 @@
+"""SparseRowAdamW: lazy AdamW over the touched rows of a :class:`CPURowStore`.
+
+Only neurons that received a gradient since the last step are updated; every other row of
+the master copy and of both moments stays bit-identical ("lazy Adam"). A neuron is the unit:
+when a neuron is touched, its key row and its value row are both updated (a missing half
+counts as a zero gradient). The arithmetic follows :class:`torch.optim.SparseAdam` exactly,
+with one global step count ``t`` (the number of ``step()`` calls) for the bias correction:
+
+    g  = grad * clip_scale                       (clip_scale = 1 unless clipping shrinks it)
+    m  = m + (g - m) * (1 - beta1)
+    v  = v + (g * g - v) * (1 - beta2)
+    step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)
+    p  = p * (1 - lr * weight_decay) - step_size * (m / (sqrt(v) + eps))
+
+so with ``weight_decay = 0`` it equals ``torch.optim.SparseAdam`` on the same rows. Note the
+``eps`` placement is SparseAdam's (``sqrt(v) + eps`` before the bias correction); dense
+``torch.optim.AdamW`` adds ``eps`` after dividing by ``sqrt(1 - beta2**t)``, which differs
+only where ``sqrt(v)`` is comparable to ``eps``. Weight decay is decoupled (AdamW) and applied
+to touched rows only.
+
+Gradients arrive row-sparse through :meth:`SparseRowAdamW.accumulate` (ids may repeat, within
+one call and across micro-batches: they sum). :meth:`~SparseRowAdamW.step_async` runs the
+update on one worker thread per optimizer (the compiled row loop releases the GIL), so the
+update of one layer overlaps the backward of the others; :func:`clip_grad_norm_` clips by the
+global norm over several optimizers (layers) at once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from . import _cpu_rowops
+from .row_store import CPURowStore, check_row_ids
+
+_FORMAT = "meft_triton.SparseRowAdamW/1"
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_lr(value: Any) -> float:
+    value = _number("lr", value)
+    if value < 0:
+        raise ValueError(f"lr must be >= 0, got {value}")
+    return value
+
+
+def _check_betas(value: Any) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}")
+    out = []
+    for i, b in enumerate(value):
+        b = _number(f"betas[{i}]", b)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+        out.append(b)
+    return out[0], out[1]
+
+
+def _check_nonneg(name: str, value: Any) -> float:
+    value = _number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_max_norm(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    value = _number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 (or None for no clipping), got {value}")
+    return value
+
+
+def _check_norm_type(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"norm_type must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0 or value == math.inf):
+        raise ValueError(f"norm_type must be > 0 or inf, got {value}")
+    return value
+
+
+class _RowGradAccumulator:
+    """Row-sparse sum of gradient records: neuron id -> one [2, d] fp32 slot.
+
+    ``slot_of[i]`` is the slot of neuron i (-1: none yet); slots ``0..count-1`` hold the
+    sums, ``ids[s]`` the neuron of slot s. A pending clip scale (set by gradient clipping and
+    folded into the update) is applied in place before more gradients are added, exactly as
+    if the clip had scaled the gradients when it was called.
+    """
+
+    def __init__(self, num_rows: int, hidden_size: int) -> None:
+        self.num_rows, self.hidden_size = num_rows, hidden_size
+        self.slot_of = torch.full((num_rows,), -1, dtype=torch.int64)
+        self.ids = torch.empty(0, dtype=torch.int64)
+        self.buf = torch.empty(0, 2, hidden_size, dtype=torch.float32)
+        self.count = 0
+        self.scale: float | None = None
+
+    def _reserve(self, need: int) -> None:
+        cap = self.buf.shape[0]
+        if need <= cap:
+            return
+        new_cap = min(self.num_rows, max(need, 2 * cap))
+        buf = torch.empty(new_cap, 2, self.hidden_size, dtype=torch.float32)
+        ids = torch.empty(new_cap, dtype=torch.int64)
+        if self.count:
+            buf[: self.count].copy_(self.buf[: self.count])
+            ids[: self.count].copy_(self.ids[: self.count])
+        self.buf, self.ids = buf, ids
+
+    def materialize_scale(self) -> None:
+        if self.scale is not None:
+            if self.count:
+                self.buf[: self.count].mul_(self.scale)
+            self.scale = None
+
+    def add(self, ids: Tensor, key_rows: Tensor | None, value_rows: Tensor | None) -> None:
+        n = ids.numel()
+        if n == 0:
+            return
+        self.materialize_scale()
+        uniq = torch.unique(ids)
+        slots = self.slot_of[uniq]
+        new = slots < 0
+        n_new = int(new.sum())
+        lo = self.count
+        if n_new == n:
+            # every id is new and none repeats (the usual first micro-batch): plain copies,
+            # slots in the caller's order
+            self._reserve(lo + n)
+            self.slot_of[ids] = torch.arange(lo, lo + n, dtype=torch.int64)
+            self.ids[lo : lo + n].copy_(ids)
+            dst = self.buf[lo : lo + n]
+            if key_rows is None:
+                dst[:, 0].zero_()
+            else:
+                dst[:, 0].copy_(key_rows)
+            if value_rows is None:
+                dst[:, 1].zero_()
+            else:
+                dst[:, 1].copy_(value_rows)
+            self.count = lo + n
+            return
+        if n_new:
+            self._reserve(lo + n_new)
+            new_ids = uniq[new]
+            new_slots = torch.arange(lo, lo + n_new, dtype=torch.int64)
+            self.slot_of[new_ids] = new_slots
+            self.ids[lo : lo + n_new].copy_(new_ids)
+            self.buf[lo : lo + n_new].zero_()
+            self.count = lo + n_new
+        target = self.slot_of[ids]
+        if key_rows is not None:
+            self.buf[:, 0].index_add_(0, target, key_rows)
+        if value_rows is not None:
+            self.buf[:, 1].index_add_(0, target, value_rows)
+
+    def norm(self, norm_type: float) -> Tensor:
+        """Norm of the accumulated (clip-scaled) gradients; 0 when empty."""
+        self.materialize_scale()
+        if self.count == 0:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.linalg.vector_norm(self.buf[: self.count], norm_type)
+
+    def clear(self) -> None:
+        if self.count:
+            self.slot_of[self.ids[: self.count]] = -1
+        self.count = 0
+        self.scale = None
+
+
+def _clip_coef(total: Tensor, max_norm: float) -> Tensor:
+    # the same arithmetic as torch.nn.utils.clip_grad_norm_
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+class SparseRowAdamW:
+    """Row-sparse lazy AdamW over a :class:`CPURowStore` (see the module docstring).
+
+    Parameters
+    ----------
+    store: the :class:`CPURowStore` whose ``records`` are updated and whose ``exp_avg`` /
+        ``exp_avg_sq`` hold the moments.
+    lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW` (``lr`` may be changed
+        between steps by assigning ``opt.lr``).
+    max_grad_norm: clip this optimizer's accumulated gradients to this global L2 norm at
+        every step (``None``: no clipping). To clip across several layers use
+        :func:`clip_grad_norm_` instead (both compose, like two successive clips).
+    num_threads: threads of the row update (default ``torch.get_num_threads()``).
+    backend: ``"auto"`` (compiled loop when available), ``"c"`` or ``"torch"``.
+
+    Typical loop::
+
+        for micro_batch in batches:
+            ...                                   # backward produces row-sparse grads
+            opt.accumulate(ids, key_grad_rows, value_grad_rows)
+        fut = opt.step_async()                    # or: touched = opt.step()
+        ...                                       # other layers' work overlaps
+        touched = fut.result()                    # refresh the GPU key cache for `touched`
+    """
+
+    def __init__(
+        self,
+        store: CPURowStore,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        *,
+        num_threads: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(store, CPURowStore):
+            raise TypeError(f"store must be a CPURowStore, got {type(store).__name__}")
+        self.store = store
+        self._lr = _check_lr(lr)
+        self.betas = _check_betas(betas)
+        self.eps = _check_nonneg("eps", eps)
+        self.weight_decay = _check_nonneg("weight_decay", weight_decay)
+        self.max_grad_norm = _check_max_norm("max_grad_norm", max_grad_norm)
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads must be an int >= 1 or None, got {num_threads!r}")
+        self.num_threads = num_threads
+        if backend not in ("auto", "c", "torch"):
+            raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
+        if backend == "c" and _cpu_rowops.backend_name() != "c":
+            raise RuntimeError(f"backend='c' but the compiled row loop is unavailable: {_cpu_rowops.backend_error()}")
+        self.backend = backend
+        self._step = 0
+        self._acc = _RowGradAccumulator(store.num_rows, store.hidden_size)
+        self._spare: _RowGradAccumulator | None = None
+        self._pending: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    # ------------------------------------------------------------------ hyperparameters
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _check_lr(value)
+
+    @property
+    def step_count(self) -> int:
+        """Completed steps (the ``t`` of the bias correction of the last finished step)."""
+        return self._step
+
+    @property
+    def pending_rows(self) -> int:
+        """Distinct neurons with accumulated gradient waiting for the next step."""
+        return self._acc.count
+
+    # ------------------------------------------------------------------ gradients
+    def accumulate(self, row_ids: Tensor, key_rows: Tensor | None = None,
+                   value_rows: Tensor | None = None) -> None:
+        """Add row-sparse gradients: ``key_rows[k]`` / ``value_rows[k]`` (fp32 ``[U, d]``) to
+        neuron ``row_ids[k]`` (int64 ``[U]``). Repeated ids sum; sums carry over until
+        :meth:`step` or :meth:`zero_grad`. ``None`` for one half means a zero gradient there
+        (the neuron still counts as touched). Safe while a :meth:`step_async` is running."""
+        ids = check_row_ids(row_ids, self.store.num_rows)
+        if key_rows is None and value_rows is None:
+            raise ValueError("key_rows and value_rows are both None: pass at least one")
+        d = self.store.hidden_size
+        for name, rows in (("key_rows", key_rows), ("value_rows", value_rows)):
+            if rows is None:
+                continue
+            if not isinstance(rows, Tensor):
+                raise TypeError(f"{name} must be a float32 torch.Tensor, got {type(rows).__name__}")
+            if rows.dtype != torch.float32:
+                raise TypeError(f"{name} must be float32, got dtype {rows.dtype}")
+            if rows.device.type != "cpu":
+                raise ValueError(f"{name} must be a CPU tensor, got device {rows.device}")
+            if tuple(rows.shape) != (ids.numel(), d):
+                raise ValueError(
+                    f"{name} must have shape [len(row_ids), hidden_size] = [{ids.numel()}, {d}], "
+                    f"got {tuple(rows.shape)}"
+                )
+        self._acc.add(ids, key_rows, value_rows)
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients (and any pending clip)."""
+        self._acc.clear()
+
+    def grad_norm(self, norm_type: float = 2.0) -> Tensor:
+        """``norm_type``-norm of the accumulated gradients (0-dim fp32 tensor)."""
+        return self._acc.norm(_check_norm_type(norm_type))
+
+    # ------------------------------------------------------------------ stepping
+    def _collect(self) -> Any:
+        """Wait for the in-flight step; re-raise its exception if it failed."""
+        fut, self._pending = self._pending, None
+        if fut is None:
+            return None
+        return fut.result()
+
+    def wait(self) -> Tensor | None:
+        """Block until the in-flight :meth:`step_async` finished; return its touched ids (None
+        if nothing was in flight). A failed background step raises its exception here."""
+        return self._collect()
+
+    def _prepare(self) -> tuple[_RowGradAccumulator, dict[str, Any]]:
+        """Take the current accumulator (a fresh one takes its place) and freeze the
+        hyperparameters of the step about to run."""
+        acc = self._acc
+        nxt = self._spare if self._spare is not None else _RowGradAccumulator(self.store.num_rows, self.store.hidden_size)
+        self._spare = None
+        self._acc = nxt
+        hp = dict(lr=self._lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                  max_grad_norm=self.max_grad_norm, t=self._step + 1)
+        return acc, hp
+
+    def _apply(self, acc: _RowGradAccumulator, hp: dict[str, Any]) -> Tensor:
+        try:
+            n = acc.count
+            ids = acc.ids[:n]
+            order = torch.argsort(ids)
+            sorted_ids = ids[order]
+            scale = acc.scale if acc.scale is not None else 1.0
+            if hp["max_grad_norm"] is not None and n:
+                norm = torch.linalg.vector_norm(acc.buf[:n], 2.0)
+                if scale != 1.0:
+                    norm = norm * scale
+                scale = float(torch.tensor(scale, dtype=torch.float32) * _clip_coef(norm, hp["max_grad_norm"]))
+            t = hp["t"]
+            lr, (beta1, beta2), wd = hp["lr"], hp["betas"], hp["weight_decay"]
+            bc1 = 1.0 - beta1**t
+            bc2 = 1.0 - beta2**t
+            step_size = lr * math.sqrt(bc2) / bc1
+            if n:
+                s = self.store
+                w = s.row_width
+                _cpu_rowops.adamw_rows(
+                    s.records.view(s.num_rows, w), s.exp_avg.view(s.num_rows, w),
+                    s.exp_avg_sq.view(s.num_rows, w), acc.buf.view(acc.buf.shape[0], w),
+                    sorted_ids, order,
+                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+                    eps=hp["eps"], neg_step_size=-step_size, grad_scale=scale,
+                    num_threads=self.num_threads,
+                    backend=None if self.backend == "auto" else self.backend,
+                )
+            self._step = t
+            return sorted_ids
+        finally:
+            acc.clear()  # a failed step drops its gradients (the exception reports it)
+            self._spare = acc
+
+    def step(self) -> Tensor:
+        """Apply the update to the touched neurons, clear the accumulated gradients and return
+        the touched neuron ids (int64, ascending) so the caller can refresh GPU copies of
+        those rows. Waits for an in-flight :meth:`step_async` first (raising its error)."""
+        self._collect()
+        acc, hp = self._prepare()
+        return self._apply(acc, hp)
+
+    def step_async(self) -> "Future[Tensor]":
+        """Like :meth:`step`, on this optimizer's worker thread; returns a Future of the touched
+        ids. Gradients accumulated after this call go to the next step. Reading the store's
+        rows before the future completes sees a partial update: wait on it (or on
+        :meth:`wait`) before reading. An exception in the worker is raised by the future and
+        again by the next :meth:`step` / :meth:`step_async` / :meth:`wait` of this optimizer."""
+        self._collect()
+        acc, hp = self._prepare()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meft-sparse-adamw")
+            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True)
+        fut = self._executor.submit(self._apply, acc, hp)
+        self._pending = fut
+        return fut
+
+    def close(self) -> None:
+        """Wait for the in-flight step (raising its error) and stop the worker thread."""
+        try:
+            self._collect()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, hyperparameters and the moments.
+
+        The moments are the store's ``exp_avg`` / ``exp_avg_sq`` tensors themselves (by
+        reference, as torch optimizers do: ``torch.save`` copies them; clone them to keep a
+        snapshot in memory while training goes on). The master rows are in
+        ``store.state_dict()``. Accumulated gradients not yet stepped are not saved.
+        Waits for an in-flight step first."""
+        self._collect()
+        s = self.store
+        return {
+            "format": _FORMAT,
+            "step": self._step,
+            "lr": self._lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
+            "num_rows": s.num_rows,
+            "hidden_size": s.hidden_size,
+            "exp_avg": s.exp_avg,
+            "exp_avg_sq": s.exp_avg_sq,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved: the moments are copied into the store."""
+        self._collect()
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"state must be a dict saved by SparseRowAdamW.state_dict() (format {_FORMAT!r})")
+        s = self.store
+        if (state["num_rows"], state["hidden_size"]) != (s.num_rows, s.hidden_size):
+            raise ValueError(
+                f"state is for num_rows={state['num_rows']}, hidden_size={state['hidden_size']}, "
+                f"but the store has num_rows={s.num_rows}, hidden_size={s.hidden_size}"
+            )
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state['step'] must be an int >= 0, got {step!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state[key]
+            if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(s.records.shape):
+                raise ValueError(f"state[{key!r}] must be a float32 tensor of shape {tuple(s.records.shape)}")
+        lr = _check_lr(state["lr"])
+        betas = _check_betas(tuple(state["betas"]))
+        eps = _check_nonneg("eps", state["eps"])
+        wd = _check_nonneg("weight_decay", state["weight_decay"])
+        mgn = _check_max_norm("max_grad_norm", state["max_grad_norm"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            dst = getattr(s, key)
+            if state[key].data_ptr() != dst.data_ptr():
+                dst.copy_(state[key])
+        self._step, self._lr, self.betas, self.eps, self.weight_decay, self.max_grad_norm = step, lr, betas, eps, wd, mgn
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseRowAdamW(lr={self._lr}, betas={self.betas}, eps={self.eps}, "
+            f"weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm}, "
+            f"step={self._step}, backend={self.backend!r})"
+        )
+
+
+def clip_grad_norm_(optimizers: SparseRowAdamW | Iterable[SparseRowAdamW], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+    """Clip the accumulated gradients of several :class:`SparseRowAdamW` (e.g. all layers)
+    by their global norm, like :func:`torch.nn.utils.clip_grad_norm_` on the dense
+    equivalent: ``total = norm(norm(g_1), ..., norm(g_n))``; every gradient is scaled by
+    ``min(1, max_norm / (total + 1e-6))``. The scale is folded into the next step's update
+    (no extra pass over the rows). Returns the total norm (0-dim fp32 tensor)."""
+    opts = [optimizers] if isinstance(optimizers, SparseRowAdamW) else list(optimizers)
+    for i, o in enumerate(opts):
+        if not isinstance(o, SparseRowAdamW):
+            raise TypeError(f"optimizers[{i}] must be a SparseRowAdamW, got {type(o).__name__}")
+    max_norm = _check_max_norm("max_norm", max_norm)
+    norm_type = _check_norm_type(norm_type)
+    if not opts:
+        return torch.zeros((), dtype=torch.float32)
+    norms = [o._acc.norm(norm_type) for o in opts]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be clipped"
+        )
+    coef = float(_clip_coef(total, max_norm))
+    for o in opts:
+        if o._acc.count:
+            o._acc.scale = coef
+    return total
