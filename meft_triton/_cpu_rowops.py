@@ -237,15 +237,27 @@ def _compiler() -> str | None:
     return None
 
 
+def _writable_dir() -> str:
+    out_dir = _cache_dir()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.access(out_dir, os.W_OK):
+            return out_dir
+    except OSError:
+        pass
+    out_dir = os.path.join(tempfile.gettempdir(), f"meft_triton_{os.getuid() if hasattr(os, 'getuid') else 0}", "cpu_rowops")
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir
+
+
 def _build(cc: str) -> str:
     last_err = ""
+    out_dir = _writable_dir()
     for flags in (_BASE_FLAGS + _ARCH_FLAGS, _BASE_FLAGS):
         key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_tag(), sys.platform]).encode()).hexdigest()[:16]
-        out_dir = _cache_dir()
         path = os.path.join(out_dir, f"meft_rowops_{key}.so")
         if os.path.exists(path):
             return path
-        os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             src = os.path.join(tmp, "rowops.c")
             with open(src, "w") as f:

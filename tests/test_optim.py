@@ -428,3 +428,22 @@ def test_bad_accumulate_arguments_name_the_argument():
     with pytest.raises(ValueError, match="both None"):
         opt.accumulate(ids, None, None)
     assert opt.pending_rows == 0  # nothing was half-added
+
+
+def test_without_a_compiler_the_torch_path_is_used(seed, monkeypatch):
+    monkeypatch.setattr(_cpu_rowops, "_tried", False)
+    monkeypatch.setattr(_cpu_rowops, "_lib", None)
+    monkeypatch.setattr(_cpu_rowops, "_lib_error", None)
+    monkeypatch.setattr(_cpu_rowops, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert _cpu_rowops.backend_name() == "torch"
+    assert "no C compiler" in _cpu_rowops.backend_error()
+    store = random_store(20, 4)
+    opt = SparseRowAdamW(store)
+    ids, gk, gv = random_grads(20, 4, 6)
+    opt.accumulate(ids, gk, gv)
+    before = store.records.clone()
+    opt.step()
+    assert not torch.equal(before[ids], store.records[ids])
+    with pytest.raises(RuntimeError, match="unavailable"):
+        SparseRowAdamW(store, backend="c")
