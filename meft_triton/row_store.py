@@ -24,6 +24,7 @@ from torch import Tensor
 from . import _cpu_rowops
 
 PARTS = ("values", "keys", "both")
+GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PART_INDEX = {"keys": 0, "values": 1}
 
 
@@ -63,18 +64,18 @@ def _want_pinned(pin_memory: Any) -> bool:
     raise ValueError(f"pin_memory must be True, False or 'auto', got {pin_memory!r}")
 
 
-def _alloc(shape: tuple[int, ...], pinned: bool) -> tuple[Tensor, str | None]:
-    """An fp32 CPU tensor, pinned if asked and possible; returns (tensor, why-not-pinned)."""
+def _alloc(shape: tuple[int, ...], pinned: bool, dtype: torch.dtype = torch.float32) -> tuple[Tensor, str | None]:
+    """A CPU tensor, pinned if asked and possible; returns (tensor, why-not-pinned)."""
     if pinned:
         if not torch.cuda.is_available():
             err = "torch.cuda.is_available() is False: this torch build has no pinned-memory allocator"
         else:
             try:
-                return torch.empty(shape, dtype=torch.float32, pin_memory=True), None
+                return torch.empty(shape, dtype=dtype, pin_memory=True), None
             except RuntimeError as exc:  # out of page-locked memory, driver trouble, ...
                 err = f"pinned allocation failed: {exc}"
-        return torch.empty(shape, dtype=torch.float32), err
-    return torch.empty(shape, dtype=torch.float32), None
+        return torch.empty(shape, dtype=dtype), err
+    return torch.empty(shape, dtype=dtype), None
 
 
 class Gathered(NamedTuple):
@@ -176,14 +177,17 @@ class CPURowStore:
         return self.master_nbytes + self.state_nbytes
 
     # ------------------------------------------------------------------ gather
-    def staging_buffer(self, max_rows: int, part: str = "values") -> Tensor:
-        """An empty fp32 buffer for :meth:`gather` of up to ``max_rows`` rows, pinned when the
-        store is: ``[max_rows, d]`` for ``"keys"``/``"values"``, ``[max_rows, 2, d]`` for ``"both"``."""
+    def staging_buffer(self, max_rows: int, part: str = "values", dtype: torch.dtype = torch.float32) -> Tensor:
+        """An empty buffer for :meth:`gather` of up to ``max_rows`` rows, pinned when the store
+        is: ``[max_rows, d]`` for ``"keys"``/``"values"``, ``[max_rows, 2, d]`` for ``"both"``.
+        ``dtype``: float32 (exact copies) or bfloat16/float16 (rounded while gathering)."""
         _check_size("max_rows", max_rows)
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        if dtype not in GATHER_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         shape = (max_rows, 2, self.hidden_size) if part == "both" else (max_rows, self.hidden_size)
-        buf, _ = _alloc(shape, self.pinned)
+        buf, _ = _alloc(shape, self.pinned, dtype)
         return buf
 
     def gather(self, row_ids: Tensor, out: Tensor | None = None, part: str = "values",
@@ -193,7 +197,8 @@ class CPURowStore:
         ``part``: ``"values"`` or ``"keys"`` gives ``[U, d]`` rows, ``"both"`` whole ``[U, 2, d]``
         records. With ``sort=True`` (default) the ids are sorted first (sequential reads) and
         the rows come back in ascending id order; with ``sort=False`` in the given order.
-        ``out`` may have more rows than needed; the result is then its first ``U`` rows.
+        ``out`` may have more rows than needed; the result is then its first ``U`` rows. A
+        bfloat16/float16 ``out`` receives the rows rounded to that dtype.
         Returns ``Gathered(rows, row_ids)`` with the ids in the order of ``rows``.
         Uses a multi-threaded compiled copy loop (torch ``index_select`` where none is built).
         """
@@ -210,8 +215,8 @@ class CPURowStore:
         else:
             if not isinstance(out, Tensor):
                 raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-            if out.dtype != torch.float32:
-                raise TypeError(f"out must be a float32 tensor, got dtype {out.dtype}")
+            if out.dtype not in GATHER_DTYPES:
+                raise TypeError(f"out must be float32, bfloat16 or float16, got dtype {out.dtype}")
             if out.device.type != "cpu":
                 raise ValueError(f"out must be a CPU tensor, got device {out.device}")
             if tuple(out.shape[1:]) != tail or out.shape[0] < n:
@@ -228,7 +233,10 @@ class CPURowStore:
         else:
             src = self.records[:, _PART_INDEX[part]]
             dst = out
-        _cpu_rowops.gather_rows(src, ids, dst, num_threads=self.num_threads)
+        if dst.dtype == torch.float32:
+            _cpu_rowops.gather_rows(src, ids, dst, num_threads=self.num_threads)
+        else:  # gather and round to the compute dtype in one pass (fewer bytes to the GPU)
+            dst.copy_(src.index_select(0, ids))
         return Gathered(out, ids)
 
     # ------------------------------------------------------------------ checkpoints

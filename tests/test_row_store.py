@@ -77,6 +77,15 @@ def test_gather_into_larger_staging_buffer(seed, poison_outputs):
     assert rows.shape == (0, d)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gather_rounds_into_a_compute_dtype_buffer(seed, dtype):
+    keys, values = random_dense(50, 8)
+    store = CPURowStore.from_dense(keys, values)
+    buf = store.staging_buffer(20, "values", dtype=dtype)
+    rows, ids = store.gather(torch.randperm(50)[:20], out=buf)
+    assert rows.dtype == dtype and torch.equal(rows, values[ids].to(dtype))
+
+
 @pytest.mark.skipif(not HAS_C, reason="no C compiler")
 def test_compiled_gather_equals_torch_gather(seed):
     n, d = 500, 48
@@ -161,5 +170,7 @@ def test_bad_arguments_name_the_argument():
         store.gather(torch.tensor([0]), out=torch.empty(2, 5))
     with pytest.raises(TypeError, match="out"):
         store.gather(torch.tensor([0]), out=torch.empty(2, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        store.staging_buffer(2, dtype=torch.int32)
     with pytest.raises(ValueError, match="out"):
         store.gather(torch.tensor([0]), out=torch.empty(4, 2).t())
