@@ -850,7 +850,7 @@ class FakeCopyEngine(CopyEngine):
         self._compute_q: deque = deque()
         self._truth: dict[int, _SlotTruth] = {}
         self._allocated = 0
-        self._fail_next: list[Callable[[], BaseException]] = []
+        self._fail_next: dict[str, list[Callable[[], BaseException]]] = {"in": [], "out": []}
         self._paused = False
         self._closed = False
         self._fatal: BaseException | None = None
@@ -865,11 +865,14 @@ class FakeCopyEngine(CopyEngine):
         _LIVE.add(self)
 
     # -- test controls -------------------------------------------------------------------
-    def fail_next(self, count: int = 1, error: Callable[[], BaseException] | None = None) -> None:
-        """Make the next ``count`` copy submissions fail with ``error()``."""
+    def fail_next(self, count: int = 1, error: Callable[[], BaseException] | None = None, kind: str = "in") -> None:
+        """Make the next ``count`` host->device copy submissions (``kind="in"``) or
+        device->host copies (``kind="out"``) fail with ``error()``."""
+        if kind not in ("in", "out"):
+            raise ValueError(f"kind must be 'in' or 'out', got {kind!r}")
         make = error or (lambda: RuntimeError("injected copy failure"))
         with self._cond:
-            self._fail_next.extend([make] * count)
+            self._fail_next[kind].extend([make] * count)
 
     def pause(self) -> None:
         with self._cond:
@@ -1087,11 +1090,13 @@ class FakeCopyEngine(CopyEngine):
                 self._cond.notify_all()
 
     # -- copy workers --------------------------------------------------------------------
-    def _die(self, exc: BaseException) -> None:
+    def _die(self, exc: BaseException, current: _FakeJob | None = None) -> None:
+        """A background thread hit a bug: fail every job (also the one it held), keep the error
+        for the next engine call."""
         with self._cond:
             if self._fatal is None:
                 self._fatal = exc
-            pending = self._queued + self._transfers
+            pending = self._queued + self._transfers + ([current] if current is not None else [])
             self._queued, self._transfers = [], []
             self._cond.notify_all()
         for job in pending:
@@ -1118,8 +1123,10 @@ class FakeCopyEngine(CopyEngine):
             self._cond.wait(0.05)
 
     def _worker(self) -> None:
+        job = None
         try:
             while True:
+                job = None
                 with self._cond:
                     picked = self._pick()
                 if picked is None:
@@ -1132,7 +1139,7 @@ class FakeCopyEngine(CopyEngine):
                 else:
                     self._transfer_in(job)
         except BaseException as exc:  # noqa: BLE001 - surfaced by the next engine call
-            self._die(exc)
+            self._die(exc, job)
 
     def _submit(self, job: _FakeJob) -> None:
         handle = job.handle
@@ -1145,7 +1152,7 @@ class FakeCopyEngine(CopyEngine):
         self._sleep()
         try:
             with self._cond:
-                make = self._fail_next.pop(0) if self._fail_next else None
+                make = self._fail_next["in"].pop(0) if self._fail_next["in"] else None
             if make is not None:
                 raise make()
             # the "CPU gather": reads the host rows now, like the real staging copy
@@ -1194,6 +1201,10 @@ class FakeCopyEngine(CopyEngine):
             return
         self._sleep()
         try:
+            with self._cond:
+                make = self._fail_next["out"].pop(0) if self._fail_next["out"] else None
+            if make is not None:
+                raise make()
             job.future.set_result(tuple(t.detach().clone() for t in job.tensors))
         except BaseException as exc:  # noqa: BLE001 - handed to the future
             job.future.set_exception(exc)
