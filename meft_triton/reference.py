@@ -69,8 +69,6 @@ def selected_scores(hidden: Tensor, keys: Tensor, expert_ids: Tensor, gate_weigh
     neuron_ids = neuron_ids.long()
     owner = neuron_ids // neurons_per_expert
     match = owner[:, :, None] == expert_ids.long()[:, None, :]
-    if not bool(match.any(-1).all()):
-        raise ValueError("neuron_ids holds a neuron whose expert the token did not select")
     weight = (match.to(gate_weights.dtype) * gate_weights[:, None, :]).sum(-1)
     return weight * torch.einsum("td,tkd->tk", hidden, keys[neuron_ids])
 
@@ -90,6 +88,10 @@ def sparse_kv_forward(
         with torch.no_grad():
             scores = candidate_scores(hidden, keys, expert_ids, gate_weights, neurons_per_expert)
             neuron_ids = select_neurons(scores, candidate_ids(expert_ids, neurons_per_expert), topk)
+    else:
+        owner = neuron_ids.long() // neurons_per_expert
+        if not bool((owner[:, :, None] == expert_ids.long()[:, None, :]).any(-1).all()):
+            raise ValueError("neuron_ids holds a neuron whose expert the token did not select")
     neuron_ids = neuron_ids.long()
     scores = selected_scores(hidden, keys, expert_ids, gate_weights, neuron_ids, neurons_per_expert)
     activations = torch.relu(scores)

@@ -1,0 +1,57 @@
+"""Test set-up: Triton's interpreter when there is no GPU, fresh seeds, poisoned outputs."""
+
+import os
+import secrets
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any kernel module is imported: triton.jit reads it at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (MEFT_TEST_SEED pins it); shown in the report of a failure."""
+    value = int(os.environ.get("MEFT_TEST_SEED", secrets.randbits(31)))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value
+
+
+@pytest.fixture
+def device():
+    return KERNEL_DEVICE
+
+
+_POISON = {torch.int32: -(2**31), torch.int64: -(2**63)}
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every torch.empty/empty_like made during the test starts as NaN (floats) or the most
+    negative int, so an element a kernel forgets to write cannot pass by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.is_floating_point():
+            return tensor.fill_(float("nan"))
+        if tensor.dtype in _POISON:
+            return tensor.fill_(_POISON[tensor.dtype])
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

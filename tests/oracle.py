@@ -1,0 +1,51 @@
+"""Comparisons against meft_triton.reference shared by the kernel and layer tests."""
+
+from __future__ import annotations
+
+import torch
+
+from meft_triton import reference
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| in float64 (0 when both are all zero)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert not actual.isnan().any(), "NaN in the result: an output element was never written"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def assert_topk_choice(values: torch.Tensor, chosen: torch.Tensor, k: int, tol: float) -> None:
+    """``chosen`` [T, k] holds k distinct column indices per row of ``values`` [T, C], each
+    at least as large as every unchosen value up to ``tol`` (near-ties may go either way)."""
+    assert chosen.shape == (values.shape[0], k)
+    chosen = chosen.long().cpu()
+    values = values.double().cpu()
+    assert (chosen >= 0).all() and (chosen < values.shape[1]).all()
+    assert (chosen.sort(1).values.diff(dim=1) > 0).all(), "a column was chosen twice"
+    taken = torch.zeros_like(values, dtype=torch.bool).scatter_(1, chosen, True)
+    worst_taken = values.masked_fill(~taken, float("inf")).min(1).values
+    best_left = values.masked_fill(taken, float("-inf")).max(1).values
+    scale = values.abs().max().clamp_min(1e-30)
+    assert (best_left <= worst_taken + tol * scale).all(), "a better candidate was left out"
+
+
+def float64_grads(hidden, router_weight, keys, values, experts_per_token, topk, gate, grad_y,
+                  expert_ids=None, neuron_ids=None):
+    """y and the four gradients of the reference in float64 at the given selections."""
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (hidden, router_weight, keys, values)]
+    y = reference.meft_forward(*leaves, experts_per_token, topk, gate,
+                               expert_ids=None if expert_ids is None else expert_ids.long().cpu(),
+                               neuron_ids=None if neuron_ids is None else neuron_ids.long().cpu())
+    y.backward(grad_y.double().cpu())
+    return y.detach(), [leaf.grad for leaf in leaves]
+
+
+def candidate_scores64(hidden, keys, expert_ids, gate_weights, neurons_per_expert):
+    """Float64 scores of each token's candidates, [T, P * S], and their neuron ids."""
+    scores = reference.candidate_scores(hidden.double().cpu(), keys.double().cpu(),
+                                        expert_ids.long().cpu(), gate_weights.double().cpu(),
+                                        neurons_per_expert)
+    return scores, reference.candidate_ids(expert_ids.long().cpu(), neurons_per_expert)

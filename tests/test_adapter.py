@@ -1,0 +1,197 @@
+"""MEFTAdapter end to end: both backends vs the reference, autograd, compile, bad input."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kernels.validation
+from meft_triton import MEFTAdapter, MEFTConfig, reference
+from oracle import float64_grads, rel_err
+
+
+def make_adapter(d, device="cpu", dtype=torch.float32, **settings_):
+    settings_.setdefault("value_init_std", 1.0)
+    settings_.setdefault("key_init_std", 1.0)
+    settings_.setdefault("router_init_scale", 0.3)  # keeps softmax gates away from saturation
+    return MEFTAdapter(d, MEFTConfig(**settings_), device=device, dtype=dtype)
+
+
+def kernel_selection(adapter, flat):
+    """The experts and neurons the Triton path picks for ``flat`` [T, d]."""
+    cfg = adapter.config
+    out = torch.ops.meft_triton.adapter_forward(flat, adapter.router.weight, adapter.keys,
+                                                adapter.values, cfg.experts_per_token, cfg.topk, cfg.gate)
+    return out[1], out[3]
+
+
+def test_initialisation_follows_meft(seed):
+    adapter = MEFTAdapter(32, MEFTConfig(num_neurons=64, num_experts=8, experts_per_token=2, topk=4))
+    assert (adapter.values == 0).all()
+    assert abs(adapter.keys.std().item() - 0.02) < 0.005
+    expected_router = adapter.keys.view(8, 8, 32).mean(1) * 50.0
+    torch.testing.assert_close(adapter.router.weight, expected_router)
+    assert (adapter(torch.randn(3, 32)) == 0).all(), "zero values must leave the FFN unchanged"
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_torch_backend_is_the_reference_in_float64(seed, gate):
+    adapter = make_adapter(12, dtype=torch.float64, num_neurons=30, num_experts=5,
+                           experts_per_token=2, topk=7, gate=gate, backend="torch")
+    hidden = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    y = adapter(hidden)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y64, grads = float64_grads(hidden.reshape(-1, 12), adapter.router.weight, adapter.keys,
+                               adapter.values, 2, 7, gate, grad_y.reshape(-1, 12))
+    assert rel_err(y.reshape(-1, 12), y64) < 1e-9
+    actual = [hidden.grad.reshape(-1, 12), adapter.router.weight.grad, adapter.keys.grad, adapter.values.grad]
+    for a, want in zip(actual, grads):
+        assert rel_err(a, want) < 1e-9
+
+
+LAYER_SHAPES = [  # leading dims, d, N, E, P, K_top
+    ((3, 7), 19, 36, 6, 2, 5),
+    ((1,), 40, 13, 13, 13, 13),   # S = 1, P = E, K_top = P*S
+    ((2, 2, 5), 16, 64, 4, 1, 16),
+]
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+def test_triton_backend_matches_reference(seed, device, shape, gate):
+    lead, d, N, E, P, K = shape
+    adapter = make_adapter(d, device=device, num_neurons=N, num_experts=E, experts_per_token=P,
+                           topk=K, gate=gate, backend="triton")
+    hidden = torch.randn(*lead, d, device=device, requires_grad=True)
+    y = adapter(hidden)
+    assert y.shape == hidden.shape
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expert_ids, neuron_ids = kernel_selection(adapter, hidden.detach().reshape(-1, d))
+    y64, grads = float64_grads(hidden.reshape(-1, d), adapter.router.weight, adapter.keys,
+                               adapter.values, P, K, gate, grad_y.reshape(-1, d), expert_ids, neuron_ids)
+    assert rel_err(y.reshape(-1, d), y64) < 1e-4
+    actual = [hidden.grad.reshape(-1, d), adapter.router.weight.grad, adapter.keys.grad, adapter.values.grad]
+    for name, a, want in zip(["hidden", "router", "keys", "values"], actual, grads):
+        assert rel_err(a, want) < 1e-4, name
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_valid_config_matches_reference(data):
+    """Random configs and shapes no other test uses, through the Triton path."""
+    E = data.draw(st.integers(1, 12), label="E")
+    S = data.draw(st.integers(1, 9), label="S")
+    P = data.draw(st.integers(1, E), label="P")
+    K = data.draw(st.integers(1, P * S), label="K_top")
+    d = data.draw(st.integers(1, 48), label="d")
+    T = data.draw(st.integers(1, 40), label="T")
+    gate = data.draw(st.sampled_from(["logit", "softmax"]), label="gate")
+    torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = make_adapter(d, device=device, num_neurons=E * S, num_experts=E,
+                           experts_per_token=P, topk=K, gate=gate, backend="triton")
+    hidden = torch.randn(T, d, device=device, requires_grad=True)
+    y = adapter(hidden)
+    y.backward(torch.ones_like(y))
+    expert_ids, neuron_ids = kernel_selection(adapter, hidden.detach())
+    y64, grads = float64_grads(hidden, adapter.router.weight, adapter.keys, adapter.values, P, K,
+                               gate, torch.ones_like(y), expert_ids, neuron_ids)
+    assert rel_err(y, y64) < 1e-4
+    for a, want in zip([hidden.grad, adapter.router.weight.grad, adapter.keys.grad, adapter.values.grad], grads):
+        assert rel_err(a, want) < 1e-4
+
+
+def test_gradcheck_through_layer(seed):
+    adapter = make_adapter(5, dtype=torch.float64, num_neurons=8, num_experts=4,
+                           experts_per_token=2, topk=3, backend="torch")
+    hidden = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    params = [adapter.router.weight, adapter.keys, adapter.values]
+
+    def fn(h, *unused):
+        return adapter(h)
+
+    assert torch.autograd.gradcheck(fn, [hidden, *params])
+
+
+def test_input_dtype_is_the_compute_dtype(seed, device):
+    adapter = make_adapter(16, device=device, num_neurons=32, num_experts=4, experts_per_token=2,
+                           topk=4, backend="triton")
+    hidden = torch.randn(5, 16, device=device).half()
+    y = adapter(hidden)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert adapter.keys.grad.dtype == torch.float32 and adapter.keys.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_input(device, backend):
+    adapter = make_adapter(8, device=device, num_neurons=16, num_experts=4, experts_per_token=2,
+                           topk=3, backend=backend)
+    hidden = torch.randn(0, 4, 8, device=device, requires_grad=True)
+    y = adapter(hidden)
+    assert y.shape == (0, 4, 8)
+    y.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_without_graph_breaks(seed, device, backend):
+    adapter = make_adapter(16, device=device, num_neurons=32, num_experts=4, experts_per_token=2,
+                           topk=4, backend=backend)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, device=device), adapter)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    hidden = torch.randn(6, 16, device=device)
+    y = compiled(hidden)
+    y.sum().backward()
+    torch.testing.assert_close(y, model(hidden))
+    assert adapter.keys.grad is not None
+
+
+def test_compiles_with_inductor(seed, device):
+    adapter = make_adapter(16, device=device, num_neurons=32, num_experts=4, experts_per_token=2,
+                           topk=4, backend="triton")
+    compiled = torch.compile(adapter, fullgraph=True)
+    hidden = torch.randn(6, 16, device=device)
+    torch.testing.assert_close(compiled(hidden), adapter(hidden))
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(kernels.validation, "INTERPRETED", False)
+    adapter = make_adapter(8, num_neurons=16, num_experts=4, experts_per_token=2, topk=3, backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        adapter(torch.randn(2, 8))
+
+
+def test_auto_backend_uses_reference_on_cpu():
+    adapter = make_adapter(8, num_neurons=16, num_experts=4, experts_per_token=2, topk=3)
+    assert adapter.backend_for(torch.randn(2, 8)) == "torch"
+
+
+@pytest.mark.parametrize("hidden, error, match", [
+    (torch.randn(2, 7), ValueError, r"hidden must have shape \[\.\.\., 8\]"),
+    (torch.ones(2, 8, dtype=torch.int64), TypeError, "floating-point"),
+    (torch.randn(8, device="meta"), ValueError, "hidden is on meta"),
+    ("not a tensor", TypeError, "torch.Tensor"),
+])
+def test_rejects_bad_input(hidden, error, match):
+    adapter = make_adapter(8, num_neurons=16, num_experts=4, experts_per_token=2, topk=3)
+    with pytest.raises(error, match=match):
+        adapter(hidden)
+
+
+def test_rejects_bad_construction():
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1"):
+        MEFTAdapter(0, MEFTConfig(num_neurons=16, num_experts=4, experts_per_token=2, topk=3))
+    with pytest.raises(TypeError, match="config must be a MEFTConfig"):
+        MEFTAdapter(8, {"num_neurons": 16})
+
+
+def test_original_formulation_baseline_matches_layer(seed):
+    adapter = make_adapter(10, dtype=torch.float64, num_neurons=24, num_experts=6,
+                           experts_per_token=3, topk=5, backend="torch")
+    hidden = torch.randn(7, 10, dtype=torch.float64)
+    torch.testing.assert_close(
+        reference.meft_original_forward(hidden, adapter.router.weight, adapter.keys, adapter.values, 3, 5),
+        adapter(hidden))

@@ -1,0 +1,68 @@
+"""router_topk kernel vs the float64 reference."""
+
+import pytest
+import torch
+
+from kernels import router_topk
+from oracle import assert_topk_choice, rel_err
+
+SHAPES = [  # T, d, E, k
+    (1, 97, 7, 7),     # prime E, k = E, T = 1, odd d
+    (37, 33, 13, 1),   # k = 1, T not a multiple of any block
+    (50, 64, 64, 8),
+    (70, 40, 100, 5),  # E spans several expert tiles
+    (17, 16, 3, 2),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_router_topk_matches_reference(seed, device, poison_outputs, shape, dtype):
+    T, d, E, k = shape
+    hidden = torch.randn(T, d, device=device).to(dtype)
+    router = torch.randn(E, d, device=device).to(dtype)
+    gate_logits, expert_ids = router_topk(hidden, router, k)
+    assert gate_logits.dtype == torch.float32 and expert_ids.dtype == torch.int32
+    logits64 = hidden.double().cpu() @ router.double().cpu().T
+    assert_topk_choice(logits64, expert_ids, k, tol=TOLERANCE[dtype])
+    assert rel_err(gate_logits, logits64.gather(1, expert_ids.long().cpu())) < TOLERANCE[dtype]
+    assert (gate_logits.diff(dim=1) <= 0).all(), "gate logits must be in descending order"
+
+
+def test_router_topk_strided_input(seed, device):
+    hidden = torch.randn(9, 2 * 40, device=device)[:, ::2]
+    router = torch.randn(40, 12, device=device).T
+    gate_logits, expert_ids = router_topk(hidden, router, 3)
+    expected = (hidden.double() @ router.double().T).topk(3)
+    assert rel_err(gate_logits, expected.values) < 1e-5
+    assert torch.equal(expert_ids.long().cpu(), expected.indices.cpu())
+
+
+def test_router_topk_nan_row_propagates(device):
+    hidden = torch.randn(3, 16, device=device)
+    hidden[1, 4] = float("nan")
+    gate_logits, expert_ids = router_topk(hidden, torch.randn(5, 16, device=device), 2)
+    assert gate_logits[1].isnan().all() and not gate_logits[[0, 2]].isnan().any()
+    assert ((expert_ids >= 0) & (expert_ids < 5)).all(), "NaN rows must still give valid ids"
+
+
+def test_router_topk_empty(device):
+    gate_logits, expert_ids = router_topk(torch.randn(0, 8, device=device), torch.randn(4, 8, device=device), 2)
+    assert gate_logits.shape == (0, 2) and expert_ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(k=0), ValueError, "k must be in"),
+    (dict(k=5), ValueError, "k must be in"),
+    (dict(router=torch.randn(4, 7)), ValueError, "router_weight must have shape"),
+    (dict(hidden=torch.randn(3, 8).to(torch.float64)), TypeError, "hidden must have dtype"),
+    (dict(hidden=torch.ones(3, 8, dtype=torch.int64)), TypeError, "hidden must have dtype"),
+    (dict(router=torch.randn(4, 8).half()), TypeError, "router_weight has dtype"),
+    (dict(hidden=torch.randn(8)), ValueError, "hidden must be 2-D"),
+])
+def test_router_topk_rejects_bad_arguments(device, bad, error, match):
+    args = dict(hidden=torch.randn(3, 8), router=torch.randn(4, 8), k=2)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        router_topk(*(v.to(device) if torch.is_tensor(v) else v for v in args.values()))

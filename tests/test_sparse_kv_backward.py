@@ -1,0 +1,90 @@
+"""sparse_kv_backward kernel: every gradient vs float64 autograd through the reference."""
+
+import pytest
+import torch
+
+from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+from oracle import float64_grads, rel_err
+
+SHAPES = [  # T, d, E, S, P, K_top
+    (1, 97, 7, 3, 7, 21),
+    (37, 33, 13, 5, 1, 1),
+    (50, 64, 16, 16, 4, 16),
+    (20, 40, 5, 40, 1, 17),
+    (67, 24, 11, 2, 3, 6),
+]
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+
+def run_kernels(shape, dtype, device, gate):
+    T, d, E, S, P, K = shape
+    hidden, router, keys, values, grad_y = (
+        torch.randn(*s, device=device).to(dtype) for s in [(T, d), (E, d), (E * S, d), (E * S, d), (T, d)])
+    gate_logits, expert_ids = router_topk(hidden, router, P)
+    gate_weights = gate_logits.softmax(-1) if gate == "softmax" else gate_logits
+    _, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, E, K)
+    grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_weights,
+                               neuron_ids, activations, gate)
+    return (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_reference(seed, device, poison_outputs, shape, dtype, gate):
+    T, d, E, S, P, K = shape
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads = run_kernels(shape, dtype, device, gate)
+    _, expected = float64_grads(hidden, router, keys, values, P, K, gate, grad_y, expert_ids, neuron_ids)
+    for name, actual, want in zip(["hidden", "router", "keys", "values"],
+                                  [grads.hidden, grads.router_weight, grads.keys, grads.values], expected):
+        assert actual.dtype == dtype, name
+        assert rel_err(actual, want) < TOLERANCE[dtype], name
+
+
+def test_row_sparse_and_dense_agree(seed, device):
+    shape = (40, 24, 8, 6, 2, 5)
+    (_, _, keys, _, _), (_, neuron_ids), grads = run_kernels(shape, torch.float32, device, "logit")
+    assert torch.equal(grads.row_ids.cpu(), neuron_ids.long().unique().cpu())
+    assert grads.key_rows.dtype == grads.value_rows.dtype == torch.float32
+    untouched = torch.ones(keys.shape[0], dtype=torch.bool)
+    untouched[grads.row_ids.cpu()] = False
+    assert (grads.keys.cpu()[untouched] == 0).all() and (grads.values.cpu()[untouched] == 0).all()
+    assert torch.equal(grads.keys[grads.row_ids], grads.key_rows)
+    assert torch.equal(grads.values[grads.row_ids], grads.value_rows)
+
+
+def test_sparse_only_skips_dense(device):
+    shape = (9, 16, 4, 4, 2, 3)
+    (hidden, router, keys, values, grad_y), _, _ = run_kernels(shape, torch.float32, device, "logit")
+    gate_logits, expert_ids = router_topk(hidden, router, 2)
+    _, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, 4, 3)
+    grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits,
+                               neuron_ids, activations, dense=False)
+    assert grads.keys is None and grads.values is None and grads.key_rows.shape[1] == 16
+
+
+def test_empty_tokens(device):
+    d, E, N = 8, 2, 6
+    empty_ids = torch.zeros(0, 1, dtype=torch.int32, device=device)
+    grads = sparse_kv_backward(torch.zeros(0, d, device=device), torch.zeros(0, d, device=device),
+                               torch.randn(E, d, device=device), torch.randn(N, d, device=device),
+                               torch.randn(N, d, device=device), empty_ids,
+                               torch.zeros(0, 1, device=device), torch.zeros(0, 2, dtype=torch.int32, device=device),
+                               torch.zeros(0, 2, device=device))
+    assert grads.hidden.shape == (0, d) and grads.row_ids.numel() == 0
+    assert (grads.router_weight == 0).all() and (grads.keys == 0).all()
+
+
+def test_rejects_bad_arguments(device):
+    t = lambda *s, **k: torch.randn(*s, device=device, **k)  # noqa: E731
+    ids = torch.zeros(2, 1, dtype=torch.int32, device=device)
+    good = dict(grad_y=t(2, 4), hidden=t(2, 4), router_weight=t(2, 4), keys=t(6, 4), values=t(6, 4),
+                expert_ids=ids, gate_weights=t(2, 1), neuron_ids=ids, activations=t(2, 1))
+    with pytest.raises(ValueError, match="gate must be one of"):
+        sparse_kv_backward(**good, gate="relu")
+    with pytest.raises(ValueError, match=r"neuron_ids must hold ids in \[0, 6\)"):
+        sparse_kv_backward(**{**good, "neuron_ids": ids + 6})
+    with pytest.raises(ValueError, match="activations must have shape"):
+        sparse_kv_backward(**{**good, "activations": t(2, 2)})
+    with pytest.raises(TypeError, match="grad_y has dtype"):
+        sparse_kv_backward(**{**good, "grad_y": t(2, 4).half()})

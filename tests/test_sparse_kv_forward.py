@@ -1,0 +1,117 @@
+"""sparse_kv_forward kernel vs the float64 reference."""
+
+import pytest
+import torch
+
+from kernels import router_topk, sparse_kv_forward
+from meft_triton import reference
+from oracle import assert_topk_choice, candidate_scores64, rel_err
+
+SHAPES = [  # T, d, E, S, P, K_top
+    (1, 97, 7, 3, 7, 21),     # P = E, K_top = P*S, prime E, T = 1
+    (37, 33, 13, 5, 1, 1),    # P = 1, K_top = 1
+    (50, 64, 16, 16, 4, 16),
+    (20, 40, 5, 40, 1, 17),   # S spans several key tiles
+    (67, 24, 11, 2, 3, 6),    # K_top = P*S
+    (21, 16, 2, 300, 2, 70),  # candidates span several select chunks
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def make_inputs(shape, dtype, device, gate="logit"):
+    T, d, E, S, P, _ = shape
+    hidden = torch.randn(T, d, device=device).to(dtype)
+    keys = torch.randn(E * S, d, device=device).to(dtype)
+    values = torch.randn(E * S, d, device=device).to(dtype)
+    expert_ids = torch.stack([torch.randperm(E, device=device)[:P] for _ in range(T)]).int()
+    gate_weights = torch.randn(T, P, device=device)
+    if gate == "softmax":
+        gate_weights = gate_weights.softmax(-1)
+    return hidden, keys, values, expert_ids, gate_weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_kv_forward_matches_reference(seed, device, poison_outputs, shape, dtype):
+    T, d, E, S, P, K = shape
+    hidden, keys, values, expert_ids, gate_weights = make_inputs(shape, dtype, device)
+    y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, E, K)
+    assert y.dtype == dtype and neuron_ids.dtype == torch.int32 and activations.dtype == torch.float32
+
+    scores64, cands = candidate_scores64(hidden, keys, expert_ids, gate_weights, S)
+    position = (cands[:, :, None] == neuron_ids.long().cpu()[:, None, :]).int().argmax(1)
+    assert torch.equal(cands.gather(1, position), neuron_ids.long().cpu()), "not a candidate"
+    assert_topk_choice(scores64, position, K, tol=TOLERANCE[dtype])
+
+    y64, _, act64 = reference.sparse_kv_forward(
+        hidden.double().cpu(), keys.double().cpu(), values.double().cpu(), expert_ids.long().cpu(),
+        gate_weights.double().cpu(), S, K, neuron_ids=neuron_ids.long().cpu())
+    assert rel_err(activations, act64) < TOLERANCE[dtype]
+    assert rel_err(y, y64) < TOLERANCE[dtype]
+
+
+def test_forward_after_router_kernel(seed, device):
+    hidden, keys, values = (torch.randn(*s, device=device) for s in [(30, 20), (48, 20), (48, 20)])
+    router = torch.randn(6, 20, device=device)
+    gate_logits, expert_ids = router_topk(hidden, router, 2)
+    y, neuron_ids, _ = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights=gate_logits,
+                                         num_experts=6, topk=5)
+    y64 = reference.meft_forward(hidden.double().cpu(), router.double().cpu(), keys.double().cpu(),
+                                 values.double().cpu(), 2, 5, expert_ids=expert_ids.cpu(),
+                                 neuron_ids=neuron_ids.cpu())
+    assert rel_err(y, y64) < 1e-5
+
+
+def test_ties_pick_exactly_topk(device):
+    """All candidate scores equal: any K of them, each once."""
+    hidden = torch.ones(3, 16, device=device)
+    keys = torch.ones(32, 16, device=device)
+    values = torch.randn(32, 16, device=device)
+    expert_ids = torch.tensor([[0, 1], [1, 3], [2, 0]], device=device, dtype=torch.int32)
+    y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids,
+                                                   torch.ones(3, 2, device=device), 4, 5)
+    for row, experts in zip(neuron_ids.long().cpu(), expert_ids.long().cpu()):
+        assert row.unique().numel() == 5 and set((row // 8).tolist()) <= set(experts.tolist())
+    assert torch.equal(activations.cpu(), torch.full((3, 5), 16.0))
+    assert rel_err(y, 16.0 * values[neuron_ids.long()].sum(1)) < 1e-6
+
+
+def test_strided_inputs(seed, device):
+    hidden = torch.randn(12, 64, device=device)[:, ::2]
+    keys = torch.randn(32, 64, device=device)[:, 1::2]
+    values = torch.randn(32, 32, device=device).T.contiguous().T  # column-major
+    expert_ids = torch.stack([torch.randperm(4, device=device)[:2] for _ in range(12)]).long()
+    gate_weights = torch.rand(12, 2, device=device)
+    y, neuron_ids, _ = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, 4, 6)
+    y_contig, ids_contig, _ = sparse_kv_forward(hidden.contiguous(), keys.contiguous(),
+                                                values.contiguous(), expert_ids, gate_weights, 4, 6)
+    assert torch.equal(neuron_ids.sort(1).values, ids_contig.sort(1).values)
+    assert rel_err(y, y_contig) < 1e-6
+
+
+def test_empty_tokens(device):
+    y, ids, act = sparse_kv_forward(torch.randn(0, 8, device=device), torch.randn(8, 8, device=device),
+                                    torch.randn(8, 8, device=device),
+                                    torch.zeros(0, 2, dtype=torch.int32, device=device),
+                                    torch.zeros(0, 2, device=device), 4, 3)
+    assert y.shape == (0, 8) and ids.shape == (0, 3) and act.shape == (0, 3)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(topk=0), ValueError, "topk must be in"),
+    (dict(topk=9), ValueError, r"topk must be in \[1, 4\]"),
+    (dict(num_experts=3), ValueError, "must divide"),
+    (dict(expert_ids=torch.tensor([[0, 4]] * 3)), ValueError, r"expert_ids must hold ids in \[0, 4\)"),
+    (dict(expert_ids=torch.zeros(3, 2)), TypeError, "expert_ids must have dtype"),
+    (dict(gate_weights=torch.ones(3, 2).half()), TypeError, "gate_weights must have dtype"),
+    (dict(values=torch.randn(8, 5)), ValueError, "values must have shape"),
+    (dict(keys=torch.randn(8, 4).double()), TypeError, "keys must have dtype"),
+    (dict(gate_weights=torch.ones(3, 3)), ValueError, "gate_weights must have shape"),
+])
+def test_rejects_bad_arguments(device, bad, error, match):
+    args = dict(hidden=torch.randn(3, 4), keys=torch.randn(8, 4), values=torch.randn(8, 4),
+                expert_ids=torch.tensor([[0, 1], [2, 3], [1, 0]]), gate_weights=torch.ones(3, 2),
+                num_experts=4, topk=3)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        sparse_kv_forward(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()})
