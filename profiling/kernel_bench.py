@@ -1,0 +1,177 @@
+"""Kernel benchmark: the Triton adapter vs its floors and baselines, on a CUDA GPU.
+
+    python -m profiling.kernel_bench                     # LLaMA-7B shapes (DESIGN.md section 4)
+    python -m profiling.kernel_bench --tokens 1024 --num-neurons 16384 --dtype float16
+
+In one run it measures the two ceilings (HBM bandwidth: a large device copy; tensor-core
+rate: a large matmul in the compute dtype), then times forward and forward+backward of
+
+* ``triton``: router_topk + sparse_kv_forward (+ sparse_kv_backward, row-sparse grads),
+* ``reference``: meft_triton.reference through autograd,
+* ``meft-original``: MEFT's published dense-masked formulation (dense [T, N] scores and a
+  dense [T, N] activation matmul),
+
+and prints each time with the floor max(bytes / bandwidth, flops / tensor-core rate) of the
+adapter and the ratios. A baseline that runs out of memory is recorded as such. Results go to
+``profiling/results/<device>/<timestamp>-kernels/kernels.csv`` with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pandas as pd
+import torch
+
+from meft_triton import MEFTConfig, reference
+from profiling.environment import describe_machine, results_dir
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def adapter_floor(cfg: MEFTConfig, tokens: int, hidden_size: int, dtype_bytes: int,
+                  unique_rows: int, unique_experts: int) -> dict[str, float]:
+    """Bytes the adapter must move and FLOPs it must do, forward and forward+backward.
+
+    Forward reads h, G, the used experts' keys and the selected value rows and writes y;
+    backward also reads dy and the selected key/value rows again and writes dh, the fp32
+    row-sparse key/value gradients and the fp32 router gradient.
+    """
+    T, d, E, P, K = tokens, hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.topk
+    S = cfg.neurons_per_expert
+    act = T * d * dtype_bytes
+    fwd_bytes = 2 * act + E * d * dtype_bytes + (unique_experts * S + unique_rows) * d * dtype_bytes
+    bwd_bytes = (3 * act + E * d * dtype_bytes + 2 * unique_rows * d * dtype_bytes
+                 + 2 * unique_rows * d * 4 + E * d * 4)
+    fwd_flops = 2 * T * d * (E + P * S + K)
+    bwd_flops = 2 * T * d * (5 * K + 2 * P)
+    return {"fwd_bytes": fwd_bytes, "fwd_flops": fwd_flops,
+            "step_bytes": fwd_bytes + bwd_bytes, "step_flops": fwd_flops + bwd_flops}
+
+
+def measure_ceilings(dtype: torch.dtype, time_ms) -> dict[str, float]:
+    """HBM bytes/s of a 1 GiB device copy and dense matmul FLOP/s in ``dtype``."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    mm_ms = time_ms(lambda: a @ b)
+    return {"hbm_bytes_per_s": 2 * (1 << 30) / (copy_ms * 1e-3),
+            "matmul_flops_per_s": 2 * n**3 / (mm_ms * 1e-3)}
+
+
+def run(args) -> tuple[pd.DataFrame, dict]:
+    import triton.testing
+
+    from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+
+    def time_ms(fn):
+        return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+
+    dtype = DTYPES[args.dtype]
+    cfg = MEFTConfig(num_neurons=args.num_neurons, num_experts=args.num_experts,
+                     experts_per_token=args.experts_per_token, topk=args.topk)
+    T, d, E, P, K = args.tokens, args.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.topk
+    torch.manual_seed(0)
+    hidden = torch.randn(T, d, device="cuda", dtype=dtype)
+    keys = (torch.randn(cfg.num_neurons, d, device="cuda") * 0.02).to(dtype)
+    values = (torch.randn(cfg.num_neurons, d, device="cuda") * 0.02).to(dtype)
+    router = (keys.view(E, -1, d).float().mean(1) * 50).to(dtype)
+    grad_y = torch.randn_like(hidden)
+
+    def triton_forward():
+        gate_logits, expert_ids = router_topk(hidden, router, P)
+        return (expert_ids, gate_logits,
+                *sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, E, K, check_ids=False))
+
+    def triton_step():
+        expert_ids, gate_logits, _, neuron_ids, activations = triton_forward()
+        return sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits,
+                                  neuron_ids, activations, dense=False, check_ids=False)
+
+    expert_ids, _, _, neuron_ids, _ = triton_forward()
+    unique_rows = int(neuron_ids.unique().numel())
+    unique_experts = int(expert_ids.unique().numel())
+    ceilings = measure_ceilings(dtype, time_ms)
+    floor = adapter_floor(cfg, T, d, hidden.element_size(), unique_rows, unique_experts)
+
+    def floor_ms(phase):
+        return 1e3 * max(floor[f"{phase}_bytes"] / ceilings["hbm_bytes_per_s"],
+                         floor[f"{phase}_flops"] / ceilings["matmul_flops_per_s"])
+
+    def autograd_step(forward):
+        leaves = [t.detach().requires_grad_() for t in (hidden, router, keys, values)]
+
+        def step():
+            for leaf in leaves:
+                leaf.grad = None
+            forward(*leaves).backward(grad_y)
+        return step
+
+    contenders = {
+        "triton": (triton_forward, triton_step),
+        "reference": (lambda: reference.meft_forward(hidden, router, keys, values, P, K),
+                      autograd_step(lambda *x: reference.meft_forward(*x, P, K))),
+        "meft-original": (lambda: reference.meft_original_forward(hidden, router, keys, values, P, K),
+                          autograd_step(lambda *x: reference.meft_original_forward(*x, P, K))),
+    }
+    rows = []
+    for name, (forward, step) in contenders.items():
+        row = {"impl": name}
+        for phase, fn in (("fwd", forward), ("step", step)):
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                row[f"{phase}_ms"] = time_ms(fn)
+                row[f"{phase}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            except torch.cuda.OutOfMemoryError:
+                row[f"{phase}_ms"] = float("nan")
+                row[f"{phase}_peak_gib"] = float("nan")
+                row["note"] = "out of memory"
+            torch.cuda.empty_cache()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for phase in ("fwd", "step"):
+        table[f"{phase}_floor_ms"] = floor_ms(phase)
+        table[f"{phase}_vs_floor"] = table[f"{phase}_ms"] / floor_ms(phase)
+        table[f"{phase}_speedup_of_triton"] = table[f"{phase}_ms"] / table.loc[0, f"{phase}_ms"]
+    meta = {**describe_machine(), **ceilings, **floor, "unique_rows": unique_rows,
+            "unique_experts": unique_experts, "shape": vars(args)}
+    return table, meta
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden-size", type=int, default=4096)
+    parser.add_argument("--num-neurons", type=int, default=65536)
+    parser.add_argument("--num-experts", type=int, default=1024)
+    parser.add_argument("--experts-per-token", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=64)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--warmup-ms", type=int, default=25)
+    parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--no-save", action="store_true", help="print only, write no results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_bench needs a CUDA GPU (none found); on CPU run `python -m profiling.sweep --quick`.")
+        return 0
+    table, meta = run(args)
+    print(json.dumps({k: meta[k] for k in ("device", "driver", "torch", "triton")}))
+    print(f"HBM {meta['hbm_bytes_per_s'] / 1e9:.0f} GB/s, matmul {meta['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+          f"unique rows {meta['unique_rows']}, unique experts {meta['unique_experts']}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if not args.no_save:
+        folder = results_dir("kernels")
+        table.to_csv(folder / "kernels.csv", index=False)
+        (folder / "machine.json").write_text(json.dumps(meta, indent=2, default=str))
+        print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
