@@ -322,6 +322,50 @@ def backend_error() -> str | None:
     return _lib_error
 
 
+_HUGE = 2 << 20  # 2 MiB: x86-64 / arm64 transparent huge page size
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def _get_madvise():
+    global _madvise
+    if _madvise is None:
+        fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = False
+        _madvise = fn
+    return _madvise
+
+
+def advise_huge_pages(t: Tensor) -> bool:
+    """Ask Linux to back the 2 MiB-aligned interior of ``t``'s memory with transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``; effective where THP is in "madvise" or "always" mode).
+    Call it before the memory is first written. Rows picked at random from a large array
+    otherwise cost a TLB miss per 4 KiB page; with huge pages the whole store fits the TLB.
+    Returns whether the advice was accepted. Harmless no-op elsewhere."""
+    fn = _get_madvise()
+    nbytes = t.numel() * t.element_size()
+    if not fn or nbytes < 2 * _HUGE:
+        return False
+    start = t.data_ptr()
+    lo = (start + _HUGE - 1) & ~(_HUGE - 1)
+    hi = (start + nbytes) & ~(_HUGE - 1)
+    return hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) == 0
+
+
+def empty_rows(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """``torch.empty`` for a large row array, advised onto huge pages (see advise_huge_pages)."""
+    t = torch.empty(shape, dtype=dtype)
+    advise_huge_pages(t)
+    return t
+
+
 def default_threads() -> int:
     return max(1, torch.get_num_threads())
 

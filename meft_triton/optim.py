@@ -117,7 +117,7 @@ class _RowGradAccumulator:
         if need <= cap:
             return
         new_cap = min(self.num_rows, max(need, 2 * cap))
-        buf = torch.empty(new_cap, 2, self.hidden_size, dtype=torch.float32)
+        buf = _cpu_rowops.empty_rows((new_cap, 2, self.hidden_size))
         ids = torch.empty(new_cap, dtype=torch.int64)
         if self.count:
             buf[: self.count].copy_(self.buf[: self.count])

@@ -10,7 +10,9 @@ touches one record in each of four arrays per neuron.
 All three arrays are allocated in pinned (page-locked) memory when that is possible, so
 host-to-device copies of gathered rows can run asynchronously; when it is not (no CUDA in
 this torch build, or the pinned allocation fails), the store falls back to ordinary pageable
-memory and records why in :attr:`CPURowStore.pin_error`.
+memory and records why in :attr:`CPURowStore.pin_error`. Pageable arrays are advised onto
+transparent huge pages (Linux ``madvise``): the row-sparse update reads rows scattered over
+hundreds of MiB, and with 4 KiB pages each row would cost TLB misses in all four arrays.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def _alloc(shape: tuple[int, ...], pinned: bool, dtype: torch.dtype = torch.floa
                 return torch.empty(shape, dtype=dtype, pin_memory=True), None
             except RuntimeError as exc:  # out of page-locked memory, driver trouble, ...
                 err = f"pinned allocation failed: {exc}"
-        return torch.empty(shape, dtype=dtype), err
-    return torch.empty(shape, dtype=dtype), None
+        return _cpu_rowops.empty_rows(shape, dtype), err
+    return _cpu_rowops.empty_rows(shape, dtype), None
 
 
 class Gathered(NamedTuple):

@@ -174,3 +174,12 @@ def test_bad_arguments_name_the_argument():
         store.staging_buffer(2, dtype=torch.int32)
     with pytest.raises(ValueError, match="out"):
         store.gather(torch.tensor([0]), out=torch.empty(4, 2).t())
+
+
+def test_huge_page_advice_is_harmless():
+    small = torch.zeros(10)
+    assert _cpu_rowops.advise_huge_pages(small) is False  # below 4 MiB: nothing to advise
+    big = _cpu_rowops.empty_rows((3, 1 << 20))
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.float32
+    big.fill_(1.0)
+    assert float(big.sum()) == 3 * (1 << 20)
