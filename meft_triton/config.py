@@ -8,6 +8,9 @@ from typing import Any
 
 GATES = ("logit", "softmax")
 BACKENDS = ("auto", "triton", "torch")
+PLACEMENTS = ("gpu", "cpu")
+TRANSFERS = ("cpu_gather", "zero_copy")
+BACKWARD_ROWS = ("refetch", "keep")
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -40,6 +43,12 @@ class MEFTConfig:
     ``num_neurons`` (N) key/value rows are split evenly among ``num_experts`` (E) experts; each
     token picks ``experts_per_token`` (P) experts with the router and then its ``topk`` (K_top)
     best-scoring neurons among their P * N/E candidates.
+
+    ``placement="cpu"`` keeps the fp32 master keys/values and their AdamW state in (pinned) CPU
+    memory and moves only active rows: ``transfer`` picks how value rows reach the device
+    ("cpu_gather": gather on the CPU + one async copy; "zero_copy": a device kernel reads the
+    pinned rows), ``backward_rows`` whether backward fetches them again ("refetch") or keeps
+    the forward's rows on the device ("keep").
     """
 
     num_neurons: int = 4096
@@ -51,6 +60,9 @@ class MEFTConfig:
     key_init_std: float = 0.02
     value_init_std: float = 0.0
     router_init_scale: float = 50.0
+    placement: str = "gpu"
+    transfer: str = "cpu_gather"
+    backward_rows: str = "refetch"
 
     def __post_init__(self) -> None:
         check_int("num_neurons", self.num_neurons)
@@ -59,6 +71,9 @@ class MEFTConfig:
         check_int("topk", self.topk)
         check_choice("gate", self.gate, GATES)
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_choice("transfer", self.transfer, TRANSFERS)
+        check_choice("backward_rows", self.backward_rows, BACKWARD_ROWS)
         check_float("key_init_std", self.key_init_std)
         check_float("value_init_std", self.value_init_std)
         check_float("router_init_scale", self.router_init_scale)
