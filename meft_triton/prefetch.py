@@ -497,7 +497,7 @@ def _wait_event(event: "torch.cuda.Event", timeout: float | None, closed: Callab
         if deadline is not None and time.monotonic() >= deadline:
             return False
         time.sleep(pause)
-        pause = min(pause * 2, 1e-3)
+        pause = min(pause * 2, 2e-4)
     return True
 
 
@@ -634,7 +634,7 @@ class CudaCopyEngine(CopyEngine):
             produced = torch.cuda.Event()
             produced.record(compute)
             self.ids_stream.wait_event(produced)
-            ids_host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+            ids_host = torch.empty(n, dtype=ids.dtype, pin_memory=True)
             with torch.cuda.stream(self.ids_stream):
                 ids_host.copy_(ids, non_blocking=True)
                 ids_ready = torch.cuda.Event(blocking=True)
@@ -644,10 +644,11 @@ class CudaCopyEngine(CopyEngine):
             ids_host = ids
 
         def job() -> "torch.cuda.Event":
+            # blocking-sync events: the submit thread sleeps in the driver, without polling lag
             if ids_ready is not None:
-                _wait_event(ids_ready, None, lambda: self._closed)
+                ids_ready.synchronize()
             if slot.staging_free is not None:  # the previous copy out of this staging buffer
-                _wait_event(slot.staging_free, None, lambda: self._closed)
+                slot.staging_free.synchronize()
             if self._closed:
                 raise CopyCancelledError("the copy engine was closed")
             staging = slot.staging[:n]
@@ -723,8 +724,9 @@ class CudaCopyEngine(CopyEngine):
             done.record(stream)
 
         def wait() -> tuple[Tensor, ...]:
-            if not _wait_event(done, None, lambda: self._closed):
+            if self._closed:
                 raise CopyCancelledError("the copy engine was closed before the device->host copy finished")
+            done.synchronize()  # a blocking-sync event on this daemon thread
             return tuple(outs)
 
         return self._waiter.submit(wait)
@@ -1398,8 +1400,9 @@ class Prefetcher:
         return text + (
             f" About {free / _MiB:.1f} MiB is free there, which fits num_slots={fit_slots} at "
             f"max_rows={self.max_rows}, or num_slots={self.num_slots} at max_rows<={fit_rows}"
-            + (" (too few for double buffering)" if fit_rows < 1 or fit_slots < 2 else "")
-            + ". Lower max_rows (tokens per micro-batch x topk bounds it) or num_slots."
+            + (" (fewer than 2 slots: no double buffering)" if fit_slots < 2 else "")
+            + ". Lower max_rows (tokens per micro-batch x topk bounds it) or num_slots; the engine "
+            "stays open, so a smaller Prefetcher can reuse it."
         )
 
     def _check_host_rows(self, rows: Any, name: str, width: int | None) -> Tensor:

@@ -108,7 +108,7 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
     engine = FakeCopyEngine(
         seed=seed,
         workers=rng.randint(1, 3),
-        max_delay=rng.choice([0.0, 2e-5, 1e-4, 3e-4]),
+        max_delay=rng.choice([0.0, 1e-5, 5e-5, 2e-4]),
         async_compute=rng.random() < 0.85,
         chunk_rows=rng.randint(1, 4),
     )
@@ -165,7 +165,8 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
 # The schedule checker over thousands of random schedules
 # --------------------------------------------------------------------------------------------
 
-NUM_SCHEDULES = int(os.environ.get("MEFT_PREFETCH_SCHEDULES", "1200"))
+NUM_SCHEDULES = int(os.environ.get("MEFT_PREFETCH_SCHEDULES", "2000"))  # soak: raise these two
+FIRST_SEED = int(os.environ.get("MEFT_PREFETCH_FIRST_SEED", "0"))
 
 
 def test_random_schedules_respect_slot_ordering():
@@ -173,7 +174,7 @@ def test_random_schedules_respect_slot_ordering():
     consumer always sees exactly its rows: over many random schedules (layers, micro-batches,
     1..4 slots, forward and backward, row counts, worker counts, delays, async compute)."""
     totals = {"copies_in": 0, "reads": 0, "copies_out": 0}
-    for seed in range(NUM_SCHEDULES):
+    for seed in range(FIRST_SEED, FIRST_SEED + NUM_SCHEDULES):
         try:
             engine = run_schedule(seed)
         except BaseException as exc:
@@ -387,6 +388,7 @@ def test_cpu_gather_matches_index_select_with_threads_casts_and_strides():
 
 def test_strategies_are_selected_by_name_and_zero_copy_checks_arguments():
     assert GATHER_STRATEGIES["zero_copy"] is zero_copy_gather and GATHER_STRATEGIES["cpu_gather"] is cpu_gather
+    assert issubclass(FakeCopyEngine, CopyEngine) and issubclass(CudaCopyEngine, CopyEngine)
     with pytest.raises(ValueError, match="out must be a CUDA tensor"):
         zero_copy_gather(torch.zeros(4, 2), torch.tensor([1]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="ids must be a 1-D int32/int64"):
@@ -647,14 +649,12 @@ def test_cuda_copy_overlaps_compute_on_the_event_timeline():
             a = (a @ a) * 1e-4
         c_end.record(stream)
         rows = pf.acquire(ticket)
-        check = rows.sum()
+        seen = rows.cpu()  # a reader on the compute stream (and a test-only sync)
         pf.release(ticket)
-        torch.cuda.synchronize()
         copy = (base.elapsed_time(ticket.handle.start_event), base.elapsed_time(ticket.handle.done_event))
         comp = (base.elapsed_time(c_start), base.elapsed_time(c_end))
         assert copy[0] < comp[1] and comp[0] < copy[1], f"copy {copy} ms does not overlap compute {comp} ms"
-        assert torch.isfinite(check)
-        torch.testing.assert_close(rows.cpu(), host[ticket.row_ids], rtol=0, atol=0)
+        torch.testing.assert_close(seen, host[ticket.row_ids], rtol=0, atol=0)
 
 
 @pytest.mark.gpu
