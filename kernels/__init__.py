@@ -6,6 +6,7 @@ under Triton's interpreter (tests do this when no GPU is present).
 
 from .router_topk import router_topk
 from .sparse_kv_backward import SparseKVGrads, sparse_kv_backward
-from .sparse_kv_forward import sparse_kv_forward
+from .sparse_kv_forward import sparse_kv_forward, sparse_kv_select, sparse_kv_values
 
-__all__ = ["SparseKVGrads", "router_topk", "sparse_kv_backward", "sparse_kv_forward"]
+__all__ = ["SparseKVGrads", "router_topk", "sparse_kv_backward", "sparse_kv_forward",
+           "sparse_kv_select", "sparse_kv_values"]

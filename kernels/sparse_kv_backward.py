@@ -32,7 +32,7 @@ GATES = ("logit", "softmax")
 @triton.jit
 def _score_grads_kernel(
     grad_y_ptr, hidden_ptr, keys_ptr, values_ptr,
-    expert_ids_ptr, gate_weights_ptr, neuron_ids_ptr, activations_ptr,
+    expert_ids_ptr, gate_weights_ptr, neuron_ids_ptr, value_ids_ptr, activations_ptr,
     grad_raw_ptr, grad_gate_ptr,
     hidden_size, neurons_per_expert, experts_per_token, num_picks,
     stride_gyt, stride_gyd, stride_ht, stride_hd, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -48,6 +48,7 @@ def _score_grads_kernel(
         picks = k0 + tl.arange(0, BLOCK_K)
         pick_ok = picks < num_picks
         ids = tl.load(neuron_ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
+        value_ids = tl.load(value_ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
         act = tl.load(activations_ptr + token * num_picks + picks, mask=pick_ok, other=0.0)
         grad_act = tl.zeros([BLOCK_K], tl.float32)
         raw = tl.zeros([BLOCK_K], tl.float32)
@@ -57,7 +58,7 @@ def _score_grads_kernel(
             tile_ok = pick_ok[:, None] & dim_ok[None, :]
             gy = tl.load(grad_y_ptr + token * stride_gyt + dims * stride_gyd, mask=dim_ok, other=0.0)
             h = tl.load(hidden_ptr + token * stride_ht + dims * stride_hd, mask=dim_ok, other=0.0)
-            v = tl.load(values_ptr + ids[:, None] * stride_vn + dims[None, :] * stride_vd,
+            v = tl.load(values_ptr + value_ids[:, None] * stride_vn + dims[None, :] * stride_vd,
                         mask=tile_ok, other=0.0)
             k = tl.load(keys_ptr + ids[:, None] * stride_kn + dims[None, :] * stride_kd,
                         mask=tile_ok, other=0.0)
@@ -91,13 +92,17 @@ class SparseKVGrads(NamedTuple):
 
 def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, gate_weights,
                        neuron_ids, activations, gate: str = "logit", dense: bool = True,
-                       check_ids: bool = True) -> SparseKVGrads:
+                       check_ids: bool = True, value_ids=None) -> SparseKVGrads:
     """Backward of the MEFT adapter for saved selections.
 
     ``expert_ids`` [T, P], ``gate_weights`` [T, P] fp32, ``neuron_ids`` [T, K] and
     ``activations`` [T, K] fp32 are what router_topk / sparse_kv_forward produced; ``grad_y``
     and ``hidden`` are [T, d] in the parameters' dtype; ``gate`` is "logit" or "softmax".
     ``check_ids`` verifies that the ids are in range (one device sync).
+
+    ``values`` may instead hold only some rows [U, d] (a prefetch slot) with ``value_ids``
+    [T, K] giving each pick's row in it; keys stay the whole [N, d] table. ``dense=True``
+    then needs the whole table and is refused.
     """
     check_tensor("grad_y", grad_y, 2, FLOAT_DTYPES)
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
@@ -123,7 +128,16 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     check_shape("grad_y", grad_y, (num_tokens, hidden_size))
     check_shape("router_weight", router_weight, (num_experts, hidden_size))
     check_shape("keys", keys, (num_neurons, hidden_size))
-    check_shape("values", values, (num_neurons, hidden_size))
+    if value_ids is None:
+        check_shape("values", values, (num_neurons, hidden_size))
+    else:
+        check_tensor("value_ids", value_ids, 2, INDEX_DTYPES)
+        check_shape("value_ids", value_ids, tuple(neuron_ids.shape))
+        check_devices(value_ids=value_ids, values=values)
+        if values.shape[1] != hidden_size:
+            raise ValueError(f"values must have {hidden_size} columns, got {tuple(values.shape)}")
+        if dense:
+            raise ValueError("dense=True needs the whole values table; pass dense=False with value_ids")
     check_shape("expert_ids", expert_ids, (num_tokens, experts_per_token))
     check_shape("gate_weights", gate_weights, (num_tokens, experts_per_token))
     check_shape("activations", activations, (num_tokens, topk))
@@ -132,16 +146,19 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     if check_ids:
         check_ids_in_range("expert_ids", expert_ids, num_experts)
         check_ids_in_range("neuron_ids", neuron_ids, num_neurons)
+        if value_ids is not None:
+            check_ids_in_range("value_ids", value_ids, values.shape[0])
 
     device = hidden.device
     expert_ids, neuron_ids = expert_ids.contiguous(), neuron_ids.contiguous()
     gate_weights, activations = gate_weights.contiguous(), activations.contiguous()
+    value_ids = neuron_ids if value_ids is None else value_ids.contiguous()
     grad_raw = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
     grad_gate = torch.empty(num_tokens, experts_per_token, dtype=torch.float32, device=device)
     if num_tokens:
         _score_grads_kernel[(num_tokens,)](
-            grad_y, hidden, keys, values, expert_ids, gate_weights, neuron_ids, activations,
-            grad_raw, grad_gate,
+            grad_y, hidden, keys, values, expert_ids, gate_weights, neuron_ids, value_ids,
+            activations, grad_raw, grad_gate,
             hidden_size, num_neurons // num_experts, experts_per_token, topk,
             grad_y.stride(0), grad_y.stride(1), hidden.stride(0), hidden.stride(1),
             keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),

@@ -128,36 +128,16 @@ def _select_topk_kernel(
         ties_seen += tl.sum(tie.to(tl.int32), axis=1)
 
 
-def sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, num_experts: int,
-                      topk: int, check_ids: bool = True):
-    """MEFT steps 2-4 for tokens whose experts are already chosen.
-
-    Args:
-        hidden: [T, d], fp16/bf16/fp32, any strides.
-        keys, values: [N, d], hidden's dtype and device; expert e owns rows e*S .. e*S+S-1,
-            S = N / num_experts.
-        expert_ids: [T, P] int32/int64, each row's distinct experts.
-        gate_weights: [T, P] float32, the gate weight w_e of each selected expert.
-        num_experts: E, dividing N.
-        topk: K_top, in [1, P * S].
-        check_ids: verify ``expert_ids`` lie in [0, E) (one device sync); callers passing the
-            router kernel's own output may skip it.
-
-    Returns ``(y [T, d] in hidden's dtype, neuron_ids [T, K_top] int32,
-    activations [T, K_top] float32)``; the last two are what the backward needs.
-    """
+def _check_selection_inputs(hidden, keys, expert_ids, gate_weights, num_experts, topk, check_ids):
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
     check_tensor("keys", keys, 2, FLOAT_DTYPES)
-    check_tensor("values", values, 2, FLOAT_DTYPES)
     check_tensor("expert_ids", expert_ids, 2, INDEX_DTYPES)
     check_tensor("gate_weights", gate_weights, 2, (torch.float32,))
-    check_same_dtype(hidden=hidden, keys=keys, values=values)
-    check_devices(hidden=hidden, keys=keys, values=values, expert_ids=expert_ids,
-                  gate_weights=gate_weights)
+    check_same_dtype(hidden=hidden, keys=keys)
+    check_devices(hidden=hidden, keys=keys, expert_ids=expert_ids, gate_weights=gate_weights)
     num_tokens, hidden_size = hidden.shape
     num_neurons = keys.shape[0]
     check_shape("keys", keys, (num_neurons, hidden_size))
-    check_shape("values", values, (num_neurons, hidden_size))
     check_int_arg("num_experts", num_experts, 1, num_neurons)
     if num_neurons % num_experts:
         raise ValueError(f"num_experts ({num_experts}) must divide the number of key rows ({num_neurons})")
@@ -165,18 +145,37 @@ def sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, num_expert
     check_int_arg("expert_ids.shape[1] (experts per token)", experts_per_token, 1, num_experts)
     check_shape("expert_ids", expert_ids, (num_tokens, experts_per_token))
     check_shape("gate_weights", gate_weights, (num_tokens, experts_per_token))
-    neurons_per_expert = num_neurons // num_experts
-    num_candidates = experts_per_token * neurons_per_expert
-    check_int_arg("topk", topk, 1, num_candidates)
+    check_int_arg("topk", topk, 1, experts_per_token * (num_neurons // num_experts))
     if check_ids:
         check_ids_in_range("expert_ids", expert_ids, num_experts)
 
+
+def sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts: int, topk: int,
+                     check_ids: bool = True):
+    """MEFT steps 2-3: each token's ``topk`` best candidates among its experts' neurons.
+
+    Args:
+        hidden: [T, d], fp16/bf16/fp32, any strides.
+        keys: [N, d], hidden's dtype and device; expert e owns rows e*S .. e*S+S-1, S = N / E.
+        expert_ids: [T, P] int32/int64, each row's distinct experts.
+        gate_weights: [T, P] float32, the gate weight w_e of each selected expert.
+        num_experts: E, dividing N.
+        topk: K_top, in [1, P * S].
+        check_ids: verify ``expert_ids`` lie in [0, E) (one device sync); callers passing the
+            router kernel's own output may skip it.
+
+    Returns ``(neuron_ids [T, K_top] int32, activations = ReLU(s) [T, K_top] float32)``.
+    """
+    _check_selection_inputs(hidden, keys, expert_ids, gate_weights, num_experts, topk, check_ids)
+    num_tokens, hidden_size = hidden.shape
+    experts_per_token = expert_ids.shape[1]
+    neurons_per_expert = keys.shape[0] // num_experts
+    num_candidates = experts_per_token * neurons_per_expert
     device = hidden.device
-    y = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=device)
     neuron_ids = torch.empty(num_tokens, topk, dtype=torch.int32, device=device)
     activations = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
     if num_tokens == 0:
-        return y, neuron_ids, activations
+        return neuron_ids, activations
     expert_ids = expert_ids.contiguous()
     gate_weights = gate_weights.contiguous()
 
@@ -200,5 +199,39 @@ def sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, num_expert
         num_tokens, num_candidates, neurons_per_expert, experts_per_token,
         TOPK=topk, BLOCK_T=block_t, BLOCK_C=block_c,
     )
-    row_gather_sum(y, activations, neuron_ids, values)
+    return neuron_ids, activations
+
+
+def sparse_kv_values(activations, row_ids, values, check_ids: bool = True):
+    """MEFT step 4: ``y[t] = sum_k activations[t, k] * values[row_ids[t, k]]``, [T, d] in
+    values' dtype.
+
+    ``values`` is the whole [N, d] table (``row_ids`` = neuron ids) or any [U, d] set of rows
+    with ``row_ids`` indexing into it, e.g. a prefetch slot holding just the active rows.
+    """
+    check_tensor("activations", activations, 2, (torch.float32,))
+    check_tensor("row_ids", row_ids, 2, INDEX_DTYPES)
+    check_tensor("values", values, 2, FLOAT_DTYPES)
+    check_devices(activations=activations, row_ids=row_ids, values=values)
+    check_shape("row_ids", row_ids, tuple(activations.shape))
+    if check_ids:
+        check_ids_in_range("row_ids", row_ids, values.shape[0])
+    y = torch.empty(activations.shape[0], values.shape[1], dtype=values.dtype, device=values.device)
+    return row_gather_sum(y, activations.contiguous(), row_ids.contiguous(), values)
+
+
+def sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, num_experts: int,
+                      topk: int, check_ids: bool = True):
+    """MEFT steps 2-4 for tokens whose experts are already chosen: :func:`sparse_kv_select`
+    then :func:`sparse_kv_values` (arguments as there; ``values`` [N, d] like ``keys``).
+
+    Returns ``(y [T, d] in hidden's dtype, neuron_ids [T, K_top] int32,
+    activations [T, K_top] float32)``; the last two are what the backward needs.
+    """
+    check_tensor("values", values, 2, FLOAT_DTYPES)
+    check_same_dtype(hidden=hidden, values=values)
+    check_shape("values", values, tuple(keys.shape))
+    neuron_ids, activations = sparse_kv_select(hidden, keys, expert_ids, gate_weights,
+                                               num_experts, topk, check_ids)
+    y = sparse_kv_values(activations, neuron_ids, values, check_ids=False)
     return y, neuron_ids, activations

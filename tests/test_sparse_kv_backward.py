@@ -88,3 +88,21 @@ def test_rejects_bad_arguments(device):
         sparse_kv_backward(**{**good, "activations": t(2, 2)})
     with pytest.raises(TypeError, match="grad_y has dtype"):
         sparse_kv_backward(**{**good, "grad_y": t(2, 4).half()})
+
+
+def test_value_rows_from_a_slot(seed, device):
+    """values given as just the active rows plus each pick's row in them (a prefetch slot)."""
+    shape = (25, 20, 6, 5, 2, 4)
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), full = run_kernels(shape, torch.float32, device, "logit")
+    gate_logits, _ = router_topk(hidden, router, 2)
+    _, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, 6, 4)[1:]
+    active, local = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
+    slot = values[active]
+    grads = sparse_kv_backward(grad_y, hidden, router, keys, slot, expert_ids, gate_logits, neuron_ids,
+                               activations, dense=False, value_ids=local)
+    assert torch.equal(grads.row_ids, full.row_ids)
+    for name in ("hidden", "router_weight", "key_rows", "value_rows"):
+        assert rel_err(getattr(grads, name), getattr(full, name)) < 1e-6, name
+    with pytest.raises(ValueError, match="dense=True needs the whole values table"):
+        sparse_kv_backward(grad_y, hidden, router, keys, slot, expert_ids, gate_logits, neuron_ids,
+                           activations, value_ids=local)

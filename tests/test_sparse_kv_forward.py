@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import router_topk, sparse_kv_forward
+from kernels import router_topk, sparse_kv_forward, sparse_kv_values
 from meft_triton import reference
 from oracle import assert_topk_choice, candidate_scores64, rel_err
 
@@ -115,3 +115,12 @@ def test_rejects_bad_arguments(device, bad, error, match):
     args.update(bad)
     with pytest.raises(error, match=match):
         sparse_kv_forward(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()})
+
+
+def test_values_from_a_slot_of_active_rows(seed, device, poison_outputs):
+    hidden, keys, values, expert_ids, gate_weights = make_inputs((30, 20, 6, 5, 2, 4), torch.float32, device)
+    y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, 6, 4)
+    active, local = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
+    assert rel_err(sparse_kv_values(activations, local, values[active]), y) < 1e-6
+    with pytest.raises(ValueError, match=r"row_ids must hold ids in \[0, 3\)"):
+        sparse_kv_values(activations, local, values[:3])
