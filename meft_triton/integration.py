@@ -341,8 +341,9 @@ def attach_meft(
             must require grad) still reaches the adapters behind a frozen embedding. Costs
             nothing without checkpointing.
 
-    Returns the same model, modified in place. Adapters are created on each MLP's device.
-    Every parameter of the model other than the adapters gets ``requires_grad=False``; the
+    Returns the same model, modified in place. Adapters are created on each MLP's device; later
+    ``model.to(device)`` moves them along, but ``model.to(dtype)``/``model.half()`` would also
+    cast the fp32 masters, so cast the backbone before attaching. Every parameter of the model other than the adapters gets ``requires_grad=False``; the
     previous flags are remembered for :func:`detach_meft`.
     """
     if not isinstance(model, nn.Module):
@@ -730,7 +731,8 @@ def load_adapter(
     ``backend`` and the init settings may differ), the saved layers must equal the attached
     layers, and every tensor's shape and dtype must equal the parameter's. Any mismatch, a
     missing/extra tensor, or a truncated/corrupt file raises ``ValueError`` naming what
-    differs, and the model's adapters are left unchanged. Values are copied into the existing
+    differs, and the model's adapters are left unchanged (adapters attached by this call are
+    detached again). Values are copied into the existing
     parameters in place (optimizers holding them stay valid).
     """
     info, tensors = read_adapter(path)
@@ -740,6 +742,7 @@ def load_adapter(
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"load_adapter: {path} holds an invalid MEFT config: {exc}") from exc
 
+    attached_here = False
     if not is_meft_attached(model):
         if not attach:
             raise ValueError(f"load_adapter: {type(model).__name__} has no MEFT adapters and "
@@ -748,6 +751,18 @@ def load_adapter(
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         attach_meft(model, config, saved_layers, dtype=dtype,
                     input_require_grads=input_require_grads)
+        attached_here = True
+    try:
+        _check_and_copy(model, config, saved_layers, tensors)
+    except BaseException:
+        if attached_here:
+            detach_meft(model)
+        raise
+    return model
+
+
+def _check_and_copy(model: nn.Module, config: MEFTConfig, saved_layers: list[int],
+                    tensors: dict[str, Tensor]) -> None:
     state = _state(model)
     adapters = meft_adapters(model)
 
@@ -776,7 +791,6 @@ def load_adapter(
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
-    return model
 
 
 __all__ = [

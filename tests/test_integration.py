@@ -309,6 +309,7 @@ def test_load_rejects_mismatches(tmp_path):
         tiny_config("llama").__class__(**{**tiny_config("llama").to_dict(), "hidden_size": 48}))
     with pytest.raises(ValueError, match="shape"):
         load_adapter(wider, tmp_path)
+    assert not meft_adapters(wider) and all(p.requires_grad for p in wider.parameters())
     with pytest.raises(ValueError, match="attach=False"):
         load_adapter(tiny_model("llama"), tmp_path, attach=False)
     with pytest.raises(FileNotFoundError):
@@ -494,3 +495,32 @@ def test_hf_trainer_trains_only_adapters(tmp_path):
     assert any(not torch.equal(a.values, v) for a, v in zip(meft_adapters(model).values(), values))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------- example
+
+
+def test_finetune_example_tiny(capsys):
+    """examples/finetune.py --tiny runs in-process: every method's loss falls, MEFT learns facts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_example", ROOT / "examples" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    threads = torch.get_num_threads()
+    try:
+        rows = module.main(["--tiny", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| method" in out and "fact acc" in out
+    assert [r["method"] for r in rows] == ["meft", "lora", "dense"]
+    budget = rows[0]["trainable params"]
+    for r in rows:
+        assert r["loss last"] < r["loss first"] - 0.5, r
+        assert abs(r["trainable params"] - budget) / budget < 0.02, r
+    assert rows[0]["fact acc"] > 0.5, rows[0]
