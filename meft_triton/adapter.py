@@ -36,7 +36,8 @@ class MEFTAdapter(nn.Module):
     fp32 masters under bf16 autocast work).
     """
 
-    def __init__(self, hidden_size: int, config: MEFTConfig, device=None, dtype=None) -> None:
+    def __init__(self, hidden_size: int, config: MEFTConfig, device=None, dtype=None,
+                 runtime=None) -> None:
         super().__init__()
         if not isinstance(config, MEFTConfig):
             raise TypeError(f"config must be a MEFTConfig, got {type(config).__name__}")
@@ -44,22 +45,48 @@ class MEFTAdapter(nn.Module):
         self.config = config
         factory = {"device": device, "dtype": dtype}
         self.router = nn.Linear(hidden_size, config.num_experts, bias=False, **factory)
-        self.keys = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
-        self.values = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
-        self.reset_parameters()
+        self.offload = None
+        if config.placement == "gpu":
+            self.keys = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
+            self.values = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
+            self.reset_parameters()
+            return
+        from .offload import OffloadedRows, OffloadRuntime
+
+        keys, values = self._initial_rows(torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            self.router.weight.copy_(self._initial_router(keys))
+        compute_device = self.router.weight.device
+        if runtime is None:
+            runtime = OffloadRuntime(compute_device, self.router.weight.dtype, hidden_size,
+                                     transfer=config.transfer, keep_rows=config.backward_rows == "keep")
+        self.offload = OffloadedRows(self, runtime, keys, values)
+
+    def _initial_rows(self, device, dtype) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        keys = torch.randn(cfg.num_neurons, self.hidden_size, device=device, dtype=dtype) * cfg.key_init_std
+        values = torch.randn_like(keys) * cfg.value_init_std
+        return keys, values
+
+    def _initial_router(self, keys: Tensor) -> Tensor:
+        cfg = self.config
+        expert_keys = keys.view(cfg.num_experts, cfg.neurons_per_expert, self.hidden_size)
+        return expert_keys.mean(dim=1) * cfg.router_init_scale
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """MEFT's initialisation: K ~ N(0, std^2), V = 0 (the adapted model starts equal to the
         base model), each router row = its expert's mean key row times ``router_init_scale``."""
-        cfg = self.config
-        self.keys.normal_(0.0, cfg.key_init_std)
-        if cfg.value_init_std > 0:
-            self.values.normal_(0.0, cfg.value_init_std)
+        if self.offload is not None:
+            keys, values = self._initial_rows(torch.device("cpu"), torch.float32)
+            self.offload.store.keys().copy_(keys)
+            self.offload.store.values().copy_(values)
+            self.offload.refresh_key_cache()
         else:
-            self.values.zero_()
-        expert_keys = self.keys.view(cfg.num_experts, cfg.neurons_per_expert, self.hidden_size)
-        self.router.weight.copy_(expert_keys.mean(dim=1) * cfg.router_init_scale)
+            keys, values = self._initial_rows(self.keys.device, self.keys.dtype)
+            self.keys.copy_(keys)
+            self.values.copy_(values)
+        self.router.weight.copy_(self._initial_router(keys))
 
     def backend_for(self, hidden: Tensor) -> str:
         """The backend a call with ``hidden`` uses: "triton" or "torch"."""
@@ -69,6 +96,8 @@ class MEFTAdapter(nn.Module):
         return backend
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if self.offload is not None:
+            return self.finish_values(self.start_routing(hidden))
         check_hidden(hidden, self.hidden_size, self.keys.device)
         cfg = self.config
         flat = hidden.reshape(-1, self.hidden_size)
@@ -86,11 +115,74 @@ class MEFTAdapter(nn.Module):
                                cfg.experts_per_token, cfg.topk, cfg.gate)
         return y.reshape(hidden.shape)
 
+    # -- placement "cpu" -----------------------------------------------------------------------
+    def start_routing(self, hidden: Tensor):
+        """Placement "cpu", stage 1 (before the backbone FFN): route, select, start the copy."""
+        self._require_cpu_placement("start_routing")
+        check_hidden(hidden, self.hidden_size, self.router.weight.device)
+        return self.offload.start_routing(hidden)
+
+    def finish_values(self, routed) -> Tensor:
+        """Placement "cpu", stage 2 (after the FFN): y from the copied value rows."""
+        self._require_cpu_placement("finish_values")
+        return self.offload.finish_values(routed)
+
+    def configure_optimizer(self, **hyper):
+        """Placement "cpu": the row-sparse AdamW (meft_triton.optim.SparseRowAdamW keywords)
+        that trains this layer's keys and values; the router is trained by your optimizer."""
+        self._require_cpu_placement("configure_optimizer")
+        return self.offload.configure_optimizer(**hyper)
+
+    def sparse_step(self):
+        """Placement "cpu": hand this step's gradient rows to the row-sparse AdamW and start its
+        update on a worker thread (the next forward waits for it). Returns its Future."""
+        self._require_cpu_placement("sparse_step")
+        return self.offload.step()
+
+    def master_rows(self) -> tuple[Tensor, Tensor]:
+        """The fp32 keys and values: the parameters (placement "gpu") or the CPU master."""
+        if self.offload is None:
+            return self.keys, self.values
+        self.offload.wait_for_update()
+        return self.offload.store.keys(), self.offload.store.values()
+
+    def _require_cpu_placement(self, what: str) -> None:
+        if self.offload is None:
+            raise RuntimeError(f"{what} is for placement='cpu'; this adapter has placement='gpu'")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.offload is not None:
+            keys, values = self.master_rows()
+            destination[prefix + "keys"] = keys
+            destination[prefix + "values"] = values
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.offload is not None:
+            for name, target in zip(("keys", "values"), self.master_rows()):
+                key = prefix + name
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                tensor = state_dict[key]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                      f"{tuple(tensor.shape)}, the adapter has {tuple(target.shape)}")
+                    continue
+                with torch.no_grad():
+                    target.copy_(tensor)
+            self.offload.refresh_key_cache()
+            state_dict = {k: v for k, v in state_dict.items() if k not in (prefix + "keys", prefix + "values")}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         cfg = self.config
         return (f"hidden_size={self.hidden_size}, num_neurons={cfg.num_neurons}, "
                 f"num_experts={cfg.num_experts}, experts_per_token={cfg.experts_per_token}, "
-                f"topk={cfg.topk}, gate={cfg.gate!r}, backend={cfg.backend!r}")
+                f"topk={cfg.topk}, gate={cfg.gate!r}, backend={cfg.backend!r}, "
+                f"placement={cfg.placement!r}")
 
 
 def adapter_parameter_count(hidden_size: int, config: MEFTConfig) -> int:

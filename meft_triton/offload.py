@@ -1,0 +1,305 @@
+"""Placement "cpu": the adapter's master rows live in CPU memory, only active rows move.
+
+Per adapted layer (DESIGN.md section 3): the fp32 master keys and values and their AdamW
+moments sit in a :class:`~meft_triton.row_store.CPURowStore`; the device keeps the router (a
+normal parameter), a compute-dtype cache of the keys (so routing and key scores stay on the
+device and exact) and shares a pool of value-row slots with the other layers through one
+:class:`OffloadRuntime`. A call runs in two stages so the value-row copy overlaps the
+backbone's FFN:
+
+``start_routing``  route, score and select on the device; the unique active ids go to the
+                   prefetcher, which starts copying their value rows into a free slot;
+(the FFN runs)
+``finish_values``  wait for the slot (an event, not a host sync), y = sum a_j V_j from it.
+
+Backward fetches the value rows again (or keeps them, ``backward_rows="keep"``), computes
+dh and d router on the device, and sends the row-sparse key/value gradients to pinned host
+memory; :meth:`OffloadedRows.step` hands them to the layer's row-sparse AdamW, which updates
+the CPU master on a worker thread. The layer's next ``start_routing`` waits for that update
+and writes the touched key rows into the device cache first.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .optim import SparseRowAdamW
+from .prefetch import CopyEngine, CudaCopyEngine, FakeCopyEngine, Prefetcher, Ticket
+from .row_store import CPURowStore
+
+
+class TritonStages:
+    """The offloaded layer's device work on the Triton kernels."""
+
+    @staticmethod
+    def route(hidden, router_weight, experts_per_token, gate):
+        from kernels import router_topk
+
+        gate_logits, expert_ids = router_topk(hidden, router_weight, experts_per_token)
+        return expert_ids, (gate_logits.softmax(-1) if gate == "softmax" else gate_logits)
+
+    @staticmethod
+    def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
+        from kernels import sparse_kv_select
+
+        return sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts, topk, check_ids=False)
+
+    @staticmethod
+    def values(activations, local_ids, rows):
+        from kernels import sparse_kv_values
+
+        return sparse_kv_values(activations, local_ids, rows, check_ids=False)
+
+    @staticmethod
+    def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
+                 activations, local_ids, gate):
+        from kernels import sparse_kv_backward
+
+        grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights,
+                                   neuron_ids, activations, gate, dense=False, check_ids=False,
+                                   value_ids=local_ids)
+        return grads.hidden, grads.router_weight, grads.row_ids, grads.key_rows, grads.value_rows
+
+
+class TorchStages:
+    """The same work through meft_triton.reference (CPU tensors without Triton's interpreter)."""
+
+    @staticmethod
+    def route(hidden, router_weight, experts_per_token, gate):
+        _, expert_ids, gate_weights = reference.route(hidden, router_weight, experts_per_token, gate)
+        return expert_ids, gate_weights.float()
+
+    @staticmethod
+    def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
+        neurons_per_expert = keys.shape[0] // num_experts
+        weights = gate_weights.to(hidden.dtype)
+        scores = reference.candidate_scores(hidden, keys, expert_ids, weights, neurons_per_expert)
+        neuron_ids = reference.select_neurons(scores, reference.candidate_ids(expert_ids, neurons_per_expert), topk)
+        chosen = reference.selected_scores(hidden, keys, expert_ids, weights, neuron_ids, neurons_per_expert)
+        return neuron_ids, torch.relu(chosen).float()
+
+    @staticmethod
+    def values(activations, local_ids, rows):
+        return torch.einsum("tk,tkd->td", activations.to(rows.dtype), rows[local_ids])
+
+    @staticmethod
+    def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
+                 activations, local_ids, gate):
+        active = torch.unique(neuron_ids.long(), sorted=True)
+        num_experts = router_weight.shape[0]
+        neurons_per_expert = keys.shape[0] // num_experts
+        with torch.enable_grad():
+            h, g = hidden.detach().requires_grad_(), router_weight.detach().requires_grad_()
+            key_rows = keys[active].detach().requires_grad_()
+            value_rows = rows.detach().requires_grad_()
+            _, _, weights = reference.route(h, g, expert_ids.shape[1], gate, expert_ids)
+            owner = neuron_ids.long() // neurons_per_expert
+            match = (owner[:, :, None] == expert_ids.long()[:, None, :]).to(weights.dtype)
+            scores = (match * weights[:, None, :]).sum(-1) * torch.einsum("td,tkd->tk", h, key_rows[local_ids])
+            y = torch.einsum("tk,tkd->td", torch.relu(scores), value_rows[local_ids])
+            dh, dg, dk, dv = torch.autograd.grad(y, (h, g, key_rows, value_rows), grad_y)
+        return dh, dg, active, dk.float(), dv.float()
+
+
+def stages_for(device: torch.device, backend: str):
+    """Triton kernels on CUDA (or under the interpreter when asked), the reference otherwise."""
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        return TritonStages
+    return TorchStages
+
+
+def default_engine(device: torch.device, transfer: str) -> CopyEngine:
+    """The copy engine for ``device``: CUDA streams and events on a GPU. On CPU compute (tests,
+    CPU-only profiling) rows still go through the same slot schedule, copied on a worker thread."""
+    if device.type == "cuda":
+        return CudaCopyEngine(device, strategy=transfer)
+    return FakeCopyEngine(max_delay=0.0, async_compute=False, workers=1, chunk_rows=1 << 30)
+
+
+class OffloadRuntime:
+    """The copy engine and value-row slot pool shared by a model's CPU-placed adapters.
+
+    Layers register in forward order. The slots are sized for the most active rows one layer
+    needs in one call (``max_rows``), grown when a call needs more while nothing is in flight.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, hidden_size: int, *,
+                 transfer: str = "cpu_gather", keep_rows: bool = False, num_slots: int = 2,
+                 engine: CopyEngine | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.hidden_size = hidden_size
+        self.keep_rows = keep_rows
+        self.num_slots = num_slots
+        self.engine = engine if engine is not None else default_engine(self.device, transfer)
+        self.layers: list[OffloadedRows] = []
+        self.prefetcher: Prefetcher | None = None
+        self.bytes_to_device = 0
+        self.bytes_to_host = 0
+
+    def register(self, rows: "OffloadedRows") -> int:
+        if self.prefetcher is not None:
+            raise RuntimeError("register every layer before the first forward")
+        self.layers.append(rows)
+        return len(self.layers) - 1
+
+    def _host_values(self, layer: int) -> Tensor:
+        return self.layers[layer].store.values()
+
+    def ensure_slots(self, rows_needed: int) -> Prefetcher:
+        if self.prefetcher is not None and rows_needed <= self.prefetcher.max_rows:
+            return self.prefetcher
+        max_rows = max(rows_needed, 2 * (self.prefetcher.max_rows if self.prefetcher else 0))
+        if self.prefetcher is not None:
+            if self.prefetcher.free_slots() < self.num_slots:
+                raise RuntimeError(
+                    f"a layer needs {rows_needed} active rows but the prefetch slots hold "
+                    f"{self.prefetcher.max_rows} and are in use; run a first call with the largest "
+                    "micro-batch, or create the runtime with bigger slots")
+            self.prefetcher.close()
+        self.prefetcher = Prefetcher(self.engine, self._host_values, max_rows=max_rows,
+                                     num_slots=self.num_slots, width=self.hidden_size, dtype=self.dtype,
+                                     keep_resident=self.keep_rows, owns_engine=False)
+        return self.prefetcher
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self.engine.close()
+
+
+@dataclass
+class RoutedTokens:
+    """What ``start_routing`` hands to ``finish_values``: the selection and the copy in flight."""
+
+    hidden: Tensor          # [T, d] in the compute dtype (what autograd differentiates)
+    expert_ids: Tensor      # [T, P]
+    gate_weights: Tensor    # [T, P] fp32
+    neuron_ids: Tensor      # [T, K]
+    activations: Tensor     # [T, K] fp32
+    local_ids: Tensor       # [T, K]: each pick's row in the slot
+    ticket: Ticket
+    output_dtype: torch.dtype
+    output_shape: torch.Size
+
+
+class OffloadedRows:
+    """The CPU side of one adapter under placement "cpu": store, device key cache, optimizer."""
+
+    def __init__(self, adapter, runtime: OffloadRuntime, keys: Tensor, values: Tensor) -> None:
+        self.adapter = adapter
+        self.runtime = runtime
+        self.store = CPURowStore.from_dense(keys.detach().float().cpu(), values.detach().float().cpu())
+        self.key_cache = keys.detach().to(runtime.device, runtime.dtype)
+        self.layer = runtime.register(self)
+        self.optimizer: SparseRowAdamW | None = None
+        self.pending_grads: list[Future] = []
+        self.pending_step: Future | None = None
+
+    # -- training state ---------------------------------------------------------------------
+    def configure_optimizer(self, **hyper: Any) -> SparseRowAdamW:
+        """Create (or replace) the row-sparse AdamW over this layer's store."""
+        self.wait_for_update()
+        if self.optimizer is not None:
+            self.optimizer.close()
+        self.optimizer = SparseRowAdamW(self.store, **hyper)
+        return self.optimizer
+
+    def collect_grads(self) -> None:
+        """Move finished device->host gradient rows into the optimizer's accumulator."""
+        if self.optimizer is None:
+            raise RuntimeError("placement='cpu' trains keys and values with a row-sparse AdamW: call "
+                               "adapter.configure_optimizer(lr=...) before the first step")
+        d = self.store.hidden_size
+        pending, self.pending_grads = self.pending_grads, []
+        for future in pending:
+            grad = future.result()
+            self.optimizer.accumulate(grad.row_ids, grad.rows[:, :d], grad.rows[:, d:])
+
+    def step(self) -> Future:
+        """Start this layer's optimizer step on its worker thread; the next forward waits for it."""
+        self.collect_grads()
+        self.wait_for_update()
+        self.pending_step = self.optimizer.step_async()
+        return self.pending_step
+
+    def wait_for_update(self) -> None:
+        """Finish an in-flight optimizer step and copy its updated key rows into the cache."""
+        if self.pending_step is None:
+            return
+        future, self.pending_step = self.pending_step, None
+        touched = future.result()
+        if touched.numel():
+            fresh = self.store.keys()[touched].to(self.key_cache.device, self.key_cache.dtype)
+            self.key_cache[touched.to(self.key_cache.device)] = fresh
+
+    def refresh_key_cache(self) -> None:
+        self.key_cache.copy_(self.store.keys().to(self.key_cache.device, self.key_cache.dtype))
+
+    # -- the two forward stages ---------------------------------------------------------------
+    def start_routing(self, hidden: Tensor) -> RoutedTokens:
+        cfg = self.adapter.config
+        self.wait_for_update()
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(self.runtime.dtype)
+        stages = stages_for(flat.device, cfg.backend)
+        with torch.no_grad():
+            router_weight = self.adapter.router.weight.to(flat.dtype)
+            expert_ids, gate_weights = stages.route(flat, router_weight, cfg.experts_per_token, cfg.gate)
+            neuron_ids, activations = stages.select(flat, self.key_cache, expert_ids, gate_weights,
+                                                    cfg.num_experts, cfg.topk)
+            active, local_ids = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
+        prefetcher = self.runtime.ensure_slots(max(1, active.numel()))
+        ticket = prefetcher.prefetch(self.layer, active.cpu())
+        self.runtime.bytes_to_device += active.numel() * self.runtime.hidden_size * flat.element_size()
+        return RoutedTokens(flat, expert_ids, gate_weights, neuron_ids, activations, local_ids,
+                            ticket, hidden.dtype, hidden.shape)
+
+    def finish_values(self, routed: RoutedTokens) -> Tensor:
+        y = _OffloadedValues.apply(routed.hidden, self.adapter.router.weight, self, routed)
+        return y.to(routed.output_dtype).reshape(routed.output_shape)
+
+
+class _OffloadedValues(torch.autograd.Function):
+    """y from the slot rows; backward refetches them and ships key/value gradient rows home."""
+
+    @staticmethod
+    def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens):
+        prefetcher = rows.runtime.prefetcher
+        slot = prefetcher.acquire(routed.ticket)
+        try:
+            stages = stages_for(hidden.device, rows.adapter.config.backend)
+            y = stages.values(routed.activations, routed.local_ids, slot)
+        finally:
+            prefetcher.release(routed.ticket)
+        ctx.rows, ctx.routed = rows, routed
+        ctx.save_for_backward(hidden, router_weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, routed = ctx.rows, ctx.routed
+        hidden, router_weight = ctx.saved_tensors
+        runtime, cfg = rows.runtime, rows.adapter.config
+        prefetcher = runtime.prefetcher
+        ticket = prefetcher.backward_ticket(rows.layer)
+        slot = prefetcher.acquire(ticket)
+        try:
+            stages = stages_for(hidden.device, cfg.backend)
+            grad_hidden, grad_router, row_ids, key_rows, value_rows = stages.backward(
+                grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache,
+                slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
+                routed.local_ids, cfg.gate)
+        finally:
+            prefetcher.release(ticket)
+        if not runtime.keep_rows:
+            runtime.bytes_to_device += slot.numel() * slot.element_size()
+        grad_rows = torch.cat([key_rows, value_rows], dim=1)
+        runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
+        rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows))
+        return grad_hidden, grad_router.to(router_weight.dtype), None, None

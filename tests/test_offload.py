@@ -1,0 +1,117 @@
+"""Placement "cpu": same math as placement "gpu", same training with the same lazy AdamW."""
+
+import pytest
+import torch
+
+from meft_triton import MEFTAdapter, MEFTConfig, reference
+from meft_triton.optim import SparseRowAdamW
+from meft_triton.row_store import CPURowStore
+from oracle import rel_err
+
+BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
+            value_init_std=1.0, router_init_scale=0.3)
+
+
+def pair(backend="torch", **changes):
+    cfg = MEFTConfig(**{**BASE, "backend": backend, **changes})
+    on_gpu = MEFTAdapter(12, cfg.replace(placement="gpu"))
+    on_cpu = MEFTAdapter(12, cfg.replace(placement="cpu"))
+    on_cpu.load_state_dict(on_gpu.state_dict())
+    return on_gpu, on_cpu
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
+def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_rows):
+    on_gpu, on_cpu = pair(backend, backward_rows=backward_rows)
+    hidden = torch.randn(4, 7, 12)
+    h_gpu, h_cpu = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    y_gpu, y_cpu = on_gpu(h_gpu), on_cpu(h_cpu)
+    assert rel_err(y_cpu, y_gpu) < 1e-6
+    grad_y = torch.randn_like(y_gpu)
+    y_gpu.backward(grad_y)
+    y_cpu.backward(grad_y)
+    assert rel_err(h_cpu.grad, h_gpu.grad) < 1e-5
+    assert rel_err(on_cpu.router.weight.grad, on_gpu.router.weight.grad) < 1e-5
+    grads = on_cpu.offload.pending_grads[0].result()
+    d = 12
+    assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[grads.row_ids]) < 1e-5
+    assert rel_err(grads.rows[:, d:], on_gpu.values.grad[grads.row_ids]) < 1e-5
+
+
+def selected_rows(adapter, hidden):
+    cfg = adapter.config
+    flat = hidden.reshape(-1, adapter.hidden_size)
+    _, expert_ids, weights = reference.route(flat, adapter.router.weight, cfg.experts_per_token, cfg.gate)
+    _, neuron_ids, _ = reference.sparse_kv_forward(flat, adapter.keys, adapter.values, expert_ids, weights,
+                                                   cfg.neurons_per_expert, cfg.topk)
+    return neuron_ids.unique()
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate):
+    """3 steps of 2 micro-batches each, weight decay and global-norm clipping."""
+    on_gpu, on_cpu = pair(gate=gate)
+    hyper = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5)
+    expected = SparseRowAdamW(CPURowStore.from_dense(on_gpu.keys.detach(), on_gpu.values.detach()), **hyper)
+    on_cpu.configure_optimizer(**hyper)
+    router_gpu = torch.optim.AdamW(on_gpu.router.parameters(), lr=1e-2)
+    router_cpu = torch.optim.AdamW(on_cpu.router.parameters(), lr=1e-2)
+    for _ in range(3):
+        for _ in range(2):
+            hidden, target = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+            rows = selected_rows(on_gpu, hidden)
+            on_gpu.zero_grad()
+            (on_gpu(hidden) - target).square().mean().backward()
+            expected.accumulate(rows, on_gpu.keys.grad[rows].float(), on_gpu.values.grad[rows].float())
+            (on_cpu(hidden) - target).square().mean().backward()
+            router_gpu.step()
+            router_cpu.step()
+            router_gpu.zero_grad()
+            router_cpu.zero_grad()
+        expected.step()
+        on_cpu.sparse_step()
+        with torch.no_grad():  # the GPU placement's parameters follow its lazy AdamW
+            on_gpu.keys.copy_(expected.store.keys())
+            on_gpu.values.copy_(expected.store.values())
+    keys, values = on_cpu.master_rows()
+    torch.testing.assert_close(keys, expected.store.keys(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(values, on_gpu.values.new_zeros(values.shape))
+    torch.testing.assert_close(on_cpu.offload.key_cache, keys)
+
+
+def test_transfer_accounting(seed):
+    _, on_cpu = pair()
+    hidden = torch.randn(9, 12)
+    active = None
+    with torch.no_grad():
+        routed = on_cpu.start_routing(hidden)
+        active = routed.ticket.row_ids.numel()
+        on_cpu.finish_values(routed)
+    assert on_cpu.offload.runtime.bytes_to_device == active * 12 * 4
+    assert active == routed.neuron_ids.unique().numel()
+
+
+def test_state_dict_round_trip_keeps_master_rows(seed):
+    _, on_cpu = pair()
+    copy = MEFTAdapter(12, on_cpu.config)
+    copy.load_state_dict(on_cpu.state_dict())
+    hidden = torch.randn(5, 12)
+    assert torch.equal(copy(hidden), on_cpu(hidden))
+    with pytest.raises(RuntimeError, match="size mismatch for keys"):
+        MEFTAdapter(12, on_cpu.config.replace(num_neurons=60)).load_state_dict(on_cpu.state_dict())
+
+
+def test_sparse_step_needs_an_optimizer(seed):
+    _, on_cpu = pair()
+    on_cpu(torch.randn(2, 12)).sum().backward()
+    with pytest.raises(RuntimeError, match="configure_optimizer"):
+        on_cpu.sparse_step()
+
+
+def test_gpu_placement_rejects_cpu_only_calls():
+    on_gpu, _ = pair()
+    with pytest.raises(RuntimeError, match="placement='cpu'"):
+        on_gpu.configure_optimizer(lr=1.0)
