@@ -934,12 +934,13 @@ class FakeCopyEngine(CopyEngine):
         slot = SlotBuffer(index=index, tensor=torch.full((max_rows, width), float("nan"), dtype=dtype))
         with self._cond:
             self._truth[id(slot)] = _SlotTruth()
-        weakref.finalize(slot, self._free_bytes, nbytes)
+        weakref.finalize(slot, self._forget_slot, id(slot), nbytes)
         return slot
 
-    def _free_bytes(self, nbytes: int) -> None:
+    def _forget_slot(self, key: int, nbytes: int) -> None:
         with self._cond:
             self._allocated -= nbytes
+            self._truth.pop(key, None)
 
     def memory_info(self) -> tuple[int, int] | None:
         if self.memory_limit_bytes is None:
