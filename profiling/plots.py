@@ -1,0 +1,214 @@
+"""PNG plots of a sweep's DataFrame (matplotlib, Agg backend).
+
+Each ``plot_*`` function takes the sweep's DataFrame and a path, writes the PNG and returns
+``(figure, labels)``: the names of the series (or stacked stages) it drew, so tests can check
+what is in a picture. The "vs N" plots hold every other axis at its first value in the sweep
+(first preset, dtype, tokens, K_top, P) so that each line varies N alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGE_LABELS = {
+    "router": "router", "keys": "keys", "copy_wait": "copy wait", "values": "values",
+    "forward_fused": "forward (fused)", "backward": "backward", "optimizer": "optimizer",
+}
+BASELINE_LABELS = {"reference": "reference (baseline)", "meft-original": "MEFT original (dense-masked)",
+                   "dense": "dense adapter, same N", "lora": "LoRA, same GPU memory"}
+MAIN_IMPLS = ("meft", "reference")
+
+
+def _main_impl(df) -> str:
+    """The impl whose lines are "per placement": meft on CUDA, the reference path on CPU."""
+    if ((df["impl"] == "meft") & (df["kind"] == "step")).any():
+        return "meft"
+    return "reference"
+
+
+def series_label(row, main: str) -> str:
+    if row["impl"] == main:
+        if row["placement"] == "cpu":
+            return f"{main}, placement=cpu ({row['transfer']}, {row['backward_rows']})"
+        return f"{main}, placement=gpu"
+    return BASELINE_LABELS.get(row["impl"], row["impl"])
+
+
+def n_slice(df):
+    """Step rows with every axis but N (and E) held at its first value in the sweep."""
+    steps = df[df["kind"] == "step"]
+    for col in ("preset", "hidden_size", "dtype", "tokens", "topk", "experts_per_token"):
+        if len(steps):
+            steps = steps[steps[col] == steps[col].iloc[0]]
+    return steps
+
+
+def _series(df, main: str):
+    out = {}
+    for _, row in df.iterrows():
+        out.setdefault(series_label(row, main), []).append(row)
+    return out
+
+
+def _finish(fig, ax, path: Path, labels: list[str]) -> None:
+    if labels:
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _title_suffix(df) -> str:
+    if not len(df):
+        return ""
+    r = df.iloc[0]
+    return f"{r['preset']} (d={int(r['hidden_size'])}, {int(r['layers'])} layers), T={int(r['tokens'])}, " \
+           f"K_top={int(r['topk'])}, P={int(r['experts_per_token'])}, {r['dtype']}, {r['mode']}"
+
+
+def plot_tokens_per_s(df, path: Path):
+    """Tokens/s vs N: a solid line per placement of the main impl, dashed baselines."""
+    steps = n_slice(df)
+    main = _main_impl(df)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    labels = []
+    for label, rows in _series(steps, main).items():
+        pts = sorted((r["num_neurons"], r["tokens_per_s"]) for r in rows if not _nan(r["tokens_per_s"]))
+        if not pts:
+            continue
+        style = "-o" if rows[0]["impl"] == main else "--s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+        labels.append(label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("adapter neurons per layer N")
+    ax.set_ylabel("tokens / s (adapter stack only)")
+    ax.set_title("Throughput vs adapter size\n" + _title_suffix(steps), fontsize=9)
+    _finish(fig, ax, path, labels)
+    return fig, labels
+
+
+def plot_memory(df, path: Path, cuda: bool = False):
+    """Device memory vs N: accounting per placement (and baseline), measured peaks on CUDA."""
+    steps = n_slice(df)
+    main = _main_impl(df)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    labels = []
+    for label, rows in _series(steps, main).items():
+        acct = sorted((r["num_neurons"], r["adapter_gpu_bytes"] / 2**20) for r in rows
+                      if not _nan(r["adapter_gpu_bytes"]))
+        if acct:
+            style = "-o" if rows[0]["impl"] == main else "--s"
+            name = f"{label} [accounting]"
+            ax.plot([p[0] for p in acct], [p[1] for p in acct], style, label=name, markersize=4)
+            labels.append(name)
+        measured = sorted((r["num_neurons"], r["gpu_peak_alloc_bytes"] / 2**20) for r in rows
+                          if not _nan(r["gpu_peak_alloc_bytes"]))
+        if measured and cuda:
+            name = f"{label} [measured peak]"
+            ax.plot([p[0] for p in measured], [p[1] for p in measured], ":x", label=name, markersize=5)
+            labels.append(name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("adapter neurons per layer N")
+    ax.set_ylabel("adapter GPU memory, MiB (all layers)")
+    what = "accounting + torch allocator peak" if cuda else "accounting (no GPU here)"
+    ax.set_title(f"GPU memory of the adapter vs N, {what}\n" + _title_suffix(steps), fontsize=9)
+    _finish(fig, ax, path, labels)
+    return fig, labels
+
+
+TRANSFER_SERIES = [
+    ("gather_GBps", "host gather fp32 (CPURowStore.gather)"),
+    ("gather_cast_GBps", "host gather + cast to compute dtype"),
+    ("host_memcpy_GBps", "plain host memcpy, same bytes"),
+    ("h2d_cpu_gather_GBps", "H2D cpu_gather (gather + pinned copy)"),
+    ("h2d_zero_copy_GBps", "H2D zero_copy kernel"),
+    ("pinned_h2d_GBps", "plain pinned memcpy H2D, same bytes"),
+    ("d2h_GBps", "D2H gradient rows"),
+    ("pinned_d2h_GBps", "plain pinned memcpy D2H, same bytes"),
+]
+
+
+def plot_transfer(df, path: Path, cuda: bool = False):
+    """Achieved GB/s vs rows moved: transfer rows as lines, the sweep's placement-"cpu" steps as points."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    labels = []
+    tr = df[df["kind"] == "transfer"]
+    for col, name in TRANSFER_SERIES:
+        pts = sorted((r, v) for r, v in zip(tr["rows"], tr[col]) if not _nan(v))
+        if pts:
+            style = "--" if "memcpy" in col else "-o"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, markersize=4)
+            labels.append(name)
+    steps = df[(df["kind"] == "step") & (df["placement"] == "cpu")]
+    pts = [(r, v) for r, v in zip(steps["unique_rows_per_layer"], steps["achieved_GBps"]) if not _nan(v)]
+    if pts:
+        name = "training steps, placement=cpu (rows per layer)"
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=60, color="black", label=name, zorder=3)
+        labels.append(name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows moved (per copy)")
+    ax.set_ylabel("GB/s (payload)")
+    d = int(tr["hidden_size"].iloc[0]) if len(tr) else None
+    if cuda:
+        ax.set_title(f"Achieved PCIe GB/s vs rows moved (d={d})", fontsize=9)
+    else:
+        ax.set_title(f"Host-side gather/packing GB/s vs rows moved (d={d}); no GPU: no PCIe here", fontsize=9)
+    _finish(fig, ax, path, labels)
+    return fig, labels
+
+
+def plot_breakdown(df, path: Path):
+    """Stacked step time per stage for each placement point of the main impl (and N)."""
+    steps = n_slice(df)
+    main = _main_impl(df)
+    steps = steps[(steps["impl"] == main) & steps["step_ms"].notna()].sort_values(["num_neurons", "placement"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(steps) + 2), 4.8))
+    names = [f"N={int(r['num_neurons'])}\n{r['placement']}" +
+             (f"\n{r['transfer']}\n{r['backward_rows']}" if r["placement"] == "cpu" else "")
+             for _, r in steps.iterrows()]
+    bottom = [0.0] * len(steps)
+    labels = []
+    for stage, label in STAGE_LABELS.items():
+        vals = [0.0 if _nan(v) else float(v) for v in steps[f"t_{stage}_ms"]]
+        if not any(v > 0 for v in vals):
+            continue
+        ax.bar(range(len(vals)), vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+        labels.append(label)
+    ax.set_xticks(range(len(names)), names, fontsize=7)
+    ax.set_ylabel("ms per training step (all layers)")
+    ax.set_yscale("linear")
+    ax.set_title(f"Step time by stage ({main})\n" + _title_suffix(steps), fontsize=9)
+    _finish(fig, ax, path, labels)
+    return fig, labels
+
+
+PLOTS = {
+    "tokens_per_s_vs_N.png": lambda df, p, cuda: plot_tokens_per_s(df, p),
+    "gpu_memory_vs_N.png": lambda df, p, cuda: plot_memory(df, p, cuda),
+    "transfer_GBps_vs_rows.png": lambda df, p, cuda: plot_transfer(df, p, cuda),
+    "step_breakdown.png": lambda df, p, cuda: plot_breakdown(df, p),
+}
+
+
+def plot_all(df, folder: Path, cuda: bool = False) -> dict[str, Path]:
+    """Write every plot into ``folder``; returns {file name: path}."""
+    out = {}
+    for name, fn in PLOTS.items():
+        path = Path(folder) / name
+        fig, _ = fn(df, path, cuda)
+        plt.close(fig)
+        out[name] = path
+    return out
+
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
