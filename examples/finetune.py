@@ -14,9 +14,9 @@ the width that matches.
     python examples/finetune.py --tiny          # CI scale, seconds
     python examples/finetune.py --device cuda --steps 2000 --facts 20000
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during training; on CPU the peak
-resident set size sampled every 2 ms during training minus the RSS just before it (approximate:
-the allocator may keep freed pages). Exits with status 1 if a method's loss did not fall.
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during training minus the allocation
+before it; on CPU the peak resident set size during training (kernel high-water mark, reset
+before each method) minus the RSS just before it. Exits with status 1 if a method's loss did not fall.
 """
 
 from __future__ import annotations
@@ -184,36 +184,68 @@ def meft_config(args) -> MEFTConfig:
 
 
 class PeakRSS:
-    """Peak resident set size (bytes) over a block, sampled by a thread every 2 ms."""
+    """Peak resident set size (bytes) over a block, and the RSS just before it.
+
+    Linux: freed heap pages are handed back first (``malloc_trim``), the kernel's high-water
+    mark is reset (``/proc/self/clear_refs`` = 5) and read back as ``VmHWM`` afterwards, so the
+    peak is exact and earlier methods' cached pages do not hide this one's. Elsewhere a thread
+    samples the RSS every 2 ms (approximate)."""
 
     def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.peak = self.start = 0
         self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def _status(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
     def rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except OSError:
+        value = self._status("VmRSS")
+        if value is None:
             import resource
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return value
+
+    def _reset_high_water(self) -> bool:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return self._status("VmHWM") is not None
 
     def _run(self) -> None:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, self.rss())
 
     def __enter__(self):
+        exact = self._reset_high_water()
         self.start = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if not exact:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, self.rss(), self._status("VmHWM") or 0)
 
 
 @torch.no_grad()
@@ -330,8 +362,8 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 masters)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
-    scale = dict(steps=120, facts=256, hidden=64, layers=2, attributes=32, batch_size=64,
-                 neurons=1024, experts=32, experts_per_token=4, topk=16) if args.tiny else \
+    scale = dict(steps=100, facts=256, hidden=64, layers=2, attributes=32, batch_size=64,
+                 neurons=512, experts=32, experts_per_token=4, topk=16) if args.tiny else \
         dict(steps=400, facts=1024, hidden=128, layers=4, attributes=128, batch_size=64,
              neurons=2048, experts=128, experts_per_token=8, topk=32)
     for key, value in scale.items():
