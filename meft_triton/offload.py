@@ -255,7 +255,7 @@ class OffloadedRows:
                                                     cfg.num_experts, cfg.topk)
             active, local_ids = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
         prefetcher = self.runtime.ensure_slots(max(1, active.numel()))
-        ticket = prefetcher.prefetch(self.layer, active.cpu())
+        ticket = prefetcher.prefetch(self.layer, active)
         self.runtime.bytes_to_device += active.numel() * self.runtime.hidden_size * flat.element_size()
         return RoutedTokens(flat, expert_ids, gate_weights, neuron_ids, activations, local_ids,
                             ticket, hidden.dtype, hidden.shape)
@@ -287,7 +287,9 @@ class _OffloadedValues(torch.autograd.Function):
         hidden, router_weight = ctx.saved_tensors
         runtime, cfg = rows.runtime, rows.adapter.config
         prefetcher = runtime.prefetcher
-        ticket = prefetcher.backward_ticket(rows.layer)
+        # The forward's own ids: a second forward (or a checkpoint's recompute) before this
+        # backward would have replaced the layer's saved ids.
+        ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids)
         slot = prefetcher.acquire(ticket)
         try:
             stages = stages_for(hidden.device, cfg.backend)
