@@ -481,7 +481,8 @@ def clip_grad_norm_(optimizers: SparseRowAdamW | Iterable[SparseRowAdamW], max_n
             f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be clipped"
         )
     coef = float(_clip_coef(total, max_norm))
-    for o in opts:
-        if o._acc.count:
-            o._acc.scale = coef
+    if coef != 1.0:  # torch multiplies by exactly 1.0 then: a no-op we can skip
+        for o in opts:
+            if o._acc.count:
+                o._acc.scale = coef
     return total
