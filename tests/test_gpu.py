@@ -21,6 +21,7 @@ def test_bf16_forward_backward(seed, poison_outputs, shape, gate):
     T, d, E, S, P, K = shape
     hidden, router, keys, values, grad_y = (
         torch.randn(*s, device="cuda").bfloat16() for s in [(T, d), (E, d), (E * S, d), (E * S, d), (T, d)])
+    router = (router.float() / d**0.5).bfloat16()  # O(1) logits: an unsaturated softmax is well conditioned
     gate_logits, expert_ids = router_topk(hidden, router, P)
     assert_topk_choice(hidden.double().cpu() @ router.double().cpu().T, expert_ids, P, tol=1e-3)
     gate_weights = gate_logits.softmax(-1) if gate == "softmax" else gate_logits
