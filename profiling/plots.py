@@ -32,12 +32,17 @@ def _main_impl(df) -> str:
     return "reference"
 
 
-def series_label(row, main: str) -> str:
-    if row["impl"] == main:
+def series_label(row, main: str = "meft") -> str:
+    """"<impl>, placement=..." for the MEFT adapter and the reference path, else the baseline's name."""
+    if row["impl"] in MAIN_IMPLS:
         if row["placement"] == "cpu":
-            return f"{main}, placement=cpu ({row['transfer']}, {row['backward_rows']})"
-        return f"{main}, placement=gpu"
+            return f"{row['impl']}, placement=cpu ({row['transfer']}, {row['backward_rows']})"
+        return f"{row['impl']}, placement=gpu"
     return BASELINE_LABELS.get(row["impl"], row["impl"])
+
+
+def _style(impl: str, main: str) -> str:
+    return "-o" if impl == main else ("-.^" if impl in MAIN_IMPLS else "--s")
 
 
 def n_slice(df):
@@ -73,7 +78,8 @@ def _title_suffix(df) -> str:
 
 
 def plot_tokens_per_s(df, path: Path):
-    """Tokens/s vs N: a solid line per placement of the main impl, dashed baselines."""
+    """Tokens/s vs N: a line per placement of the MEFT adapter (solid) and of the reference path
+    (dash-dot), dashed baselines."""
     steps = n_slice(df)
     main = _main_impl(df)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -82,8 +88,7 @@ def plot_tokens_per_s(df, path: Path):
         pts = sorted((r["num_neurons"], r["tokens_per_s"]) for r in rows if not _nan(r["tokens_per_s"]))
         if not pts:
             continue
-        style = "-o" if rows[0]["impl"] == main else "--s"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], _style(rows[0]["impl"], main), label=label, markersize=4)
         labels.append(label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -104,9 +109,9 @@ def plot_memory(df, path: Path, cuda: bool = False):
         acct = sorted((r["num_neurons"], r["adapter_gpu_bytes"] / 2**20) for r in rows
                       if not _nan(r["adapter_gpu_bytes"]))
         if acct:
-            style = "-o" if rows[0]["impl"] == main else "--s"
             name = f"{label} [accounting]"
-            ax.plot([p[0] for p in acct], [p[1] for p in acct], style, label=name, markersize=4)
+            ax.plot([p[0] for p in acct], [p[1] for p in acct], _style(rows[0]["impl"], main), label=name,
+                    markersize=4)
             labels.append(name)
         measured = sorted((r["num_neurons"], r["gpu_peak_alloc_bytes"] / 2**20) for r in rows
                           if not _nan(r["gpu_peak_alloc_bytes"]))
@@ -166,12 +171,13 @@ def plot_transfer(df, path: Path, cuda: bool = False):
 
 
 def plot_breakdown(df, path: Path):
-    """Stacked step time per stage for each placement point of the main impl (and N)."""
+    """Stacked step time per stage, a bar per (N, impl, placement) of the MEFT adapter and the
+    reference path (the staged reference splits router / keys / copy wait / values)."""
     steps = n_slice(df)
-    main = _main_impl(df)
-    steps = steps[(steps["impl"] == main) & steps["step_ms"].notna()].sort_values(["num_neurons", "placement"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(steps) + 2), 4.8))
-    names = [f"N={int(r['num_neurons'])}\n{r['placement']}" +
+    steps = steps[steps["impl"].isin(MAIN_IMPLS) & steps["step_ms"].notna()]
+    steps = steps.sort_values(["num_neurons", "impl", "placement"], kind="stable")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(steps) + 2), 5.2))
+    names = [f"N={int(r['num_neurons'])}\n{r['impl']}\n{r['placement']}" +
              (f"\n{r['transfer']}\n{r['backward_rows']}" if r["placement"] == "cpu" else "")
              for _, r in steps.iterrows()]
     bottom = [0.0] * len(steps)
@@ -186,7 +192,7 @@ def plot_breakdown(df, path: Path):
     ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set_ylabel("ms per training step (all layers)")
     ax.set_yscale("linear")
-    ax.set_title(f"Step time by stage ({main})\n" + _title_suffix(steps), fontsize=9)
+    ax.set_title("Step time by stage\n" + _title_suffix(steps), fontsize=9)
     _finish(fig, ax, path, labels)
     return fig, labels
 

@@ -42,61 +42,91 @@ Output, under ``profiling/results/<device>/<timestamp>/`` (or ``--out DIR``): ``
 ``sweep.json`` (one row per point, the columns below), ``meta.json`` (machine, arguments, wall
 time), ``summary.md`` (the printed table) and the PNG plots of :mod:`profiling.plots`.
 
-CSV columns (times in ms per training step of all ``layers`` layers; bytes per step; NaN where
-not applicable or not measurable on this machine; ``note`` says why):
+CSV columns (times in ms per training step of all ``layers`` layers, scaled from the
+``layers_run`` layers run; bytes per step likewise; NaN where not applicable or not measurable
+here, and ``note`` says why):
 
-=========================  =========================================================================
-kind                       "step" (a training step of an adapter stack) or "transfer" (row copies)
-mode                       "cuda" (measured on the GPU) or "cpu" (CPU subset / host-side emulation)
-preset, hidden_size        model-shape preset and its d
-layers, layers_run         adapted layers of the preset / layers actually run (times scale by ratio)
-num_neurons ... tokens     N, E, P, K_top, tokens per micro-batch
-dtype                      compute dtype (masters and optimizer state are fp32)
-impl                       meft | reference | meft-original | dense | lora | transfer
-placement                  gpu | cpu ("gpu" for baselines: everything on the compute device)
-transfer, backward_rows    transfer engine and backward row policy (placement "cpu" only)
-lora_rank                  rank of the LoRA baseline (matched to the placement-"cpu" device bytes)
-repeats, warmup            timed and excluded steps
-fwd_ms, bwd_ms, opt_ms     forward, backward (incl. refetch / gradient-row packing), optimizer
-step_ms                    whole step (sum of the stages)
-tokens_per_s               tokens / step time
-t_router_ms ... t_optimizer_ms  stacked breakdown: router, keys (scores + top-K), copy_wait (row
-                           gathers, refetch, gradient-row packing, key-cache refresh), values,
-                           forward_fused (a fused forward whose stages cannot be split), backward,
-                           optimizer
-speedup_vs_reference       reference step time of the same shape / this step time
-gpu_peak_alloc_bytes       torch allocator peak during the timed steps (CUDA)
-gpu_peak_nvml_bytes        NVML used device memory, peak of samples during the timed steps
-adapter_gpu_bytes          accounting: device bytes of the adapter stack (fp32 masters, grads, AdamW)
-adapter_host_bytes         accounting: host bytes (placement "cpu": master rows, moments, staging)
-host_rss_bytes             process RSS after the point; host_peak_rss_bytes: peak during it
-pinned_bytes               bytes in torch's pinned host allocator (NaN without CUDA)
-unique_rows_per_layer      mean distinct active neurons per layer; unique_rows_layers: each layer's
-h2d_bytes_per_step         accounting: unique rows x row bytes (value rows fwd [+ bwd refetch] + key
-                           rows refreshed, compute dtype); on CPU what placement "cpu" WOULD move
-d2h_bytes_per_step         accounting: unique rows x 2 gradient rows x d x 4 B
-h2d_rows_per_step, d2h_rows_per_step   the rows behind those bytes
-h2d_bytes_measured, d2h_bytes_measured from the adapter's own ``transfer_stats`` counters (CUDA)
-copy_ms                    time spent copying rows (CPU: the host gathers/packing; CUDA: counters or
-                           the measured standalone transfer of the same rows)
-achieved_GBps              (h2d + d2h bytes) / copy_ms; transfer rows: the default path end to end
-memcpy_GBps                plain memcpy of the same bytes in the same run (pinned H2D on CUDA,
-                           host memcpy on CPU); achieved_vs_memcpy: the ratio
-copy_hidden_share          share of copy time hidden behind compute (CUDA: adapter counters, else
-                           1 - (step cpu - step gpu) / copy_ms)
-pcie_tx_GBps, pcie_rx_GBps NVML PCIe throughput counters (mean of samples during the timed steps)
-rows                       transfer rows: rows copied
-gather_GBps                CPURowStore.gather fp32 rows (payload bytes / s)
-gather_cast_GBps           gather + round to the compute dtype (payload bytes written / s)
-host_memcpy_GBps           plain host copy of the fp32 payload
-h2d_cpu_gather_GBps        gather into pinned staging + async H2D, end to end (CUDA)
-h2d_zero_copy_GBps         zero-copy gather kernel reading pinned rows (CUDA)
-pinned_h2d_GBps, pinned_d2h_GBps  plain pinned memcpy of the same bytes (CUDA)
-d2h_GBps                   fp32 gradient rows [rows, 2d] device -> pinned host (CUDA)
-device, cpu, driver, cuda, torch, triton, python   machine and versions (profiling.environment)
-adapter_counters           the adapter's raw transfer_stats per step, JSON (CUDA, placement "cpu")
-note                       what could not be measured, and why
-=========================  =========================================================================
+======================  ==============================================================================
+kind                    "step" (a training step of an adapter stack) or "transfer" (row copies)
+mode                    "cuda" (measured on the GPU) or "cpu" (CPU subset / host-side emulation)
+preset                  model-shape preset (llama-7b, mistral-7b, tiny)
+hidden_size             d
+layers                  adapted layers of the preset (or ``--layers``)
+layers_run              layers actually run; times and bytes are scaled by layers / layers_run
+num_neurons             N per layer (transfer rows: rows of the store gathered from)
+num_experts             E
+experts_per_token       P
+topk                    K_top
+tokens                  tokens per micro-batch
+dtype                   compute dtype (masters and optimizer state are fp32)
+impl                    meft | reference | meft-original | dense | lora | transfer
+placement               gpu | cpu ("gpu" for the baselines: everything on the compute device)
+transfer                transfer engine (placement "cpu"): cpu_gather | zero_copy
+backward_rows           backward row policy (placement "cpu"): refetch | keep
+lora_rank               rank of the LoRA baseline (its device bytes = MEFT's under placement "cpu")
+repeats                 timed steps (median)
+warmup                  excluded steps before timing
+fwd_ms                  forward (router, keys, row copies, values)
+bwd_ms                  backward (incl. the backward refetch and the gradient-row packing)
+opt_ms                  optimizer step (incl. the key-cache refresh)
+step_ms                 whole training step (sum of the three)
+tokens_per_s            tokens / step_ms (adapter stack only, no frozen backbone)
+t_router_ms             breakdown: router logits and top-P experts
+t_keys_ms               breakdown: candidate key scores and top-K_top
+t_copy_wait_ms          breakdown: row gathers, backward refetch, gradient-row packing, key refresh
+t_values_ms             breakdown: y = sum a_j V_j
+t_forward_fused_ms      breakdown: a forward timed whole (MEFTAdapter, baselines)
+t_backward_ms           breakdown: autograd backward
+t_optimizer_ms          breakdown: dense AdamW / SparseRowAdamW
+speedup_vs_reference    step_ms of the reference (placement gpu) of the same shape / this step_ms
+gpu_peak_alloc_bytes    torch allocator peak during the timed steps (CUDA)
+gpu_peak_nvml_bytes     NVML used device memory, peak of samples during the timed steps
+adapter_gpu_bytes       accounting: device bytes of the adapter stack (fp32 masters, grads, AdamW)
+adapter_host_bytes      accounting: host bytes (placement "cpu": master rows, moments, staging)
+host_rss_bytes          process RSS after the point
+host_peak_rss_bytes     peak RSS during the point (Linux clear_refs + VmHWM)
+pinned_bytes            pinned host bytes (torch's host allocator; else the stores' pinned bytes)
+unique_rows_per_layer   mean distinct active neurons per layer
+unique_rows_layers      distinct active neurons of each layer run, ";"-separated
+h2d_bytes_per_step      accounting, unique rows x row bytes: value rows for the forward (+ again for
+                        the backward with "refetch") + updated key rows, in the compute dtype. On a
+                        machine without a GPU: the bytes placement "cpu" WOULD move
+d2h_bytes_per_step      accounting: unique rows x (key + value gradient row) x d x 4 B
+h2d_rows_per_step       rows behind h2d_bytes_per_step
+d2h_rows_per_step       rows behind d2h_bytes_per_step
+h2d_bytes_measured      the adapter's own counters (``transfer_stats``, else its runtime's
+                        ``bytes_to_device``)
+d2h_bytes_measured      likewise (``bytes_to_host``)
+copy_ms                 time spent copying rows (staged reference: its gather/packing stages; CUDA:
+                        the adapter's copy timers, else the same rows copied standalone)
+achieved_GBps           (h2d + d2h bytes) / copy_ms; transfer rows: the default path end to end
+memcpy_GBps             plain memcpy of the same bytes in the same run (pinned H2D on CUDA, host
+                        memcpy on CPU)
+achieved_vs_memcpy      achieved_GBps / memcpy_GBps
+copy_hidden_share       share of copy time hidden behind compute (CUDA: adapter timers, else
+                        1 - (step_ms cpu - step_ms gpu placement) / copy_ms)
+pcie_tx_GBps            NVML PCIe TX (device -> host) throughput, mean of samples while timing
+pcie_rx_GBps            NVML PCIe RX (host -> device) throughput, mean of samples while timing
+rows                    transfer rows: rows copied
+gather_GBps             CPURowStore.gather of fp32 value rows (payload bytes / s)
+gather_cast_GBps        gather + round to the compute dtype (payload bytes written / s)
+host_memcpy_GBps        plain host copy of the same fp32 payload
+h2d_cpu_gather_GBps     gather into pinned staging + H2D copy, end to end (CUDA)
+h2d_zero_copy_GBps      zero-copy gather kernel reading pinned host rows (CUDA)
+pinned_h2d_GBps         plain pinned memcpy host -> device of the same bytes (CUDA)
+d2h_GBps                fp32 gradient rows [rows, 2d] device -> pinned host (CUDA)
+pinned_d2h_GBps         plain pinned memcpy device -> host of the same bytes (CUDA)
+device                  CUDA device name, or "cpu"
+cpu                     CPU model
+threads                 torch CPU threads
+driver                  NVIDIA driver (NVML)
+cuda                    CUDA version of the torch build
+torch                   torch version
+triton                  triton version
+python                  python version
+adapter_counters        the adapter's raw transfer counters per step, JSON
+note                    what could not be measured here, and why
+======================  ==============================================================================
 """
 
 from __future__ import annotations
@@ -105,6 +135,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -159,7 +190,7 @@ COLUMNS = [
     "pcie_tx_GBps", "pcie_rx_GBps",
     "rows", "gather_GBps", "gather_cast_GBps", "host_memcpy_GBps", "h2d_cpu_gather_GBps",
     "h2d_zero_copy_GBps", "pinned_h2d_GBps", "d2h_GBps", "pinned_d2h_GBps",
-    "device", "cpu", "driver", "cuda", "torch", "triton", "python",
+    "device", "cpu", "threads", "driver", "cuda", "torch", "triton", "python",
     "adapter_counters", "note",
 ]
 
@@ -240,21 +271,23 @@ def build_points(args: argparse.Namespace, cuda: bool) -> tuple[list[Point], lis
 
 
 def _shape_points(shape: Shape, args: argparse.Namespace, cuda: bool, skipped: list[str]) -> list[Point]:
-    impl = "meft" if cuda else "reference"
+    # on CPU the staged reference runs per placement too (host-side emulation, stage breakdown)
+    impls = ["meft"] if cuda else ["meft", "reference"]
     out = []
-    for placement in args.placement:
-        if placement == "gpu":
-            out.append(Point(shape, impl, "gpu"))
-            continue
-        for transfer in args.transfer:
-            if transfer == "zero_copy" and not cuda:
-                skipped.append("transfer zero_copy (needs a GPU)")
+    for impl in impls:
+        for placement in args.placement:
+            if placement == "gpu":
+                out.append(Point(shape, impl, "gpu"))
                 continue
-            for rows in args.backward_rows:
-                out.append(Point(shape, impl, "cpu", transfer, rows))
+            for transfer in args.transfer:
+                if transfer == "zero_copy" and not cuda:
+                    skipped.append("transfer zero_copy (needs a GPU)")
+                    continue
+                for rows in args.backward_rows:
+                    out.append(Point(shape, impl, "cpu", transfer, rows))
     for b in args.baselines:
         if b == "reference" and not cuda:
-            continue  # on CPU the placement rows above are the reference path
+            continue  # on CPU the reference already runs per placement above
         out.append(Point(shape, b, "gpu"))
     return out
 
@@ -481,7 +514,10 @@ class DenseBaseline(Workload):
 
 
 class MeftAdapterStack(Workload):
-    """The package's MEFTAdapter (Triton kernels on CUDA) under the point's placement."""
+    """The package's MEFTAdapter under the point's placement: Triton kernels on CUDA, the
+    reference stages on CPU. Placement "cpu" layers share one OffloadRuntime (one copy engine
+    and slot pool, as in a model); their keys/values train through ``configure_optimizer`` /
+    ``sparse_step`` (row-sparse AdamW on a worker thread), the router through dense AdamW."""
 
     def __init__(self, *a) -> None:
         super().__init__(*a)
@@ -491,18 +527,40 @@ class MeftAdapterStack(Workload):
         cfg = MEFTConfig(num_neurons=s.num_neurons, num_experts=s.num_experts, experts_per_token=s.experts_per_token,
                          topk=s.topk, placement=p.placement, transfer=p.transfer or "cpu_gather",
                          backward_rows=p.backward_rows or "refetch")
+        self.runtime = None
+        if p.placement == "cpu":
+            try:
+                from meft_triton.offload import OffloadRuntime
+
+                self.runtime = OffloadRuntime(self.device, s.torch_dtype, s.hidden_size, transfer=cfg.transfer,
+                                              keep_rows=cfg.backward_rows == "keep")
+            except (ImportError, TypeError) as exc:
+                self.notes.add(f"no shared OffloadRuntime ({type(exc).__name__}): one runtime per layer")
         loaded = True
         for layer in range(s.layers_run):
-            adapter = MEFTAdapter(s.hidden_size, cfg, device=self.device)
+            if self.runtime is not None:
+                adapter = MEFTAdapter(s.hidden_size, cfg, device=self.device, runtime=self.runtime)
+            else:
+                adapter = MEFTAdapter(s.hidden_size, cfg, device=self.device)
             loaded &= _load_weights(adapter, self.w.router[layer], self.w.keys[layer], self.w.values[layer])
             self.adapters.append(adapter)
         if not loaded:
             self.notes.add("adapter weights: its own initialisation (could not load the sweep's)")
         params = [q for a in self.adapters for q in a.parameters() if q.requires_grad and q.device == self.device]
         self.opt = _dense_adamw(params, self.notes) if params else None
-        self.hooks = [h for h in (_optimizer_hook(a) for a in self.adapters) if h is not None]
-        if p.placement == "cpu" and not self.hooks:
-            self.notes.add("MEFTAdapter has no host-optimizer hook: only device parameters stepped")
+        self.hooks = []
+        if p.placement == "cpu":
+            for a in self.adapters:
+                if callable(getattr(a, "configure_optimizer", None)) and callable(getattr(a, "sparse_step", None)):
+                    a.configure_optimizer(lr=1e-4)
+                    self.hooks.append(a.sparse_step)
+            if not self.hooks:
+                self.notes.add("MEFTAdapter has no host-optimizer hook: only device parameters stepped")
+            else:
+                self.notes.add("row-sparse AdamW runs on worker threads, the next forward waits for it")
+            store = getattr(getattr(self.adapters[0], "offload", None), "store", None)
+            if store is not None and getattr(store, "pinned", False):
+                self.pinned_nbytes = float(sum(a.offload.store.nbytes for a in self.adapters))
         self.unique_rows = [_active_unique_rows(a, self.w, layer, s) for layer, a in enumerate(self.adapters)]
 
     def step(self, clock: Clock) -> None:
@@ -517,27 +575,42 @@ class MeftAdapterStack(Workload):
             hook()
         clock.mark("optimizer")
 
+    def counters(self) -> dict[str, float]:
+        """The adapters' own transfer counters: ``transfer_stats`` where an adapter has them,
+        else the shared runtime's cumulative ``bytes_to_device`` / ``bytes_to_host``."""
+        out: dict[str, float] = {}
+        for a in self.adapters:
+            for k, v in metrics.read_transfer_stats(a).items():
+                out[k] = out.get(k, 0.0) + v
+        if not out and self.runtime is not None:
+            for name, key in (("bytes_to_device", "h2d_bytes"), ("bytes_to_host", "d2h_bytes")):
+                value = getattr(self.runtime, name, None)
+                if isinstance(value, (int, float)):
+                    out[key] = float(value)
+        return out
+
+    def close(self) -> None:
+        for a in self.adapters:
+            offload = getattr(a, "offload", None)
+            try:
+                if offload is not None:
+                    offload.wait_for_update()
+                    if offload.optimizer is not None:
+                        offload.optimizer.close()
+            except Exception:  # noqa: BLE001 - best effort clean-up
+                pass
+        if self.runtime is not None:
+            self.runtime.close()
+
 
 def _load_weights(adapter, router, keys, values) -> bool:
+    """Put the sweep's weights into an adapter (through its state dict, which also fills a
+    placement-"cpu" master store); False when the adapter would not take them."""
     try:
-        with torch.no_grad():
-            for name, src in (("keys", keys), ("values", values)):
-                dst = getattr(adapter, name, None)
-                if not isinstance(dst, torch.Tensor) or dst.shape != src.shape:
-                    return False
-                dst.copy_(src)
-            adapter.router.weight.copy_(router)
-        return True
-    except Exception:  # noqa: BLE001 - a placement may keep its rows elsewhere
+        result = adapter.load_state_dict({"router.weight": router, "keys": keys, "values": values}, strict=False)
+        return not result.missing_keys
+    except Exception:  # noqa: BLE001
         return False
-
-
-def _optimizer_hook(adapter) -> Callable[[], Any] | None:
-    for name in ("optimizer_step", "step_optimizer", "host_step"):
-        fn = getattr(adapter, name, None)
-        if callable(fn):
-            return fn
-    return None
 
 
 def _active_unique_rows(adapter, w: Weights, layer: int, s: Shape, chunk_bytes: int = 1 << 28) -> int:
@@ -597,7 +670,7 @@ def estimate_bytes(point: Point, lora_rank: int) -> int:
 
 # ============================================================================ measuring
 def _machine_columns(machine: dict) -> dict:
-    return {k: machine.get(k) for k in ("device", "cpu", "driver", "cuda", "torch", "triton", "python")}
+    return {k: machine.get(k) for k in ("device", "cpu", "threads", "driver", "cuda", "torch", "triton", "python")}
 
 
 def _blank_row(point: Point, args: argparse.Namespace, mode: str, machine: dict) -> dict:
@@ -678,7 +751,7 @@ def measure_step(point: Point, w: Weights, args: argparse.Namespace, device: tor
             present = [stages[p] for p in parts if p in stages]
             row[f"t_{col}_ms"] = scale * sum(present) if present else NAN
         if "forward" in stages and point.impl == "meft":
-            notes.add("fused Triton forward: router/keys/values not split")
+            notes.add("MEFTAdapter forward timed whole: router/keys/values not split")
 
         # memory
         if cuda:
@@ -720,18 +793,18 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else NAN
 
 
-def _counters(workload: Workload) -> list[dict[str, float]]:
-    return [metrics.read_transfer_stats(a) for a in workload.adapters]
+def _counters(workload: Workload) -> dict[str, float]:
+    fn = getattr(workload, "counters", None)
+    return fn() if fn is not None else {}
 
 
-def _counter_delta(before: list[dict], after: list[dict], steps: int) -> dict[str, float]:
-    """Per-step counters summed over layers: (after - before) / steps for cumulative counters;
-    the last value where a counter did not grow (a per-step counter)."""
+def _counter_delta(before: dict[str, float], after: dict[str, float], steps: int) -> dict[str, float]:
+    """Per-step counters: (after - before) / steps for cumulative counters; the last value
+    where a counter did not grow (a per-step counter)."""
     out: dict[str, float] = {}
-    for b, a in zip(before, after):
-        for k, v in a.items():
-            grew = v - b.get(k, 0.0)
-            out[k] = out.get(k, 0.0) + (grew / steps if grew > 0 else v)
+    for k, v in after.items():
+        grew = v - before.get(k, 0.0)
+        out[k] = grew / steps if grew > 0 else v
     return out
 
 
@@ -775,39 +848,43 @@ def _transfer_timing(row: dict, point: Point, workload: Workload, stages: dict, 
         return
     s = point.shape
     moved = row["h2d_bytes_per_step"] + row["d2h_bytes_per_step"]
-    per_layer_fwd = int(row["unique_rows_per_layer"] * s.hidden_size * s.dtype_bytes)
+    per_layer_fwd = max(1, int(row["unique_rows_per_layer"] * s.hidden_size * s.dtype_bytes))
+    if counters:
+        row["adapter_counters"] = json.dumps(counters, sort_keys=True)
+        row["h2d_bytes_measured"] = metrics.pick_counter(counters, "h2d", "bytes") * scale
+        row["d2h_bytes_measured"] = metrics.pick_counter(counters, "d2h", "bytes") * scale
+        copy = metrics.pick_counter(counters, "copy", "ms", exclude=("wait",)) * scale
+        wait = metrics.pick_counter(counters, "wait", "ms") * scale
+        if not _isnan(copy) and copy > 0:
+            row["copy_ms"] = copy
+            if not _isnan(wait):
+                row["copy_hidden_share"] = min(1.0, max(0.0, 1.0 - wait / copy))
+    elif point.impl == "meft":
+        notes.add("MEFTAdapter exposes no transfer counters: bytes from accounting only")
+    copy_stages = [stages[k] for k in COPY_STAGES if k in stages]
+    if copy_stages:  # the staged reference: copies are host gathers / packing, timed on their own
+        row["copy_ms"] = sum(copy_stages) * scale
     if not cuda:
-        copy = sum(stages.get(k, 0.0) for k in COPY_STAGES) * scale
-        row["copy_ms"] = copy
-        row["achieved_GBps"] = moved / (copy * 1e-3) / 1e9 if copy > 0 else NAN
-        row["memcpy_GBps"] = metrics.host_memcpy_GBps(per_layer_fwd, repeats=max(3, args.repeats))
-        notes.add("host-side emulation: copies are synchronous host gathers/packing, no PCIe")
-    else:
-        if counters:
-            row["adapter_counters"] = json.dumps(counters, sort_keys=True)
-            row["h2d_bytes_measured"] = metrics.pick_counter(counters, "h2d", "bytes") * scale
-            row["d2h_bytes_measured"] = metrics.pick_counter(counters, "d2h", "bytes") * scale
-            copy = metrics.pick_counter(counters, "copy", "ms", exclude=("wait",)) * scale
-            wait = metrics.pick_counter(counters, "wait", "ms") * scale
-            if not _isnan(copy) and copy > 0:
-                row["copy_ms"] = copy
-                if not _isnan(wait):
-                    row["copy_hidden_share"] = min(1.0, max(0.0, 1.0 - wait / copy))
+        if point.impl == "reference":
+            notes.add("host-side emulation: copies are synchronous host gathers/packing, no PCIe")
         else:
-            notes.add("MEFTAdapter exposes no transfer_stats: bytes from accounting, copy time from a standalone transfer")
+            notes.add("CPU compute: rows copied by the prefetcher's CPU engine (worker thread), no PCIe")
+        row["memcpy_GBps"] = metrics.host_memcpy_GBps(per_layer_fwd, repeats=max(3, args.repeats))
+    else:
         if _isnan(row["copy_ms"]):
             rows = max(1, int(row["unique_rows_per_layer"]))
-            t = measure_transfer_rows(s, rows, repeats=max(3, args.repeats), cuda=True, engine=point.transfer)
+            t = measure_transfer_rows(s, rows, repeats=max(3, args.repeats), cuda=True)
             gbps = t["h2d_zero_copy_GBps" if point.transfer == "zero_copy" else "h2d_cpu_gather_GBps"]
             if _isnan(gbps):
                 notes.add(t["note"])
             else:
-                row["copy_ms"] = row["h2d_bytes_per_step"] / (gbps * 1e9) * 1e3 + \
-                    (row["d2h_bytes_per_step"] / (t["d2h_GBps"] * 1e9) * 1e3 if not _isnan(t["d2h_GBps"]) else 0.0)
+                notes.add("copy_ms: the same rows copied standalone (no adapter copy timers)")
+                d2h = row["d2h_bytes_per_step"] / (t["d2h_GBps"] * 1e9) * 1e3 if not _isnan(t["d2h_GBps"]) else 0.0
+                row["copy_ms"] = row["h2d_bytes_per_step"] / (gbps * 1e9) * 1e3 + d2h
         row["memcpy_GBps"], why = metrics.pinned_memcpy_GBps(per_layer_fwd, "h2d", repeats=max(3, args.repeats))
         notes.add(why)
-        if not _isnan(row["copy_ms"]) and row["copy_ms"] > 0:
-            row["achieved_GBps"] = moved / (row["copy_ms"] * 1e-3) / 1e9
+    if not _isnan(row["copy_ms"]) and row["copy_ms"] > 0:
+        row["achieved_GBps"] = moved / (row["copy_ms"] * 1e-3) / 1e9
     if not _isnan(row["achieved_GBps"]) and not _isnan(row["memcpy_GBps"]):
         row["achieved_vs_memcpy"] = row["achieved_GBps"] / row["memcpy_GBps"]
 
@@ -985,6 +1062,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--transfer-rows", nargs="+", type=_int_list(1), help="row counts of the transfer rows")
     ap.add_argument("--repeats", type=_positive_int, help="timed steps per point (median)")
     ap.add_argument("--warmup", type=_int_list(0), help="untimed steps before timing")
+    ap.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the results here instead of profiling/results/<device>/<time>/")
     ap.add_argument("--no-plots", action="store_true", help="write no PNGs")
@@ -1050,7 +1128,15 @@ def run_sweep(args: argparse.Namespace, cuda: bool | None = None):
     cuda = torch.cuda.is_available() if cuda is None else cuda
     device = torch.device("cuda" if cuda else "cpu")
     mode = "cuda" if cuda else "cpu"
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = describe_machine()
+    machine["threads"] = torch.get_num_threads()
+    try:
+        machine["load_average_before"] = os.getloadavg()
+    except OSError:
+        pass
     points, skipped = build_points(args, cuda)
     nvml = metrics.NvmlMonitor()
     rows: list[dict] = []
@@ -1078,8 +1164,13 @@ def run_sweep(args: argparse.Namespace, cuda: bool | None = None):
     finally:
         nvml.close()
         _STORE_CACHE.clear()
+        torch.set_num_threads(threads_before)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = _finish(df)
+    try:
+        machine["load_average_after"] = os.getloadavg()
+    except OSError:
+        pass
     meta = {"machine": machine, "mode": mode, "points": len(points), "skipped": skipped,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "gpu_needed": None if cuda else GPU_ONLY_LINE}

@@ -1,0 +1,250 @@
+"""The profiling sweep (issue 5): files and columns, plots, byte accounting, flag checks.
+
+CPU only, tiny shapes; the whole file runs in well under a minute.
+"""
+
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from profiling import metrics, plots, sweep
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--hidden-size", "16", "--layers", "3", "--max-layers", "2", "-N", "64,128", "-E", "4", "-P", "2",
+        "-K", "4", "-T", "8", "--repeats", "1", "--warmup", "0", "--transfer-rows", "16,64",
+        "--threads", "1", "--no-progress", "--dtype", "float32"]
+PLOTS = ("tokens_per_s_vs_N.png", "gpu_memory_vs_N.png", "transfer_GBps_vs_rows.png", "step_breakdown.png")
+
+
+def documented_columns() -> list[str]:
+    """Column names of the module docstring's table (the first word of each table line)."""
+    doc = sweep.__doc__
+    table = doc[doc.index("CSV columns"):]
+    lines = table.splitlines()
+    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"=+\s+=+", line)]
+    return [line.split()[0] for line in lines[rules[0] + 1: rules[1]] if line and not line[0].isspace()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    threads = torch.get_num_threads()
+    assert sweep.main([*TINY, "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # --threads is undone afterwards
+    return out, pd.read_csv(out / "sweep.csv")
+
+
+def test_columns_are_documented():
+    assert documented_columns() == sweep.COLUMNS
+
+
+def test_sweep_writes_csv_json_meta_table_and_plots(tiny_run, capsys):
+    out, df = tiny_run
+    for name in ("sweep.csv", "sweep.json", "meta.json", "summary.md", *PLOTS):
+        assert (out / name).is_file(), name
+    assert list(df.columns) == sweep.COLUMNS
+    records = json.loads((out / "sweep.json").read_text())
+    assert len(records) == len(df) and list(records[0]) == sweep.COLUMNS
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["machine"]["torch"] == torch.__version__ and meta["wall_s"] > 0
+    assert "| N " in (out / "summary.md").read_text()
+
+    steps = df[df["kind"] == "step"]
+    expected = {("meft", "gpu"), ("meft", "cpu"), ("meft-original", "gpu"), ("dense", "gpu"), ("lora", "gpu")}
+    if not torch.cuda.is_available():
+        expected |= {("reference", "gpu"), ("reference", "cpu")}
+    assert set(zip(steps["impl"], steps["placement"])) == expected
+    assert sorted(steps["num_neurons"].unique()) == [64, 128]
+    assert (steps["layers"] == 3).all() and (steps["layers_run"] == 2).all()
+    assert steps["step_ms"].notna().all(), steps[["impl", "note"]]
+    assert (steps["tokens_per_s"] > 0).all()
+    cpu_rows = steps[steps["placement"] == "cpu"]
+    assert set(cpu_rows["backward_rows"]) == {"refetch", "keep"}
+    assert (cpu_rows["h2d_bytes_per_step"] > 0).all() and (cpu_rows["d2h_bytes_per_step"] > 0).all()
+    assert (steps[steps["placement"] == "gpu"]["h2d_bytes_per_step"] == 0).all()
+    # placement "cpu" keeps less on the device than placement "gpu" at the same N
+    for n in (64, 128):
+        at_n = steps[(steps["num_neurons"] == n) & (steps["impl"] == "meft")]
+        assert at_n[at_n["placement"] == "cpu"]["adapter_gpu_bytes"].max() < \
+            at_n[at_n["placement"] == "gpu"]["adapter_gpu_bytes"].min()
+    transfers = df[df["kind"] == "transfer"]
+    assert sorted(transfers["rows"]) == [16, 64] and (transfers["gather_GBps"] > 0).all()
+    if not torch.cuda.is_available():
+        # what cannot be measured here is NaN and explained, not a crash
+        assert steps["gpu_peak_alloc_bytes"].isna().all() and steps["pcie_rx_GBps"].isna().all()
+        assert steps["note"].str.contains("NVML").all()
+        ref = steps[(steps["impl"] == "reference")]
+        assert ref["t_router_ms"].notna().all() and ref["t_optimizer_ms"].notna().all()
+        assert ref[ref["placement"] == "cpu"]["t_copy_wait_ms"].notna().all()
+
+
+def test_main_prints_table_and_one_gpu_line(tmp_path, capsys):
+    args = [*TINY, "-N", "64", "--placement", "cpu", "--backward-rows", "keep", "--baselines", "none",
+            "--transfer-rows", "16", "--no-plots", "--out", str(tmp_path)]
+    assert sweep.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| N " in printed and "| rows " in printed
+    gpu_lines = [line for line in printed.splitlines() if "need a GPU" in line]
+    assert len(gpu_lines) == (0 if torch.cuda.is_available() else 1)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_plots_are_pngs_with_expected_series(tiny_run, tmp_path):
+    out, df = tiny_run
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+
+    fig, labels = plots.plot_tokens_per_s(df, tmp_path / "t.png")
+    main = "meft"
+    for label in (f"{main}, placement=gpu", f"{main}, placement=cpu (cpu_gather, refetch)",
+                  f"{main}, placement=cpu (cpu_gather, keep)", "MEFT original (dense-masked)",
+                  "dense adapter, same N", "LoRA, same GPU memory"):
+        assert label in labels
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == labels
+    assert all(len(line.get_xdata()) == 2 for line in fig.axes[0].get_lines())  # one point per N
+
+    _, labels = plots.plot_memory(df, tmp_path / "m.png")
+    assert f"{main}, placement=gpu [accounting]" in labels
+    assert f"{main}, placement=cpu (cpu_gather, refetch) [accounting]" in labels
+
+    _, labels = plots.plot_transfer(df, tmp_path / "p.png")
+    assert "host gather fp32 (CPURowStore.gather)" in labels and "plain host memcpy, same bytes" in labels
+    assert "training steps, placement=cpu (rows per layer)" in labels
+
+    _, labels = plots.plot_breakdown(df, tmp_path / "b.png")
+    assert {"backward", "optimizer"} <= set(labels)
+    if not torch.cuda.is_available():  # the staged reference gives every stage
+        assert {"router", "keys", "copy wait", "values"} <= set(labels)
+    for name in ("t.png", "m.png", "p.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_transfer_bytes_hand_checked():
+    # two layers with 3 and 5 unique rows, d = 8, bf16 rows (2 B), fp32 gradient rows
+    acc = metrics.transfer_bytes([3, 5], hidden_size=8, row_dtype_bytes=2, backward_rows="refetch")
+    # H2D: 8 value rows forward + 8 again in backward + 8 refreshed key rows = 24 rows of 16 B
+    assert acc["h2d_rows"] == 24 and acc["h2d_bytes"] == 384
+    # D2H: 8 key-gradient + 8 value-gradient rows of 8 fp32 = 16 rows of 32 B
+    assert acc["d2h_rows"] == 16 and acc["d2h_bytes"] == 512
+    keep = metrics.transfer_bytes([3, 5], hidden_size=8, row_dtype_bytes=2, backward_rows="keep")
+    assert keep["h2d_bytes"] == 16 * 16 and keep["d2h_bytes"] == 512
+    with pytest.raises(ValueError, match="backward_rows"):
+        metrics.transfer_bytes([1], 8, 2, "sometimes")
+
+
+def test_sweep_bytes_equal_active_rows_times_row_bytes(tmp_path):
+    """P = E and K_top = P*S: every token selects every neuron, so each layer has N = 16 active
+    rows; 2 layers, d = 8, fp32: H2D = 2 x 16 x (2 value + 1 key rows) x 8 x 4 B."""
+    args = ["--hidden-size", "8", "--layers", "2", "--max-layers", "2", "-N", "16", "-E", "2", "-P", "2",
+            "-K", "16", "-T", "4", "--placement", "cpu", "--backward-rows", "refetch", "--baselines", "none",
+            "--repeats", "1", "--warmup", "0", "--transfer-rows", "4", "--threads", "1", "--no-plots",
+            "--no-progress", "--dtype", "float32", "--out", str(tmp_path)]
+    assert sweep.main(args) == 0
+    df = pd.read_csv(tmp_path / "sweep.csv")
+    rows = df[df["kind"] == "step"]
+    assert len(rows) >= 1
+    for _, row in rows.iterrows():
+        assert row["unique_rows_layers"] == "16;16"
+        assert row["h2d_rows_per_step"] == 2 * 16 * 3
+        assert row["h2d_bytes_per_step"] == 2 * 16 * 3 * 8 * 4
+        assert row["d2h_bytes_per_step"] == 2 * 16 * 2 * 8 * 4
+
+
+def test_memory_accounting_and_lora_rank():
+    gpu = metrics.adapter_memory_bytes("gpu", num_neurons=16, num_experts=2, hidden_size=8, layers=2,
+                                       row_dtype_bytes=2, max_unique_rows=4)
+    assert gpu == {"gpu_bytes": 2 * 16 * (2 + 2 * 16) * 8, "host_bytes": 0}
+    cpu = metrics.adapter_memory_bytes("cpu", num_neurons=16, num_experts=2, hidden_size=8, layers=2,
+                                       row_dtype_bytes=2, max_unique_rows=4)
+    # router (16 B/param) + bf16 key cache per layer, two slots of 4 bf16 rows, one layer's fp32 grad rows
+    assert cpu["gpu_bytes"] == 2 * (16 * 2 * 8 + 16 * 8 * 2) + 2 * 4 * 8 * 2 + 4 * 2 * 8 * 4
+    assert cpu["host_bytes"] == 2 * 3 * 16 * 2 * 8 * 4 + 4 * 8 * 2 + 4 * 2 * 8 * 4
+    assert metrics.lora_rank_for_bytes(16 * 2 * 8 * 5, 8) == 5
+    assert metrics.lora_rank_for_bytes(1, 8) == 1
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["-N", "-5"], "--num-neurons"),
+    (["--num-neurons=0"], "--num-neurons"),
+    (["--tokens", "0"], "--tokens"),
+    (["--hidden-size", "-1"], "--hidden-size"),
+    (["-N", "100", "-E", "7"], "--num-neurons"),
+    (["-N", "100"], "--num-experts"),
+    (["-N", "256", "-E", "8", "-P", "9"], "--experts-per-token"),
+    (["-N", "256", "-E", "8", "-P", "2", "-K", "65"], "--topk"),
+    (["--placement", "tpu"], "--placement"),
+    (["--transfer", "carrier-pigeon"], "--transfer"),
+    (["--backward-rows", "sometimes"], "--backward-rows"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--preset", "gpt-5"], "--preset"),
+    (["--baselines", "none,dense"], "--baselines"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_flags_reject_nonsense(argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        sweep.parse_args(argv, cuda=False)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err or flag in err, err
+
+
+def test_topk_message_names_the_bound(capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["-N", "256", "-E", "8", "-P", "2", "-K", "65"], cuda=False)
+    assert "65 > --experts-per-token x --num-neurons / --num-experts = 2 x 256 / 8 = 64" in capsys.readouterr().err
+
+
+def test_quick_defaults_follow_the_device_and_flags_override():
+    cpu = sweep.parse_args(["--quick"], cuda=False)
+    gpu = sweep.parse_args(["--quick"], cuda=True)
+    assert cpu.preset == ["tiny"] and gpu.preset == ["llama-7b"]
+    assert gpu.dtype == ["bfloat16"] and "zero_copy" in gpu.transfer
+    override = sweep.parse_args(["--quick", "-N", "512,1024", "--tokens", "32 64"], cuda=False)
+    assert override.num_neurons == [512, 1024] and override.tokens == [32, 64]
+    points, skipped = sweep.build_points(sweep.parse_args(["--quick", "--transfer", "cpu_gather,zero_copy"],
+                                                          cuda=False), cuda=False)
+    assert not any(p.transfer == "zero_copy" for p in points) and skipped
+
+
+def test_unmeasurable_things_are_nan_not_errors():
+    monitor = metrics.NvmlMonitor()
+    with monitor:
+        pass
+    if not torch.cuda.is_available():
+        assert monitor.error and math.isnan(monitor.peak_used_bytes) and math.isnan(monitor.pcie_tx_GBps)
+        value, why = metrics.pinned_memcpy_GBps(1024)
+        assert math.isnan(value) and why
+    current, peak = metrics.host_rss_bytes()
+    assert current > 0 and peak >= current * 0.5
+
+
+def test_transfer_counters_are_read_defensively():
+    class Stats:
+        h2d_bytes = 10
+        d2h_bytes = 4.0
+        label = "x"
+
+    class WithStats:
+        transfer_stats = Stats()
+
+    class Callable_:
+        def transfer_stats(self):
+            return {"h2d_bytes": torch.tensor(3), "flag": True}
+
+    assert metrics.read_transfer_stats(WithStats()) == {"h2d_bytes": 10.0, "d2h_bytes": 4.0}
+    assert metrics.read_transfer_stats(Callable_()) == {"h2d_bytes": 3.0}
+    assert metrics.read_transfer_stats(object()) == {}
+    assert metrics.pick_counter({"copy_ms": 2.0, "copy_wait_ms": 1.0}, "copy", "ms", exclude=("wait",)) == 2.0
+    assert math.isnan(metrics.pick_counter({}, "h2d"))
+
+
+def test_markdown_table():
+    text = metrics.markdown_table([{"a": 1.23456, "b": "x|y"}, {"a": float("nan"), "b": None}], ["a", "b"])
+    lines = text.splitlines()
+    assert lines[0].startswith("| a") and set(lines[1]) <= {"|", "-"}
+    assert "1.23" in lines[2] and "x\\|y" in lines[2]
+    assert len(lines) == 4
