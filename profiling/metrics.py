@@ -90,12 +90,17 @@ def median_by_key(samples: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {k: statistics.median([s.get(k, 0.0) for s in samples]) for k in keys}
 
 
-def time_op_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, cuda: bool = False) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on the current stream when ``cuda``)."""
+def time_op_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, cuda: bool = False,
+               min_total_ms: float = 20.0, max_repeats: int = 2000) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on the current stream when ``cuda``).
+
+    Runs at least ``repeats`` times and, for short operations, until ``min_total_ms`` of
+    timed work has passed (at most ``max_repeats`` times), so a few scheduler stalls on a busy
+    machine do not move the median."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(max(1, repeats)):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < min_total_ms and len(times) < max_repeats):
         clock = Clock(cuda)
         clock.start()
         fn()

@@ -62,11 +62,10 @@ def _series(df, main: str):
 
 
 def _finish(fig, ax, path: Path, labels: list[str]) -> None:
-    if labels:
-        ax.legend(fontsize=7, loc="best")
+    if labels:  # outside the axes, right: lines stay visible however many series there are
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def _title_suffix(df) -> str:
@@ -82,7 +81,7 @@ def plot_tokens_per_s(df, path: Path):
     (dash-dot), dashed baselines."""
     steps = n_slice(df)
     main = _main_impl(df)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     labels = []
     for label, rows in _series(steps, main).items():
         pts = sorted((r["num_neurons"], r["tokens_per_s"]) for r in rows if not _nan(r["tokens_per_s"]))
@@ -103,7 +102,7 @@ def plot_memory(df, path: Path, cuda: bool = False):
     """Device memory vs N: accounting per placement (and baseline), measured peaks on CUDA."""
     steps = n_slice(df)
     main = _main_impl(df)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     labels = []
     for label, rows in _series(steps, main).items():
         acct = sorted((r["num_neurons"], r["adapter_gpu_bytes"] / 2**20) for r in rows
@@ -143,7 +142,7 @@ TRANSFER_SERIES = [
 
 def plot_transfer(df, path: Path, cuda: bool = False):
     """Achieved GB/s vs rows moved: transfer rows as lines, the sweep's placement-"cpu" steps as points."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     labels = []
     tr = df[df["kind"] == "transfer"]
     for col, name in TRANSFER_SERIES:

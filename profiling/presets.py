@@ -34,7 +34,7 @@ _GPU_FULL = dict(
     experts_per_token=[8], topk=[64], tokens=[1024, 4096], placement=["gpu", "cpu"],
     transfer=["cpu_gather", "zero_copy"], backward_rows=["refetch", "keep"], dtype=["bfloat16"],
     baselines=["reference", "meft-original", "dense", "lora"], repeats=10, warmup=3, max_layers=4,
-    transfer_rows=[1024, 4096, 16384, 65536, 262144],
+    transfer_rows=[1024, 4096, 16384, 65536, 131072], threads=None,
 )
 _GPU_QUICK = dict(
     _GPU_FULL, num_neurons=[16384, 65536], tokens=[2048], repeats=5, warmup=2, max_layers=2,
@@ -46,6 +46,10 @@ _CPU_FULL = dict(
     transfer=["cpu_gather"], backward_rows=["refetch", "keep"], dtype=["float32"],
     baselines=["reference", "meft-original", "dense", "lora"], repeats=7, warmup=2, max_layers=2,
     transfer_rows=[256, 1024, 4096, 16384, 65536],
+    # One torch thread on CPU: the sweep's own worker threads (row-sparse AdamW, the CPU copy
+    # engine) and any neighbour make a 2-thread OpenMP team stall for whole scheduler slices,
+    # which turns sub-millisecond ops into tens of milliseconds (measured on a busy 2-core VM).
+    threads=1,
 )
 _CPU_QUICK = dict(
     _CPU_FULL, num_neurons=[1024, 4096, 16384], tokens=[256], repeats=5, warmup=1,

@@ -1062,7 +1062,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--transfer-rows", nargs="+", type=_int_list(1), help="row counts of the transfer rows")
     ap.add_argument("--repeats", type=_positive_int, help="timed steps per point (median)")
     ap.add_argument("--warmup", type=_int_list(0), help="untimed steps before timing")
-    ap.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=_positive_int,
+                    help="torch CPU threads (default: 1 without CUDA, see profiling.presets; torch's choice with CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the results here instead of profiling/results/<device>/<time>/")
     ap.add_argument("--no-plots", action="store_true", help="write no PNGs")
@@ -1082,7 +1083,7 @@ def parse_args(argv: Sequence[str] | None = None, cuda: bool | None = None) -> a
         setattr(args, key, defaults[key] if value is None else value)
     if args.warmup is not None:
         args.warmup = args.warmup[0]
-    for key in ("repeats", "warmup", "max_layers"):
+    for key in ("repeats", "warmup", "max_layers", "threads"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     if "none" in args.baselines:

@@ -248,3 +248,22 @@ def test_markdown_table():
     assert lines[0].startswith("| a") and set(lines[1]) <= {"|", "-"}
     assert "1.23" in lines[2] and "x\\|y" in lines[2]
     assert len(lines) == 4
+
+
+def test_cross_row_columns_speedup_and_hidden_copy_estimate():
+    """speedup_vs_reference divides by the reference step of the same shape; without adapter
+    copy timers the hidden share is 1 - (step cpu - step gpu) / copy time, clamped to [0, 1]."""
+    base = {c: float("nan") for c in sweep.COLUMNS}
+    shape = dict(kind="step", preset="tiny", hidden_size=8, num_neurons=64, num_experts=4, experts_per_token=2,
+                 topk=4, tokens=8, dtype="float32")
+    rows = [
+        {**base, **shape, "impl": "reference", "placement": "gpu", "step_ms": 40.0},
+        {**base, **shape, "impl": "meft", "placement": "gpu", "step_ms": 10.0},
+        {**base, **shape, "impl": "meft", "placement": "cpu", "step_ms": 12.0, "copy_ms": 8.0},
+        {**base, **shape, "impl": "meft", "placement": "cpu", "step_ms": 30.0, "copy_ms": 8.0},
+    ]
+    df = sweep._finish(pd.DataFrame(rows, columns=sweep.COLUMNS))
+    assert list(df["speedup_vs_reference"]) == [1.0, 4.0, 40 / 12, 40 / 30]
+    assert df.loc[2, "copy_hidden_share"] == pytest.approx(0.75)
+    assert df.loc[3, "copy_hidden_share"] == 0.0
+    assert math.isnan(df.loc[1, "copy_hidden_share"])
