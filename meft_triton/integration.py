@@ -343,8 +343,11 @@ def attach_meft(
 
     Returns the same model, modified in place. Adapters are created on each MLP's device; later
     ``model.to(device)`` moves them along, but ``model.to(dtype)``/``model.half()`` would also
-    cast the fp32 masters, so cast the backbone before attaching. Every parameter of the model other than the adapters gets ``requires_grad=False``; the
-    previous flags are remembered for :func:`detach_meft`.
+    cast the fp32 masters, so cast the backbone before attaching. Every parameter of the model
+    other than the adapters gets ``requires_grad=False``; the previous flags are remembered for
+    :func:`detach_meft`. Raises ``ValueError`` naming the model class when no decoder layers
+    with an MLP are found, and ``ValueError``/``TypeError`` for bad ``layers``/``config``/
+    ``dtype``; on any error the model is left unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -402,6 +402,55 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     assert torch.equal(logits(loaded, ids), logits(second, ids))
 
 
+@pytest.fixture(scope="module")
+def shared_llama():
+    return tiny_model("llama")
+
+
+def test_save_load_property(shared_llama, tmp_path_factory):
+    """Random valid configs, layer subsets and dtypes: save -> load -> forward is identical."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @st.composite
+    def setups(draw):
+        experts = draw(st.sampled_from([1, 2, 4, 8]))
+        per_expert = draw(st.sampled_from([1, 3, 8]))
+        p = draw(st.integers(1, experts))
+        cfg = MEFTConfig(num_neurons=experts * per_expert, num_experts=experts,
+                         experts_per_token=p, topk=draw(st.integers(1, p * per_expert)),
+                         gate=draw(st.sampled_from(["logit", "softmax"])), backend="torch")
+        layers = draw(st.sampled_from([[0], [1], [0, 1]]))
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+        return cfg, layers, dtype, draw(st.integers(0, 2**16))
+
+    ids = batch(rows=2, length=6)
+
+    @hypothesis.settings(max_examples=12, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(setups())
+    def check(setup):
+        cfg, layers, dtype, seed = setup
+        model = shared_llama
+        attach_meft(model, cfg, layers=layers, dtype=dtype)
+        try:
+            randomize_adapters(model, seed=seed, std=0.2)
+            expected = logits(model, ids)
+            directory = tmp_path_factory.mktemp("prop")
+            save_adapter(model, directory)
+        finally:
+            detach_meft(model)
+        load_adapter(model, directory)
+        try:
+            assert list(meft_adapters(model)) == layers
+            assert all(p.dtype == dtype for p in meft_parameters(model))
+            assert torch.equal(logits(model, ids), expected)
+        finally:
+            detach_meft(model)
+
+    check()
+
+
 # ---------------------------------------------------------------------------------- checkpointing
 
 
