@@ -1130,9 +1130,10 @@ def run_sweep(args: argparse.Namespace, cuda: bool | None = None):
     device = torch.device("cuda" if cuda else "cpu")
     mode = "cuda" if cuda else "cpu"
     threads_before = torch.get_num_threads()
+    machine = describe_machine()  # before --threads: its cpu_count is torch's default thread count
+    machine["cpu_cores"] = os.cpu_count()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = describe_machine()
     machine["threads"] = torch.get_num_threads()
     try:
         machine["load_average_before"] = os.getloadavg()
@@ -1219,8 +1220,11 @@ def write_outputs(df, meta: dict, folder: Path, plots: bool) -> list[Path]:
     written[2].write_text(json.dumps(meta, indent=2, default=str))
     written[3].write_text(summary_markdown(df) + "\n")
     if plots:
-        from profiling import plots as plotting
-
+        try:
+            from profiling import plots as plotting
+        except ImportError as exc:  # matplotlib is an optional dependency (extra "plots")
+            print(f"no plots: {exc} (pip install '.[plots]')", file=sys.stderr)
+            return written
         for path in plotting.plot_all(df, folder, cuda=meta["mode"] == "cuda").values():
             written.append(path)
     return written
