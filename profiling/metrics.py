@@ -11,7 +11,6 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -431,11 +430,3 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(b, widths)) + " |" for b in body]
     return "\n".join(lines)
-
-
-@dataclass
-class PointTimes:
-    """Median stage times (ms) of one point, for the stack of layers actually run."""
-
-    stages: dict[str, float] = field(default_factory=dict)
-    repeats: int = 0

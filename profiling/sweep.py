@@ -139,7 +139,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -293,10 +293,6 @@ def _shape_points(shape: Shape, args: argparse.Namespace, cuda: bool, skipped: l
 
 
 # ============================================================================ workloads
-class OutOfMemory(Exception):
-    pass
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
 
@@ -778,7 +774,10 @@ def measure_step(point: Point, w: Weights, args: argparse.Namespace, device: tor
                 traceback.print_exc()
     finally:
         if workload is not None:
-            workload.close()
+            try:
+                workload.close()
+            except Exception as exc:  # noqa: BLE001
+                notes.add(f"clean-up failed: {type(exc).__name__}: {str(exc)[:100]}")
         del workload
         gc.collect()
         if cuda:
