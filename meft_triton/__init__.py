@@ -1,12 +1,22 @@
-"""meft-triton: MEFT sparse key-value adapters with fused Triton kernels.
+"""meft-triton: MEFT sparse key-value adapters with fused Triton kernels and CPU offload.
 
-Public API: :class:`MEFTConfig`, :class:`MEFTAdapter`, and the oracle :mod:`meft_triton.reference`.
+Public API: :class:`MEFTConfig`, :class:`MEFTAdapter`, the transformers integration
+(:func:`attach_meft`, :func:`detach_meft`, :func:`save_adapter`, :func:`load_adapter`,
+:func:`create_meft_optimizer`), the row-sparse CPU optimizer :class:`SparseRowAdamW`, and the
+oracle :mod:`meft_triton.reference`.
 """
 
 from . import reference
 from .adapter import MEFTAdapter, adapter_parameter_count
 from .config import MEFTConfig
+from .integration import (OffloadedAdamW, attach_meft, create_meft_optimizer, detach_meft,
+                          load_adapter, meft_adapters, meft_parameters, save_adapter)
+from .optim import SparseRowAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["MEFTAdapter", "MEFTConfig", "adapter_parameter_count", "reference", "__version__"]
+__all__ = [
+    "MEFTAdapter", "MEFTConfig", "OffloadedAdamW", "SparseRowAdamW", "__version__",
+    "adapter_parameter_count", "attach_meft", "create_meft_optimizer", "detach_meft",
+    "load_adapter", "meft_adapters", "meft_parameters", "reference", "save_adapter",
+]

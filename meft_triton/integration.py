@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from .adapter import MEFTAdapter
 from .config import MEFTConfig
+from .offload import OffloadRuntime
+from .optim import clip_grad_norm_
 
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff", "mlp_block", "ffn_layer", "feedforward")
 PROJECTION_SETS = (
@@ -82,13 +84,13 @@ class MEFTMLP(nn.Module):
     The adapter runs in two stages around the backbone FFN, so that placement "cpu" can overlap
     its host->device value-row copy with the FFN:
 
-    * :meth:`start_adapter` runs *before* the FFN. Placement "cpu" overrides it to run the router
-      and key scoring on the device and launch the copy of the selected value rows.
-    * :meth:`finish_adapter` runs *after* the FFN. Placement "cpu" overrides it to wait on the
-      copy's event and run the value stage.
+    * :meth:`start_adapter` runs *before* the FFN. Under placement "cpu" it runs the router and
+      key scoring on the device and launches the copy of the selected value rows.
+    * :meth:`finish_adapter` runs *after* the FFN. Under placement "cpu" it waits on the copy's
+      event and runs the value stage.
 
-    Today (placements "gpu"/torch only) ``start_adapter`` just hands the input through and
-    ``finish_adapter`` computes the whole adapter.
+    Under placement "gpu" ``start_adapter`` hands the input through and ``finish_adapter``
+    computes the whole adapter.
     """
 
     def __init__(self, base: nn.Module, adapter: MEFTAdapter) -> None:
@@ -107,10 +109,14 @@ class MEFTMLP(nn.Module):
 
     def start_adapter(self, hidden: Tensor) -> Any:
         """Stage 1, before the backbone FFN. Returns a pending state for :meth:`finish_adapter`."""
+        if self.adapter.offload is not None:
+            return self.adapter.start_routing(hidden)
         return hidden
 
     def finish_adapter(self, pending: Any) -> Tensor:
         """Stage 2, after the backbone FFN: the adapter's output ``y``, same shape as the input."""
+        if self.adapter.offload is not None:
+            return self.adapter.finish_values(pending)
         return self.adapter(pending)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -370,11 +376,19 @@ def attach_meft(
 
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     slots = []
+    runtime = None
     try:
         for index, path, mlp in found:
             hidden = mlp_hidden_size(mlp, model)
-            adapter = MEFTAdapter(hidden, config, device=_module_device(mlp, model),
-                                  dtype=dtype if dtype is not None else _module_dtype(mlp))
+            device = _module_device(mlp, model)
+            if config.placement == "cpu" and runtime is None:
+                # One slot pool for every layer, in the model's compute dtype (the fp32 masters
+                # stay on the CPU); layers register in forward order.
+                runtime = OffloadRuntime(device, _module_dtype(mlp), hidden, transfer=config.transfer,
+                                         keep_rows=config.backward_rows == "keep")
+            adapter = MEFTAdapter(hidden, config, device=device,
+                                  dtype=dtype if dtype is not None else _module_dtype(mlp),
+                                  runtime=runtime)
             wrapper = MEFTMLP(mlp, adapter)
             parent, attr = _resolve_path(stack[index], path)
             setattr(parent, attr, wrapper)
@@ -382,6 +396,8 @@ def attach_meft(
     except BaseException:
         for slot in slots:
             setattr(slot.parent, slot.attr, slot.wrapper.base)
+        if runtime is not None:
+            runtime.close()
         raise
 
     adapter_params = {id(p) for slot in slots for p in slot.wrapper.adapter.parameters()}
@@ -468,13 +484,69 @@ def meft_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 # --------------------------------------------------------------------------------------------
 
 
+class OffloadedAdamW(torch.optim.AdamW):
+    """One ``torch.optim.Optimizer`` for a model whose adapters have placement "cpu".
+
+    The routers (device parameters) get a plain AdamW (no weight decay); each layer's keys and
+    values get its row-sparse AdamW (:class:`meft_triton.optim.SparseRowAdamW`, lazy: only rows
+    that fired move, with decoupled ``weight_decay``) on the CPU master. ``step()`` steps the
+    routers, hands every layer's gradient rows to its sparse optimizer, clips them to
+    ``max_grad_norm`` by their global norm across layers (the HF Trainer's own clipping sees
+    only the routers' ``.grad``), and starts each layer's update on its worker thread with the
+    learning rate of ``param_groups[0]`` (so LR schedulers drive both); a layer's next forward
+    waits for its update. ``state_dict()`` holds the routers' state and every sparse
+    optimizer's (moments and step count).
+    """
+
+    def __init__(self, adapters: Sequence[MEFTAdapter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, max_grad_norm: float | None = None) -> None:
+        self.adapters = list(adapters)
+        if not self.adapters or any(a.offload is None for a in self.adapters):
+            raise ValueError("OffloadedAdamW needs adapters with placement='cpu'")
+        super().__init__([a.router.weight for a in self.adapters], lr=lr, betas=betas, eps=eps,
+                         weight_decay=0.0)
+        self.max_grad_norm = max_grad_norm
+        self.sparse = [a.configure_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                       for a in self.adapters]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for adapter in self.adapters:
+            adapter.offload.collect_grads()
+        if self.max_grad_norm is not None:
+            clip_grad_norm_(self.sparse, self.max_grad_norm)
+        lr = self.param_groups[0]["lr"]
+        for adapter, sparse in zip(self.adapters, self.sparse):
+            sparse.lr = lr
+            adapter.sparse_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["meft_sparse"] = [sparse.state_dict() for sparse in self.sparse]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        sparse_states = state_dict.pop("meft_sparse", None)
+        if sparse_states is None or len(sparse_states) != len(self.sparse):
+            raise ValueError(f"the state has {0 if sparse_states is None else len(sparse_states)} "
+                             f"sparse optimizer states, this model has {len(self.sparse)} offloaded layers")
+        super().load_state_dict(state_dict)
+        for adapter, sparse, state in zip(self.adapters, self.sparse, sparse_states):
+            adapter.offload.wait_for_update()
+            sparse.load_state_dict(state)
+
+
 def create_meft_optimizer(
     model: nn.Module,
     args: Any = None,
     *,
     lr: float | None = None,
     weight_decay: float | None = None,
-    kind: str = "adamw",
+    kind: str = "auto",
 ) -> torch.optim.Optimizer:
     """An optimizer over the adapter parameters only, for a custom loop or the HF Trainer::
 
@@ -482,34 +554,40 @@ def create_meft_optimizer(
                           optimizers=(create_meft_optimizer(model, args), None))
 
     ``args`` (a ``transformers.TrainingArguments``, optional) supplies ``learning_rate``,
-    ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon``; ``lr``/``weight_decay`` override.
-    With ``optimizers=(opt, None)`` the Trainer builds its LR schedule over this optimizer,
-    accumulates gradients over ``gradient_accumulation_steps`` micro-batches (the loss is scaled
-    by 1/steps, so ``.grad`` holds the mean), clips with ``max_grad_norm`` over the model's
-    parameters (only adapters have gradients, so that is the adapters' global norm) and then
-    calls ``step()`` and ``zero_grad()``. The Trainer's own default optimizer also works (it
-    only takes parameters with ``requires_grad``), but passing this one keeps the seam below.
+    ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon`` and ``max_grad_norm``;
+    ``lr``/``weight_decay`` override. With ``optimizers=(opt, None)`` the Trainer builds its LR
+    schedule over this optimizer, accumulates gradients over ``gradient_accumulation_steps``
+    micro-batches (the loss is scaled by 1/steps, so gradients hold the mean), clips with
+    ``max_grad_norm`` over the parameters with ``.grad`` and then calls ``step()`` and
+    ``zero_grad()``.
 
-    ``kind``: ``"adamw"`` (``torch.optim.AdamW``, dense moments over all N rows). ``"sparse"``
-    is the seam for the CPU row-sparse AdamW of placement "cpu" (not implemented yet): it must
-    stay a ``torch.optim.Optimizer`` (param_groups, step, zero_grad, state_dict) so the
-    Trainer's scheduler, accumulation and clipping keep working unchanged.
+    ``kind``: ``"adamw"`` (``torch.optim.AdamW`` over the adapter parameters, placement "gpu"),
+    ``"sparse"`` (:class:`OffloadedAdamW`, placement "cpu": routers by AdamW, keys and values by
+    the row-sparse CPU AdamW, which clips its rows to ``max_grad_norm`` itself), or ``"auto"``
+    (the one the adapters' placement needs).
     """
     params = meft_named_parameters(model)
-    if not params:
+    adapters = list(meft_adapters(model).values())
+    if not adapters:
         raise ValueError(f"create_meft_optimizer: {type(model).__name__} has no MEFT adapters; "
                          "call attach_meft first")
-    if kind == "sparse":
-        raise NotImplementedError("create_meft_optimizer(kind='sparse'): the CPU row-sparse "
-                                  "optimizer does not exist yet; use kind='adamw'")
-    if kind != "adamw":
-        raise ValueError(f"kind must be 'adamw' or 'sparse', got {kind!r}")
+    offloaded = adapters[0].offload is not None
+    if kind == "auto":
+        kind = "sparse" if offloaded else "adamw"
+    if kind not in ("adamw", "sparse"):
+        raise ValueError(f"kind must be 'auto', 'adamw' or 'sparse', got {kind!r}")
+    if (kind == "sparse") != offloaded:
+        raise ValueError(f"kind={kind!r} does not fit adapters with placement="
+                         f"{adapters[0].config.placement!r}; use kind='auto'")
     betas = (getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999))
     eps = getattr(args, "adam_epsilon", 1e-8)
     if lr is None:
         lr = getattr(args, "learning_rate", 1e-3)
     if weight_decay is None:
         weight_decay = getattr(args, "weight_decay", 0.0)
+    if kind == "sparse":
+        return OffloadedAdamW(adapters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                              max_grad_norm=getattr(args, "max_grad_norm", None) or None)
     decay = [p for n, p in params if not n.endswith("router.weight")]
     no_decay = [p for n, p in params if n.endswith("router.weight")]
     groups = [{"params": decay, "weight_decay": weight_decay},

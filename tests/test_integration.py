@@ -21,6 +21,7 @@ from meft_triton import MEFTAdapter, MEFTConfig  # noqa: E402
 from meft_triton import integration as integ  # noqa: E402
 from meft_triton.integration import (  # noqa: E402
     MEFTMLP,
+    OffloadedAdamW,
     attach_meft,
     create_meft_optimizer,
     detach_meft,
@@ -519,7 +520,7 @@ def test_create_meft_optimizer():
     params = [p for g in opt.param_groups for p in g["params"]]
     assert {id(p) for p in params} == {id(p) for p in meft_parameters(model)}
     assert opt.param_groups[0]["lr"] == 3e-3
-    with pytest.raises(NotImplementedError, match="sparse"):
+    with pytest.raises(ValueError, match="kind='sparse' does not fit adapters with placement='gpu'"):
         create_meft_optimizer(model, kind="sparse")
 
 
@@ -573,3 +574,55 @@ def test_finetune_example_tiny(capsys):
         assert r["loss last"] < r["loss first"] - 0.5, r
         assert abs(r["trainable params"] - budget) / budget < 0.02, r
     assert rows[0]["fact acc"] > 0.5, rows[0]
+
+
+# ---------------------------------------------------------------------------- placement "cpu"
+
+CPU_CFG = CFG.replace(placement="cpu", value_init_std=0.05)
+
+
+def test_cpu_placement_matches_gpu_placement_and_trains():
+    on_gpu = attach_meft(tiny_model("llama"), CPU_CFG.replace(placement="gpu"))
+    on_cpu = attach_meft(tiny_model("llama"), CPU_CFG)
+    runtimes = {id(a.offload.runtime) for a in meft_adapters(on_cpu).values()}
+    assert len(runtimes) == 1, "all layers share one slot pool"
+    for index, adapter in meft_adapters(on_cpu).items():
+        adapter.load_state_dict(meft_adapters(on_gpu)[index].state_dict())
+    ids = batch()
+    torch.testing.assert_close(logits(on_cpu, ids), logits(on_gpu, ids))
+
+    on_cpu.train()
+    opt = create_meft_optimizer(on_cpu, lr=1e-2)
+    assert isinstance(opt, OffloadedAdamW)
+    losses = []
+    for _ in range(20):
+        loss = on_cpu(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    assert not any(p.requires_grad for n, p in on_cpu.named_parameters() if "adapter" not in n)
+
+
+def test_cpu_placement_save_load_round_trip(tmp_path):
+    model = attach_meft(tiny_model("qwen2"), CPU_CFG)
+    ids = batch()
+    save_adapter(model, tmp_path / "meft")
+    restored = load_adapter(tiny_model("qwen2"), tmp_path / "meft")
+    assert meft_adapters(restored)[0].config.placement == "cpu"
+    assert torch.equal(logits(restored, ids), logits(model, ids))
+
+
+def test_offloaded_optimizer_state_round_trip():
+    model = attach_meft(tiny_model("llama"), CPU_CFG)
+    model.train()
+    opt = create_meft_optimizer(model, lr=1e-2, weight_decay=0.01)
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    state = opt.state_dict()
+    assert len(state["meft_sparse"]) == 2
+    opt.load_state_dict(state)
+    with pytest.raises(ValueError, match="sparse optimizer states"):
+        opt.load_state_dict({**state, "meft_sparse": state["meft_sparse"][:1]})
