@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STAGE_LABELS = {
     "router": "router", "keys": "keys", "copy_wait": "copy wait", "values": "values",
-    "forward_fused": "forward (fused)", "backward": "backward", "optimizer": "optimizer",
+    "forward_fused": "forward (fused)", "backbone": "backbone FFN (frozen)", "backward": "backward",
+    "optimizer": "optimizer",
 }
 BASELINE_LABELS = {"reference": "reference (baseline)", "meft-original": "MEFT original (dense-masked)",
                    "dense": "dense adapter, same N", "lora": "LoRA, same GPU memory"}
@@ -73,7 +74,8 @@ def _title_suffix(df) -> str:
         return ""
     r = df.iloc[0]
     return f"{r['preset']} (d={int(r['hidden_size'])}, {int(r['layers'])} layers), T={int(r['tokens'])}, " \
-           f"K_top={int(r['topk'])}, P={int(r['experts_per_token'])}, {r['dtype']}, {r['mode']}"
+           f"K_top={int(r['topk'])}, P={int(r['experts_per_token'])}, {r['dtype']}, backbone={r['backbone']}, " \
+           f"{r['mode']}"
 
 
 def plot_tokens_per_s(df, path: Path):
@@ -92,7 +94,7 @@ def plot_tokens_per_s(df, path: Path):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("adapter neurons per layer N")
-    ax.set_ylabel("tokens / s (adapter stack only)")
+    ax.set_ylabel("tokens / s (training step)")
     ax.set_title("Throughput vs adapter size\n" + _title_suffix(steps), fontsize=9)
     _finish(fig, ax, path, labels)
     return fig, labels

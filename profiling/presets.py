@@ -15,12 +15,13 @@ class ModelShape:
     name: str
     hidden_size: int
     layers: int
+    ffn_hidden: int  # intermediate size of the (SwiGLU) FFN the adapter sits beside
 
 
 PRESETS: dict[str, ModelShape] = {
-    "llama-7b": ModelShape("llama-7b", 4096, 32),
-    "mistral-7b": ModelShape("mistral-7b", 4096, 32),
-    "tiny": ModelShape("tiny", 128, 2),
+    "llama-7b": ModelShape("llama-7b", 4096, 32, 11008),
+    "mistral-7b": ModelShape("mistral-7b", 4096, 32, 14336),
+    "tiny": ModelShape("tiny", 128, 2, 512),
 }
 
 #: MEFT's ratio at LLaMA-7B shapes (N = 65536 neurons over E = 1024 experts): 64 neurons per
@@ -35,6 +36,8 @@ _GPU_FULL = dict(
     transfer=["cpu_gather", "zero_copy"], backward_rows=["refetch", "keep"], dtype=["bfloat16"],
     baselines=["reference", "meft-original", "dense", "lora"], repeats=10, warmup=3, max_layers=4,
     transfer_rows=[1024, 4096, 16384, 65536, 131072], threads=None,
+    # a frozen FFN stand-in per layer: what placement "cpu" hides its value-row copy behind
+    backbone="ffn",
 )
 _GPU_QUICK = dict(
     _GPU_FULL, num_neurons=[16384, 65536], tokens=[2048], repeats=5, warmup=2, max_layers=2,
@@ -49,7 +52,7 @@ _CPU_FULL = dict(
     # One torch thread on CPU: the sweep's own worker threads (row-sparse AdamW, the CPU copy
     # engine) and any neighbour make a 2-thread OpenMP team stall for whole scheduler slices,
     # which turns sub-millisecond ops into tens of milliseconds (measured on a busy 2-core VM).
-    threads=1,
+    threads=1, backbone="none",
 )
 _CPU_QUICK = dict(
     _CPU_FULL, num_neurons=[1024, 4096, 16384], tokens=[256], repeats=5, warmup=1,

@@ -31,8 +31,12 @@ What runs, per shape (preset d and layers, N, E, P, K_top, tokens, dtype):
   with CUDA also the host->device copy end to end (gather + pinned H2D), the zero-copy gather,
   device->host gradient rows, and plain pinned memcpy both ways.
 
-Only the adapter stack runs (no frozen backbone). ``--max-layers`` layers are run (each with
-its own weights and its own random input); times and bytes are scaled to the preset's layers.
+No real model runs: per layer only the adapter and, with ``--backbone ffn`` (the default with
+CUDA), a frozen SwiGLU FFN of the preset's size beside it, so that placement "cpu" can hide its
+value-row copy behind the FFN as in a model (``start_routing`` -> FFN -> ``finish_values``).
+Each layer's input requires grad (the adapter must return dh). ``--max-layers`` layers are run
+(each with its own weights and its own random input); times and bytes are scaled to the
+preset's layers.
 Timing: warm-up steps excluded, median of ``--repeats`` steps; CUDA events on the GPU,
 ``time.perf_counter`` on the CPU. A point that runs out of memory, would need more memory than
 is free, or fails, is kept with NaN and a ``note``; nothing that cannot be measured here (NVML,
@@ -59,6 +63,8 @@ experts_per_token       P
 topk                    K_top
 tokens                  tokens per micro-batch
 dtype                   compute dtype (masters and optimizer state are fp32)
+backbone                "none" (adapter stack only) or "ffn" (a frozen SwiGLU FFN of the preset's
+                        size beside every adapter: the compute placement "cpu" hides copies behind)
 impl                    meft | reference | meft-original | dense | lora | transfer
 placement               gpu | cpu ("gpu" for the baselines: everything on the compute device)
 transfer                transfer engine (placement "cpu"): cpu_gather | zero_copy
@@ -70,13 +76,15 @@ fwd_ms                  forward (router, keys, row copies, values)
 bwd_ms                  backward (incl. the backward refetch and the gradient-row packing)
 opt_ms                  optimizer step (incl. the key-cache refresh)
 step_ms                 whole training step (sum of the three)
-tokens_per_s            tokens / step_ms (adapter stack only, no frozen backbone)
+tokens_per_s            tokens / step_ms (adapter stack, plus the frozen FFN with --backbone ffn)
 t_router_ms             breakdown: router logits and top-P experts
 t_keys_ms               breakdown: candidate key scores and top-K_top
 t_copy_wait_ms          breakdown: row gathers, backward refetch, gradient-row packing, key refresh
 t_values_ms             breakdown: y = sum a_j V_j
-t_forward_fused_ms      breakdown: a forward timed whole (MEFTAdapter, baselines)
-t_backward_ms           breakdown: autograd backward
+t_forward_fused_ms      breakdown: a forward timed whole (MEFTAdapter, baselines; placement "cpu" with
+                        the FFN: its start_routing + finish_values, i.e. incl. any copy wait)
+t_backbone_ms           breakdown: the frozen FFN's forward (``--backbone ffn``)
+t_backward_ms           breakdown: autograd backward (incl. the FFN's backward to h)
 t_optimizer_ms          breakdown: dense AdamW / SparseRowAdamW
 speedup_vs_reference    step_ms of the reference (placement gpu) of the same shape / this step_ms
 gpu_peak_alloc_bytes    torch allocator peak during the timed steps (CUDA)
@@ -156,7 +164,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 BASELINES = ("reference", "meft-original", "dense", "lora")
 
 #: stage -> phase of the step (fwd / bwd / opt)
-PHASE = {"router": "fwd", "keys": "fwd", "copy_wait": "fwd", "values": "fwd", "forward": "fwd",
+PHASE = {"router": "fwd", "keys": "fwd", "copy_wait": "fwd", "values": "fwd", "forward": "fwd", "backbone": "fwd",
          "refetch": "bwd", "backward": "bwd", "grad_pack": "bwd", "optimizer": "opt", "key_refresh": "opt"}
 #: breakdown column -> stages summed into it
 BREAKDOWN = {
@@ -165,6 +173,7 @@ BREAKDOWN = {
     "copy_wait": ("copy_wait", "refetch", "grad_pack", "key_refresh"),
     "values": ("values",),
     "forward_fused": ("forward",),
+    "backbone": ("backbone",),
     "backward": ("backward",),
     "optimizer": ("optimizer",),
 }
@@ -178,7 +187,7 @@ GPU_ONLY_LINE = (
 
 COLUMNS = [
     "kind", "mode", "preset", "hidden_size", "layers", "layers_run", "num_neurons", "num_experts",
-    "experts_per_token", "topk", "tokens", "dtype", "impl", "placement", "transfer", "backward_rows",
+    "experts_per_token", "topk", "tokens", "dtype", "backbone", "impl", "placement", "transfer", "backward_rows",
     "lora_rank", "repeats", "warmup",
     "fwd_ms", "bwd_ms", "opt_ms", "step_ms", "tokens_per_s",
     *[f"t_{k}_ms" for k in BREAKDOWN], "speedup_vs_reference",
@@ -208,6 +217,8 @@ class Shape:
     topk: int
     tokens: int
     dtype: str
+    backbone: str = "none"
+    ffn_hidden: int = 0
 
     @property
     def neurons_per_expert(self) -> int:
@@ -253,6 +264,7 @@ def build_points(args: argparse.Namespace, cuda: bool) -> tuple[list[Point], lis
     for preset in args.preset:
         base = PRESETS[preset]
         d = args.hidden_size or base.hidden_size
+        ffn = max(1, base.ffn_hidden * d // base.hidden_size)  # keep the preset's FFN ratio
         layers = args.layers or base.layers
         layers_run = min(layers, args.max_layers)
         for dtype in args.dtype:
@@ -261,10 +273,11 @@ def build_points(args: argparse.Namespace, cuda: bool) -> tuple[list[Point], lis
                     for p in args.experts_per_token:
                         for k in args.topk:
                             for t in args.tokens:
-                                shape = Shape(preset, d, layers, layers_run, n, e, p, k, t, dtype)
+                                shape = Shape(preset, d, layers, layers_run, n, e, p, k, t, dtype,
+                                              args.backbone, ffn)
                                 points += _shape_points(shape, args, cuda, skipped)
             store_rows = max([*args.num_neurons, *args.transfer_rows])
-            shape = Shape(preset, d, layers, layers_run, store_rows, 1, 1, 1, 1, dtype)
+            shape = Shape(preset, d, layers, layers_run, store_rows, 1, 1, 1, 1, dtype, "none", ffn)
             points += [Point(shape, "transfer", placement="cpu", transfer="cpu_gather", kind="transfer", rows=r)
                        for r in args.transfer_rows]
     return points, sorted(set(skipped))
@@ -308,7 +321,9 @@ def _dense_adamw(params: list[torch.Tensor], notes: Notes) -> torch.optim.Optimi
 
 
 class Weights:
-    """Per-shape inputs and fp32 adapter weights of ``layers_run`` layers, shared by the impls."""
+    """Per-shape inputs (leaves that require grad: a real adapter must return dh) and fp32 adapter
+    weights of ``layers_run`` layers, shared by the impls; with ``backbone="ffn"`` also one frozen
+    SwiGLU FFN in the compute dtype that every layer runs beside its adapter."""
 
     def __init__(self, shape: Shape, device: torch.device, seed: int) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -319,8 +334,21 @@ class Weights:
             self.keys.append(keys)
             self.values.append(torch.randn(s.num_neurons, s.hidden_size, device=device, generator=gen) * 0.02)
             self.router.append(keys.view(s.num_experts, -1, s.hidden_size).mean(1) * 50.0)
-            self.hidden.append(torch.randn(s.tokens, s.hidden_size, device=device, generator=gen).to(dt))
+            self.hidden.append(torch.randn(s.tokens, s.hidden_size, device=device, generator=gen).to(dt)
+                               .requires_grad_())
             self.grad_out.append(torch.randn(s.tokens, s.hidden_size, device=device, generator=gen).to(dt))
+        self.ffn: tuple[torch.Tensor, ...] | None = None
+        if s.backbone == "ffn":
+            self.ffn = tuple((torch.randn(s.ffn_hidden, s.hidden_size, device=device, generator=gen) * 0.02).to(dt)
+                             for _ in range(3))  # gate, up, down (as [F, d]); frozen
+
+    def backbone(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.ffn
+        return (torch.nn.functional.silu(hidden @ gate.T) * (hidden @ up.T)) @ down
+
+    def reset_input_grads(self) -> None:
+        for h in self.hidden:
+            h.grad = None
 
 
 class Workload:
@@ -335,6 +363,14 @@ class Workload:
 
     def step(self, clock: Clock) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def beside_backbone(self, clock: Clock, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """FFN(h) + y with the frozen FFN stand-in (timed as "backbone"), or y without one."""
+        if self.w.ffn is None:
+            return y
+        out = self.w.backbone(self.w.hidden[layer]) + y
+        clock.mark("backbone")
+        return out
 
     def close(self) -> None:
         pass
@@ -368,12 +404,14 @@ class ReferenceDevice(Workload):
 
     def step(self, clock: Clock) -> None:
         s, dt = self.point.shape, self.point.shape.torch_dtype
+        self.w.reset_input_grads()
         ys, uniq = [], []
         for layer in range(s.layers_run):
             g, k, v = self.params[3 * layer: 3 * layer + 3]
             ids, sc = _staged_scores(clock, self.w.hidden[layer], g.to(dt), k.to(dt), s)
-            ys.append(torch.einsum("tk,tkd->td", torch.relu(sc), v.to(dt)[ids]))
+            y = torch.einsum("tk,tkd->td", torch.relu(sc), v.to(dt)[ids])
             clock.mark("values")
+            ys.append(self.beside_backbone(clock, layer, y))
             uniq.append(ids)
         torch.autograd.backward(ys, self.w.grad_out)
         clock.mark("backward")
@@ -417,6 +455,7 @@ class ReferenceHostRows(Workload):
 
     def step(self, clock: Clock) -> None:
         s, dt = self.point.shape, self.point.shape.torch_dtype
+        self.w.reset_input_grads()
         ys, uniqs, leaves = [], [], []
         for layer in range(s.layers_run):
             ids, sc = _staged_scores(clock, self.w.hidden[layer], self.routers[layer].to(dt),
@@ -425,8 +464,9 @@ class ReferenceHostRows(Workload):
             rows = self.stores[layer].gather(uniq, out=self.staging[layer], part="values", sort=False).rows
             leaf = rows.detach().requires_grad_()
             clock.mark("copy_wait")
-            ys.append(torch.einsum("tk,tkd->td", torch.relu(sc), leaf[inverse]))
+            y = torch.einsum("tk,tkd->td", torch.relu(sc), leaf[inverse])
             clock.mark("values")
+            ys.append(self.beside_backbone(clock, layer, y))
             uniqs.append(uniq)
             leaves.append(leaf)
         if self.refetch:
@@ -497,11 +537,13 @@ class DenseBaseline(Workload):
         return (h @ p[0].T) @ p[1]
 
     def step(self, clock: Clock) -> None:
+        self.w.reset_input_grads()
         ys = []
         for layer in range(self.point.shape.layers_run):
             ps = self.params[self.per_layer * layer: self.per_layer * (layer + 1)]
-            ys.append(self._forward(self.w.hidden[layer], ps))
-        clock.mark("forward")
+            y = self._forward(self.w.hidden[layer], ps)
+            clock.mark("forward")
+            ys.append(self.beside_backbone(clock, layer, y))
         torch.autograd.backward(ys, self.w.grad_out)
         clock.mark("backward")
         self.opt.step()
@@ -560,8 +602,22 @@ class MeftAdapterStack(Workload):
         self.unique_rows = [_active_unique_rows(a, self.w, layer, s) for layer, a in enumerate(self.adapters)]
 
     def step(self, clock: Clock) -> None:
-        ys = [a(self.w.hidden[layer]) for layer, a in enumerate(self.adapters)]
-        clock.mark("forward")
+        self.w.reset_input_grads()
+        ys = []
+        for layer, a in enumerate(self.adapters):
+            h = self.w.hidden[layer]
+            if self.w.ffn is not None and self.point.placement == "cpu" and hasattr(a, "start_routing"):
+                # the adapter's two stages around the FFN: the value-row copy overlaps the FFN
+                routed = a.start_routing(h)
+                clock.mark("forward")
+                f = self.w.backbone(h)
+                clock.mark("backbone")
+                ys.append(a.finish_values(routed) + f)
+                clock.mark("forward")
+            else:
+                y = a(h)
+                clock.mark("forward")
+                ys.append(self.beside_backbone(clock, layer, y))
         torch.autograd.backward(ys, self.w.grad_out)
         clock.mark("backward")
         if self.opt is not None:
@@ -645,9 +701,16 @@ def estimate_bytes(point: Point, lora_rank: int) -> int:
     """Rough peak bytes a workload adds on the compute device (CPU: host), to skip points that
     cannot fit instead of being killed by the OOM killer."""
     s = point.shape
+    train = metrics.TRAIN_BYTES_PER_PARAM - 4  # grads + moments; the fp32 weights exist already
+    # the FFN's activations kept for its backward
+    extra = s.layers_run * 6 * s.tokens * s.ffn_hidden * s.dtype_bytes if s.backbone == "ffn" else 0
+    return extra + _workload_bytes(point, lora_rank, train)
+
+
+def _workload_bytes(point: Point, lora_rank: int, train: int) -> int:
+    s = point.shape
     T, d, N, E, P, K, S, b, L = (s.tokens, s.hidden_size, s.num_neurons, s.num_experts, s.experts_per_token,
                                  s.topk, s.neurons_per_expert, s.dtype_bytes, s.layers_run)
-    train = metrics.TRAIN_BYTES_PER_PARAM - 4  # grads + moments; the fp32 weights exist already
     if point.impl == "reference":
         scores = T * P * S * d * b + L * 6 * T * K * d * b
         if point.placement == "cpu":
@@ -673,7 +736,7 @@ def _blank_row(point: Point, args: argparse.Namespace, mode: str, machine: dict)
     s = point.shape
     row = {c: NAN for c in COLUMNS}
     row.update(kind=point.kind, mode=mode, preset=s.preset, hidden_size=s.hidden_size, layers=s.layers,
-               layers_run=s.layers_run, dtype=s.dtype, impl=point.impl, placement=point.placement,
+               layers_run=s.layers_run, dtype=s.dtype, backbone=s.backbone, impl=point.impl, placement=point.placement,
                transfer=point.transfer if point.placement == "cpu" else None,
                backward_rows=point.backward_rows if point.kind == "step" and point.placement == "cpu" else None,
                repeats=args.repeats, warmup=args.warmup, unique_rows_layers=None, adapter_counters=None, note="",
@@ -977,7 +1040,8 @@ def measure_transfer_point(point: Point, args: argparse.Namespace, cuda: bool, m
 def _finish(df) -> Any:
     """Cross-row columns: speedup vs the reference, and (CUDA, no adapter counters) the share
     of copy time hidden, estimated from the same shape's placement-"gpu" step."""
-    keys = ["preset", "hidden_size", "num_neurons", "num_experts", "experts_per_token", "topk", "tokens", "dtype"]
+    keys = ["preset", "hidden_size", "num_neurons", "num_experts", "experts_per_token", "topk", "tokens", "dtype",
+            "backbone"]
     steps = df[df["kind"] == "step"]
     for _, group in steps.groupby(keys, dropna=False):
         ref = group[(group["impl"] == "reference") & (group["placement"] == "gpu")]["step_ms"]
@@ -1058,6 +1122,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", nargs="+", type=_choice_list(tuple(DTYPES)), help="compute dtypes")
     ap.add_argument("--baselines", nargs="+", type=_choice_list((*BASELINES, "none")),
                     help="reference, meft-original, dense, lora, or none")
+    ap.add_argument("--backbone", choices=("none", "ffn"),
+                    help="frozen FFN stand-in beside each adapter (default: ffn with CUDA, none without)")
     ap.add_argument("--transfer-rows", nargs="+", type=_int_list(1), help="row counts of the transfer rows")
     ap.add_argument("--repeats", type=_positive_int, help="timed steps per point (median)")
     ap.add_argument("--warmup", type=_int_list(0), help="untimed steps before timing")
@@ -1082,7 +1148,7 @@ def parse_args(argv: Sequence[str] | None = None, cuda: bool | None = None) -> a
         setattr(args, key, defaults[key] if value is None else value)
     if args.warmup is not None:
         args.warmup = args.warmup[0]
-    for key in ("repeats", "warmup", "max_layers", "threads"):
+    for key in ("repeats", "warmup", "max_layers", "threads", "backbone"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     if "none" in args.baselines:

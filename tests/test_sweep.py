@@ -267,3 +267,17 @@ def test_cross_row_columns_speedup_and_hidden_copy_estimate():
     assert df.loc[2, "copy_hidden_share"] == pytest.approx(0.75)
     assert df.loc[3, "copy_hidden_share"] == 0.0
     assert math.isnan(df.loc[1, "copy_hidden_share"])
+
+
+def test_backbone_ffn_runs_beside_every_adapter(tmp_path):
+    """--backbone ffn: a frozen FFN per layer (placement "cpu" wraps it between the adapter's
+    start_routing and finish_values); its forward is its own stage of the breakdown."""
+    args = [*TINY, "-N", "64", "--backbone", "ffn", "--backward-rows", "refetch", "--transfer-rows", "16",
+            "--no-plots", "--out", str(tmp_path)]
+    assert sweep.main(args) == 0
+    df = pd.read_csv(tmp_path / "sweep.csv")
+    steps = df[df["kind"] == "step"]
+    assert (steps["backbone"] == "ffn").all()
+    assert steps["step_ms"].notna().all(), steps[["impl", "note"]]
+    assert (steps["t_backbone_ms"] > 0).all()
+    assert (df[df["kind"] == "transfer"]["backbone"] == "none").all()
