@@ -301,6 +301,10 @@ class _OffloadedValues(torch.autograd.Function):
             prefetcher.release(ticket)
         if not runtime.keep_rows:
             runtime.bytes_to_device += slot.numel() * slot.element_size()
+        if not router_weight.requires_grad:
+            # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step)
+            # passes dh on but moves no gradient rows and gives its optimizer nothing to do.
+            return grad_hidden, None, None, None
         grad_rows = torch.cat([key_rows, value_rows], dim=1)
         runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
         rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows))

@@ -115,3 +115,14 @@ def test_gpu_placement_rejects_cpu_only_calls():
     on_gpu, _ = pair()
     with pytest.raises(RuntimeError, match="placement='cpu'"):
         on_gpu.configure_optimizer(lr=1.0)
+
+
+def test_frozen_layer_passes_dh_but_moves_no_rows(seed):
+    on_gpu, on_cpu = pair()
+    on_cpu.requires_grad_(False)
+    hidden = torch.randn(6, 12, requires_grad=True)
+    on_cpu(hidden).square().sum().backward()
+    expected = hidden.detach().clone().requires_grad_()
+    on_gpu(expected).square().sum().backward()
+    assert rel_err(hidden.grad, expected.grad) < 1e-5
+    assert on_cpu.offload.pending_grads == [] and on_cpu.offload.runtime.bytes_to_host == 0
