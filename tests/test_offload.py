@@ -12,19 +12,23 @@ BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init
             value_init_std=1.0, router_init_scale=0.3)
 
 
-def pair(backend="torch", **changes):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pair(backend="torch", device="cpu", **changes):
     cfg = MEFTConfig(**{**BASE, "backend": backend, **changes})
-    on_gpu = MEFTAdapter(12, cfg.replace(placement="gpu"))
-    on_cpu = MEFTAdapter(12, cfg.replace(placement="cpu"))
+    on_gpu = MEFTAdapter(12, cfg.replace(placement="gpu"), device=device)
+    on_cpu = MEFTAdapter(12, cfg.replace(placement="cpu"), device=device)
     on_cpu.load_state_dict(on_gpu.state_dict())
     return on_gpu, on_cpu
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
-def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_rows):
-    on_gpu, on_cpu = pair(backend, backward_rows=backward_rows)
-    hidden = torch.randn(4, 7, 12)
+def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_rows, device):
+    on_gpu, on_cpu = pair(backend, device, backward_rows=backward_rows)
+    hidden = torch.randn(4, 7, 12, device=device)
     h_gpu, h_cpu = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     y_gpu, y_cpu = on_gpu(h_gpu), on_cpu(h_cpu)
     assert rel_err(y_cpu, y_gpu) < 1e-6
@@ -34,9 +38,10 @@ def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_ro
     assert rel_err(h_cpu.grad, h_gpu.grad) < 1e-5
     assert rel_err(on_cpu.router.weight.grad, on_gpu.router.weight.grad) < 1e-5
     grads = on_cpu.offload.pending_grads[0].result()
-    d = 12
-    assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[grads.row_ids]) < 1e-5
-    assert rel_err(grads.rows[:, d:], on_gpu.values.grad[grads.row_ids]) < 1e-5
+    d, rows = 12, grads.row_ids.to(device)
+    assert grads.rows.device.type == "cpu"
+    assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[rows]) < 1e-5
+    assert rel_err(grads.rows[:, d:], on_gpu.values.grad[rows]) < 1e-5
 
 
 def selected_rows(adapter, hidden):
@@ -48,22 +53,25 @@ def selected_rows(adapter, hidden):
     return neuron_ids.unique()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gate", ["logit", "softmax"])
-def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate):
+def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate, device):
     """3 steps of 2 micro-batches each, weight decay and global-norm clipping."""
-    on_gpu, on_cpu = pair(gate=gate)
+    on_gpu, on_cpu = pair("auto", device, gate=gate)
     hyper = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5)
-    expected = SparseRowAdamW(CPURowStore.from_dense(on_gpu.keys.detach(), on_gpu.values.detach()), **hyper)
+    expected = SparseRowAdamW(CPURowStore.from_dense(on_gpu.keys.detach().cpu(), on_gpu.values.detach().cpu()),
+                              **hyper)
     on_cpu.configure_optimizer(**hyper)
     router_gpu = torch.optim.AdamW(on_gpu.router.parameters(), lr=1e-2)
     router_cpu = torch.optim.AdamW(on_cpu.router.parameters(), lr=1e-2)
     for _ in range(3):
         for _ in range(2):
-            hidden, target = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+            hidden, target = torch.randn(3, 5, 12, device=device), torch.randn(3, 5, 12, device=device)
             rows = selected_rows(on_gpu, hidden)
             on_gpu.zero_grad()
             (on_gpu(hidden) - target).square().mean().backward()
-            expected.accumulate(rows, on_gpu.keys.grad[rows].float(), on_gpu.values.grad[rows].float())
+            expected.accumulate(rows.cpu(), on_gpu.keys.grad[rows].float().cpu(),
+                                on_gpu.values.grad[rows].float().cpu())
             (on_cpu(hidden) - target).square().mean().backward()
             router_gpu.step()
             router_cpu.step()
@@ -78,8 +86,8 @@ def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate):
     torch.testing.assert_close(keys, expected.store.keys(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(values, on_gpu.values.new_zeros(values.shape))
-    torch.testing.assert_close(on_cpu.offload.key_cache, keys)
+    assert not torch.equal(values, torch.zeros_like(values))
+    torch.testing.assert_close(on_cpu.offload.key_cache.cpu(), keys)
 
 
 def test_transfer_accounting(seed):
@@ -126,3 +134,43 @@ def test_frozen_layer_passes_dh_but_moves_no_rows(seed):
     on_gpu(expected).square().sum().backward()
     assert rel_err(hidden.grad, expected.grad) < 1e-5
     assert on_cpu.offload.pending_grads == [] and on_cpu.offload.runtime.bytes_to_host == 0
+
+
+@pytest.mark.gpu
+def test_gpu_memory_stays_at_key_cache_plus_slots_over_100_steps(seed):
+    """LLaMA-7B-shaped layers (d = 4096, N = 65536) under placement "cpu": what the device holds
+    is the bf16 key caches, the routers and the slots, and nothing grows step after step.
+    Four layers, not 32: each layer's fp32 master + AdamW moments take 6 GiB of host memory."""
+    from meft_triton.offload import OffloadRuntime
+
+    d, layers, tokens = 4096, 4, 512
+    cfg = MEFTConfig(num_neurons=65536, num_experts=1024, experts_per_token=8, topk=64,
+                     placement="cpu", value_init_std=0.02)
+    runtime = OffloadRuntime("cuda", torch.bfloat16, d)
+    adapters = [MEFTAdapter(d, cfg, device="cuda", runtime=runtime) for _ in range(layers)]
+    for adapter in adapters:
+        adapter.configure_optimizer(lr=1e-4)
+    router_opt = torch.optim.AdamW([a.router.weight for a in adapters], lr=1e-4)
+    key_cache_bytes = layers * cfg.num_neurons * d * 2
+
+    def step():
+        hidden = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = hidden
+        for adapter in adapters:
+            out = out + adapter(out)
+        out.float().square().mean().backward()
+        router_opt.step()
+        router_opt.zero_grad()
+        for adapter in adapters:
+            adapter.sparse_step()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    settled = torch.cuda.memory_allocated()
+    slots = sum(s.nbytes for s in runtime.prefetcher.slots)
+    assert settled < key_cache_bytes + slots + 256 * 2**20, "more than key caches + slots + 256 MiB"
+    for _ in range(95):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= settled + 16 * 2**20
