@@ -32,7 +32,8 @@ def expert_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int):
     counts = offsets[1:] - offsets[:-1]
     blocks_per_expert = (counts + block_m - 1) // block_m
     block_end_cum = torch.cumsum(blocks_per_expert, 0)
-    max_blocks = -(-expert_ids.numel() // block_m) + num_experts
+    # Each used expert adds at most one partial block, and at most T * P experts are used.
+    max_blocks = -(-expert_ids.numel() // block_m) + min(num_experts, expert_ids.numel())
     block = torch.arange(max_blocks, device=expert_ids.device)
     expert = torch.searchsorted(block_end_cum, block, right=True).clamp_(max=num_experts - 1)
     first_block = block_end_cum[expert] - blocks_per_expert[expert]
