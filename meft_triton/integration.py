@@ -494,8 +494,10 @@ class OffloadedAdamW(torch.optim.AdamW):
     ``max_grad_norm`` by their global norm across layers (the HF Trainer's own clipping sees
     only the routers' ``.grad``), and starts each layer's update on its worker thread with the
     learning rate of ``param_groups[0]`` (so LR schedulers drive both); a layer's next forward
-    waits for its update. ``state_dict()`` holds the routers' state and every sparse
-    optimizer's (moments and step count).
+    waits for its update. A layer with no gradient rows this step (frozen, e.g. left out by
+    :class:`meft_triton.ist.ISTScheduler`) is skipped: no worker job, step count and moments
+    unchanged. ``state_dict()`` holds the routers' state and every sparse optimizer's (moments
+    and step count).
     """
 
     def __init__(self, adapters: Sequence[MEFTAdapter], lr: float = 1e-3,
@@ -520,6 +522,11 @@ class OffloadedAdamW(torch.optim.AdamW):
         lr = self.param_groups[0]["lr"]
         for adapter, sparse in zip(self.adapters, self.sparse):
             sparse.lr = lr
+            if sparse.pending_rows == 0:
+                # No gradient rows (a frozen layer, e.g. not chosen by IST this step): no worker
+                # job, and its step count and moments stay put (an empty SparseRowAdamW.step
+                # would still advance t), as torch AdamW skips a parameter whose grad is None.
+                continue
             adapter.sparse_step()
         return loss
 

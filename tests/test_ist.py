@@ -1,0 +1,443 @@
+"""IST layer selection (issue 8): score rule, sampling statistics, frozen layers stay untouched
+(placement "gpu" with torch AdamW and placement "cpu" with OffloadedAdamW), the output-scale
+hook, the HF Trainer callback, and the device->host bytes / CPU optimizer time with and
+without IST.
+
+``python tests/test_ist.py [steps]`` prints the measurement table (tiny Llama, placement
+"cpu", 4 layers, rho = 0.25)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from meft_triton import MEFTAdapter, MEFTConfig  # noqa: E402
+from meft_triton.integration import (  # noqa: E402
+    OffloadedAdamW,
+    attach_meft,
+    create_meft_optimizer,
+    meft_adapters,
+    meft_parameters,
+)
+from meft_triton.ist import ISTConfig, ISTScheduler, OutputScale, scaled_adapter_outputs  # noqa: E402
+
+VOCAB = 100
+CFG = MEFTConfig(num_neurons=256, num_experts=16, experts_per_token=4, topk=8, backend="torch",
+                 value_init_std=0.05)
+
+
+def tiny_model(layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def batch(seed: int = 1, rows: int = 4, length: int = 12) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=gen)
+
+
+def small_adapters(count: int, placement: str = "gpu"):
+    cfg = MEFTConfig(num_neurons=32, num_experts=4, experts_per_token=2, topk=4, backend="torch",
+                     value_init_std=0.1, placement=placement)
+    torch.manual_seed(0)
+    if placement == "gpu":
+        return [MEFTAdapter(8, cfg) for _ in range(count)]
+    from meft_triton.offload import OffloadRuntime
+
+    runtime = OffloadRuntime("cpu", torch.float32, 8)
+    return [MEFTAdapter(8, cfg, runtime=runtime) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_config_validation_and_counts():
+    cfg = ISTConfig()
+    assert (cfg.interval, cfg.passes, cfg.suppression, cfg.score_lr, cfg.ratio) == (10, 3, 0.25, 10.0, 0.25)
+    assert cfg.train_layers(32) == 8 and cfg.train_layers(2) == 1 and cfg.train_layers(6) == 2
+    assert cfg.scored_layers(32) == 16 and cfg.scored_layers(3) == 2
+    for bad, err in [(dict(ratio=0.0), ValueError), (dict(ratio=1.5), ValueError),
+                     (dict(interval=0), ValueError), (dict(passes=1.5), TypeError),
+                     (dict(mode="random"), ValueError), (dict(suppression=-1.0), ValueError),
+                     (dict(sample_fraction=0.0), ValueError), (dict(eval_mode=1), TypeError)]:
+        with pytest.raises(err):
+            ISTConfig(**bad)
+    with pytest.raises(TypeError, match="MEFTAdapter"):
+        ISTScheduler([torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="no MEFT adapters"):
+        ISTScheduler(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# ------------------------------------------------------------------------------ score rule
+
+
+def test_score_update_literal_case():
+    """Scores 0, score_lr 10, sets {0} and {1}, losses 0 and ln 2: r = (1, 0.5), a = (+-0.25),
+    sigmoid'(0) = 0.25, so s = (+0.625, -0.625, 0)."""
+    sched = ISTScheduler(small_adapters(3), ISTConfig(score_lr=10.0))
+    adv = sched.update_scores([[0], [1]], [0.0, math.log(2.0)])
+    assert adv.tolist() == [0.25, -0.25]
+    assert sched.scores.tolist() == [0.625, -0.625, 0.0]
+
+
+def test_score_update_hand_computed_overlapping_sets():
+    sched = ISTScheduler(small_adapters(4), ISTConfig(score_lr=7.0))
+    start = [0.0, 1.0, -1.0, 0.5]
+    sched.scores = torch.tensor(start, dtype=torch.float64)
+    sets, losses = [[0, 1], [1, 2], [3, 0]], [1.0, 2.0, 0.5]
+    # by hand, scalar by scalar
+    r = [math.exp(-v) for v in losses]
+    mean = sum(r) / 3
+    a = [x - mean for x in r]
+    sig = [1 / (1 + math.exp(-s)) for s in start]
+    expected = list(start)
+    for k, layers in enumerate(sets):
+        for i in layers:
+            expected[i] += 7.0 * a[k] * sig[i] * (1 - sig[i])  # scores from before the round
+    sched.update_scores(sets, losses)
+    for got, want in zip(sched.scores.tolist(), expected):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    # a layer suppressed where the loss barely rose (high reward) gains score: trained less
+    assert expected[3] > start[3] and expected[2] < start[2]
+    with pytest.raises(ValueError, match="one loss per set"):
+        sched.update_scores([[0]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        sched.update_scores([[0]], [float("nan")])
+
+
+def test_scoring_round_suppresses_the_sampled_layers():
+    """score() evaluates loss_fn once per pass with exactly that pass's adapters scaled by
+    `suppression`, without a graph, and applies the rule to the recorded losses."""
+    adapters = small_adapters(4)
+    sched = ISTScheduler(adapters, ISTConfig(passes=3, suppression=0.25, seed=5))
+    h = torch.randn(5, 8)
+    full = [a(h).detach() for a in adapters]
+    seen = []
+
+    def loss_fn():
+        outs = [a(h) for a in adapters]
+        assert not any(o.requires_grad for o in outs)
+        scaled = [i for i, (o, f) in enumerate(zip(outs, full)) if torch.allclose(o, 0.25 * f)
+                  and not torch.allclose(o, f)]
+        seen.append(scaled)
+        return sum(o.square().sum() for o in outs)
+
+    round_ = sched.score(loss_fn)
+    assert seen == round_.sets and all(len(s) == 2 for s in seen)
+    check = ISTScheduler(small_adapters(4), ISTConfig(passes=3))
+    check.update_scores(round_.sets, round_.losses)
+    assert torch.equal(check.scores, sched.scores)
+    # hooks are gone afterwards
+    assert all(torch.equal(a(h), f) for a, f in zip(adapters, full))
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu"], ids=["placement-device", "placement-host"])
+def test_output_scale_hook_both_placements(placement):
+    adapters = small_adapters(2, placement)
+    h = torch.randn(6, 8)
+    with torch.no_grad():
+        base = [a(h).clone() for a in adapters]
+        with scaled_adapter_outputs([adapters[1]], 0.25):
+            scaled = [a(h).clone() for a in adapters]
+        after = [a(h).clone() for a in adapters]
+    assert torch.equal(scaled[0], base[0]) and torch.equal(after[1], base[1])
+    torch.testing.assert_close(scaled[1], 0.25 * base[1])
+    if placement == "cpu":
+        handle = OutputScale(adapters[0], 0.5)
+        with pytest.raises(RuntimeError, match="already scaled"):
+            OutputScale(adapters[0], 0.5)
+        handle.remove()
+        assert "finish_values" not in adapters[0].__dict__
+        adapters[0].offload.runtime.close()
+
+
+def test_scoring_through_the_model_wrapper_cpu_placement():
+    """Under placement "cpu" MEFTMLP calls start_routing/finish_values directly: the scale
+    still applies, and scoring moves no gradient bytes to the host."""
+    model = attach_meft(tiny_model(2), CFG.replace(placement="cpu"))
+    ids = batch()
+    with torch.no_grad():
+        base = model(ids, labels=ids).loss.item()
+        adapters = list(meft_adapters(model).values())
+        with scaled_adapter_outputs(adapters, 0.0):
+            off = model(ids, labels=ids).loss.item()
+    runtime = adapters[0].offload.runtime
+    sched = ISTScheduler(model, ISTConfig(passes=2))
+    sched.score(lambda: model(ids, labels=ids).loss)
+    assert off != base and runtime.bytes_to_host == 0
+    assert all(loss != base for loss in sched.last_round.losses)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def inclusion_probabilities(weights: list[float], k: int) -> list[float]:
+    """Exact P(layer i among k successive draws without replacement), by enumeration."""
+    n = len(weights)
+    prob = [0.0] * n
+    for order in itertools.permutations(range(n), k):
+        p, left = 1.0, sum(weights)
+        for i in order:
+            p *= weights[i] / left
+            left -= weights[i]
+        for i in order:
+            prob[i] += p
+    return prob
+
+
+@pytest.mark.parametrize("num_layers,ratio", [(4, 0.25), (5, 0.4)])
+def test_selection_frequencies_follow_the_weights(num_layers, ratio):
+    sched = ISTScheduler(small_adapters(num_layers), ISTConfig(ratio=ratio, seed=1234))
+    sched.scores = torch.linspace(-1.5, 2.0, num_layers, dtype=torch.float64)
+    weights = torch.sigmoid(-sched.scores).tolist()
+    k = sched.config.train_layers(num_layers)
+    draws = 6000
+    counts = torch.zeros(num_layers)
+    for _ in range(draws):
+        picked = sched.sample_train_layers()
+        assert len(picked) == k == len(set(picked))
+        counts[picked] += 1
+    expected = torch.tensor(inclusion_probabilities(weights, k)) * draws
+    if k == 1:  # multinomial: Pearson chi-square, df = L - 1, 99.9% quantile for df = 3 is 16.27
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 16.27, (chi2, counts, expected)
+    p = expected / draws
+    sigma = (draws * p * (1 - p)).sqrt()
+    assert ((counts - expected).abs() < 4 * sigma).all(), (counts, expected)
+    # the low-score layer (most important) is trained most often
+    assert counts.argmax() == 0
+
+
+def test_uniform_mode_is_the_control():
+    sched = ISTScheduler(small_adapters(4), ISTConfig(mode="uniform", seed=3, interval=1))
+    sched.scores = torch.tensor([-3.0, 0.0, 1.0, 3.0], dtype=torch.float64)  # ignored
+    calls = []
+    counts = torch.zeros(4)
+    for step in range(4000):
+        counts[sched.before_step(step, lambda: calls.append(1) or 0.0)] += 1
+    assert not calls, "uniform mode runs no scoring passes"
+    assert ((counts - 1000).abs() < 4 * math.sqrt(4000 * 0.25 * 0.75)).all(), counts
+    importance = ISTScheduler(small_adapters(2), ISTConfig(interval=5))
+    with pytest.raises(ValueError, match="needs loss_fn"):
+        importance.before_step(0)
+    assert len(importance.before_step(1)) == 1  # not a scoring step
+
+
+def test_select_freezes_and_release_restores():
+    adapters = small_adapters(4)
+    sched = ISTScheduler(adapters, ISTConfig(mode="uniform", seed=0))
+    for a in adapters:
+        for p in a.parameters():
+            p.grad = torch.zeros_like(p)
+    chosen = sched.before_step(0)
+    for i, a in enumerate(adapters):
+        for p in a.parameters():
+            assert p.requires_grad == (i in chosen)
+            assert (p.grad is not None) == (i in chosen)
+    state = sched.state_dict()
+    nxt = sched.sample_train_layers()
+    sched.load_state_dict(state)
+    assert sched.sample_train_layers() == nxt and sched.selected == chosen
+    sched.release()
+    assert all(p.requires_grad for a in adapters for p in a.parameters())
+
+
+# ------------------------------------------------------------------------------ frozen state
+
+
+def snapshot_gpu(model, opt):
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if "adapter" in n}
+    state = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            state[id(p)] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+    return params, state
+
+
+def test_unselected_layers_bit_identical_gpu_placement_torch_adamw():
+    model = attach_meft(tiny_model(4), CFG)
+    model.train()
+    ids = batch()
+    opt = create_meft_optimizer(model, lr=1e-2, weight_decay=0.01)
+    assert type(opt) is torch.optim.AdamW
+    for _ in range(2):  # every layer has optimizer state before IST starts
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # stale zero grads: select() must still drop them
+    sched = ISTScheduler(model, ISTConfig(interval=1, seed=7))
+    adapters = list(meft_adapters(model).values())
+    for _ in range(3):
+        chosen = sched.before_step(0, lambda: model(ids, labels=ids).loss)
+        assert len(chosen) == 1
+        params, state = snapshot_gpu(model, opt)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        for i, adapter in enumerate(adapters):
+            prefix = f"model.layers.{sched.layer_ids[i]}.mlp.adapter."
+            changed = [not torch.equal(p, params[prefix + n]) for n, p in adapter.named_parameters()]
+            for p in adapter.parameters():
+                before = state[id(p)]
+                after = opt.state[p]
+                same = (after["step"] == before["step"]
+                        and torch.equal(after["exp_avg"], before["exp_avg"])
+                        and torch.equal(after["exp_avg_sq"], before["exp_avg_sq"]))
+                assert same == (i not in chosen), (i, chosen)
+            assert any(changed) == (i in chosen), (i, chosen)
+            if i not in chosen:
+                assert not any(changed)
+        opt.zero_grad(set_to_none=False)
+
+
+def snapshot_cpu(adapters, opt):
+    out = []
+    for a, sparse in zip(adapters, opt.sparse):
+        a.offload.wait_for_update()
+        s = a.offload.store
+        out.append(dict(records=s.records.clone(), m=s.exp_avg.clone(), v=s.exp_avg_sq.clone(),
+                        t=sparse.step_count, router=a.router.weight.detach().clone(),
+                        router_state={k: (v.clone() if torch.is_tensor(v) else v)
+                                      for k, v in opt.state.get(a.router.weight, {}).items()}))
+    return out
+
+
+def test_unselected_layers_bit_identical_cpu_placement_offloaded_adamw():
+    model = attach_meft(tiny_model(4), CFG.replace(placement="cpu"))
+    model.train()
+    ids = batch()
+    opt = create_meft_optimizer(model, lr=1e-2, weight_decay=0.01)
+    assert isinstance(opt, OffloadedAdamW)
+    adapters = list(meft_adapters(model).values())
+    runtime = adapters[0].offload.runtime
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    sched = ISTScheduler(model, ISTConfig(interval=1, seed=11))
+    for _ in range(3):
+        chosen = sched.before_step(0, lambda: model(ids, labels=ids).loss)
+        before = snapshot_cpu(adapters, opt)
+        host_bytes = runtime.bytes_to_host
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        for i, a in enumerate(adapters):
+            assert (len(a.offload.pending_grads) > 0) == (i in chosen), "no gradient rows move"
+        moved = runtime.bytes_to_host - host_bytes
+        opt.step()
+        for i, a in enumerate(adapters):
+            if i not in chosen:
+                assert a.offload.pending_step is None, "no optimizer work for a frozen layer"
+        after = snapshot_cpu(adapters, opt)
+        for i, (b, c) in enumerate(zip(before, after)):
+            same = {k: (torch.equal(b[k], c[k]) if torch.is_tensor(b[k]) else b[k] == c[k])
+                    for k in ("records", "m", "v", "t", "router")}
+            same["router_state"] = all(
+                torch.equal(b["router_state"][k], c["router_state"][k]) if torch.is_tensor(b["router_state"][k])
+                else b["router_state"][k] == c["router_state"][k] for k in b["router_state"])
+            if i in chosen:
+                assert not any(same.values()), (i, same)
+                assert c["t"] == b["t"] + 1
+            else:
+                assert all(same.values()), (i, same)
+        assert moved > 0
+        opt.zero_grad()
+    runtime.close()
+
+
+# ------------------------------------------------------------------------------ HF Trainer
+
+
+def test_hf_trainer_callback(tmp_path):
+    pytest.importorskip("accelerate")
+    from meft_triton.ist import ISTCallback
+
+    model = attach_meft(tiny_model(4), CFG)
+    ids = batch(rows=8)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+        gradient_accumulation_steps=2, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    sched = ISTScheduler(model, ISTConfig(interval=2, seed=0))
+    opt = create_meft_optimizer(model, args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                   optimizers=(opt, None), callbacks=[ISTCallback(sched)])
+    trainer.train()
+    assert sched.steps_selected == 6 and int(sched.selection_counts.sum()) == 6
+    assert sched.last_round is not None and sched.last_round.step == 4
+    assert not torch.equal(sched.scores, torch.zeros(4, dtype=torch.float64))
+    steps = [int(opt.state[p]["step"]) for p in meft_parameters(model) if p in opt.state]
+    assert sum(steps) / 3 == 6, "each step trains exactly one layer's three parameters"
+    assert all(p.requires_grad for p in meft_parameters(model)), "released at the end"
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def measure(use_ist: bool, steps: int, ratio: float = 0.25, layers: int = 4, seed: int = 0) -> dict:
+    """Placement "cpu", OffloadedAdamW: device->host bytes and CPU optimizer time per step
+    (opt.step() plus waiting for the row-sparse updates), averaged over ``steps``."""
+    cfg = MEFTConfig(num_neurons=4096, num_experts=64, experts_per_token=4, topk=16,
+                     backend="torch", value_init_std=0.05, placement="cpu")
+    model = attach_meft(tiny_model(layers, seed), cfg)
+    model.train()
+    ids = batch(rows=8, length=16)
+    opt = create_meft_optimizer(model, lr=1e-3)
+    adapters = list(meft_adapters(model).values())
+    runtime = adapters[0].offload.runtime
+    sched = ISTScheduler(model, ISTConfig(ratio=ratio, interval=10, seed=seed)) if use_ist else None
+    host_bytes = opt_time = step_time = 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        if sched is not None:
+            sched.before_step(step, lambda: model(ids, labels=ids).loss)
+        before = runtime.bytes_to_host
+        model(ids, labels=ids).loss.backward()
+        host_bytes += runtime.bytes_to_host - before
+        t0 = time.perf_counter()
+        opt.step()
+        for a in adapters:
+            a.offload.wait_for_update()
+        opt_time += time.perf_counter() - t0
+        opt.zero_grad()
+        step_time += time.perf_counter() - start
+    runtime.close()
+    return dict(bytes_to_host=host_bytes / steps, optimizer_ms=1e3 * opt_time / steps,
+                step_ms=1e3 * step_time / steps)
+
+
+def test_ist_cuts_host_bytes_by_about_one_minus_rho():
+    full = measure(False, steps=4)
+    ist = measure(True, steps=4)
+    ratio = ist["bytes_to_host"] / full["bytes_to_host"]
+    print(f"bytes_to_host/step: full {full['bytes_to_host']:.0f}, IST {ist['bytes_to_host']:.0f} "
+          f"(ratio {ratio:.3f}); optimizer ms/step: full {full['optimizer_ms']:.2f}, "
+          f"IST {ist['optimizer_ms']:.2f}")
+    assert 0.15 < ratio < 0.35, ratio  # one of four layers per step: about rho = 0.25
+
+
+if __name__ == "__main__":
+    import sys
+
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    torch.set_num_threads(1)
+    rows = {"all layers": measure(False, steps), "IST rho=0.25": measure(True, steps)}
+    print(f"placement cpu, tiny Llama d=32 x 4 layers, N=4096 E=64 P=4 K=16, 8x16 tokens, "
+          f"{steps} steps, torch {torch.__version__}, 1 thread")
+    print("| run | device->host bytes/step | CPU optimizer ms/step | step ms |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['bytes_to_host']:,.0f} | {r['optimizer_ms']:.2f} | {r['step_ms']:.1f} |")
+    full, ist = rows["all layers"], rows["IST rho=0.25"]
+    print(f"IST / all: bytes {ist['bytes_to_host'] / full['bytes_to_host']:.3f}, optimizer time "
+          f"{ist['optimizer_ms'] / full['optimizer_ms']:.3f}")
