@@ -20,7 +20,7 @@ SparseAdam gets the touched ``2d``-wide rows of it. The byte floor is
 
 The ratios use the best time of each contender (the least disturbed run); medians are printed
 too. The gradients are accumulated (untimed) before every timed step, and a 64 MiB buffer is
-written before every timed operation so no contender starts with its data in cache.
+read before every timed operation so no contender starts with its data in cache.
 """
 
 from __future__ import annotations
@@ -149,11 +149,11 @@ def memcpy(nbytes: int) -> Contender:
 
 def measure(contenders: list[Contender], repeats: int, warmup: int = 1, flush_mib: int = 64) -> None:
     """Interleaved rounds: every contender once per round, cache flushed before each op."""
-    flush = torch.empty(max(1, flush_mib << 18))
+    flush = torch.ones(max(1, flush_mib << 18))
     for r in range(warmup + repeats):
         for c in contenders:
             c.setup()
-            flush.fill_(float(r))
+            flush.sum()  # read, not written: evicts the cache without leaving dirty lines behind
             t0 = time.perf_counter()
             c.op()
             t1 = time.perf_counter()
