@@ -195,3 +195,19 @@ def test_original_formulation_baseline_matches_layer(seed):
     torch.testing.assert_close(
         reference.meft_original_forward(hidden, adapter.router.weight, adapter.keys, adapter.values, 3, 5),
         adapter(hidden))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_stays_in_its_token(seed, device, backend, bad):
+    """Like a PyTorch layer: a NaN/Inf in a token's input makes that token's output non-finite
+    and leaves the other tokens' outputs exact."""
+    adapter = make_adapter(16, device=device, num_neurons=32, num_experts=4, experts_per_token=2,
+                           topk=4, backend=backend)
+    hidden = torch.randn(5, 16, device=device)
+    clean = adapter(hidden)
+    hidden[2, 3] = bad
+    y = adapter(hidden)
+    assert not y[2].isfinite().all()
+    keep = [0, 1, 3, 4]
+    assert torch.equal(y[keep], clean[keep])
