@@ -203,7 +203,9 @@ class SparseRowAdamW:
     max_grad_norm: clip this optimizer's accumulated gradients to this global L2 norm at
         every step (``None``: no clipping). To clip across several layers use
         :func:`clip_grad_norm_` instead (both compose, like two successive clips).
-    num_threads: threads of the row update (default ``torch.get_num_threads()``).
+    num_threads: threads of the row update (default ``torch.get_num_threads()``). With many
+        layers stepping in the background at once, ``num_threads=1`` keeps the number of busy
+        threads near the number of cores (the update is memory-bound either way).
     backend: ``"auto"`` (compiled loop when available), ``"c"`` or ``"torch"``.
 
     Typical loop::
