@@ -28,6 +28,7 @@ global norm over several optimizers (layers) at once.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,14 @@ from . import _cpu_rowops
 from .row_store import CPURowStore, check_row_ids
 
 _FORMAT = "meft_triton.SparseRowAdamW/1"
+
+
+def perf_slowdown(part: str) -> bool:
+    """True when ``MEFT_PERF_SLOWDOWN`` (``1``/``all``, or a comma list naming ``part``) asks for
+    a deliberately slowed build: the test of ``profiling.perf_gate`` proves with it that the gate
+    fails. Never set it otherwise; the needless work leaves every result unchanged."""
+    flag = os.environ.get("MEFT_PERF_SLOWDOWN", "").strip().lower()
+    return flag in ("1", "all") or part in flag.split(",")
 
 
 def _number(name: str, value: Any) -> float:
@@ -361,6 +370,9 @@ class SparseRowAdamW:
                     num_threads=self.num_threads,
                     backend=None if self.backend == "auto" else self.backend,
                 )
+                if perf_slowdown("optim"):  # needless extra pass over the touched rows (perf gate test)
+                    for a in (s.records, s.exp_avg, s.exp_avg_sq):
+                        a.view(s.num_rows, w).index_copy_(0, sorted_ids, a.view(s.num_rows, w)[sorted_ids])
             self._step = t
             return sorted_ids
         finally:

@@ -31,6 +31,17 @@ def _contender(kind: str) -> ob.Contender:
             return ob.ours(p, gen)
         if kind == "ours_torch_fallback":
             return ob.ours(p, gen, backend="torch")
+        if kind == "ours_clip_weight_decay":  # global-norm clipping folded in, decoupled decay
+            c = ob.ours(p, gen)
+            opt = c.op.__self__
+            opt.weight_decay, opt.max_grad_norm = 0.01, 1.0
+            c.name += " (max_grad_norm=1, weight_decay=0.01)"
+            return c
+        if kind == "ours_step_async":  # the worker-thread step the offload path uses, waited for
+            c = ob.ours(p, gen)
+            opt = c.op.__self__
+            return ob.Contender(c.name.replace(".step", ".step_async().result()"),
+                                op=lambda: opt.step_async().result(), setup=c.setup)
         if kind == "dense_fused_adamw":
             return ob.dense_adamw(p, gen)
         if kind == "torch_sparse_adam":
@@ -43,7 +54,8 @@ def _contender(kind: str) -> ob.Contender:
 
 
 @pytest.mark.parametrize(
-    "kind", ["ours", "ours_torch_fallback", "dense_fused_adamw", "torch_sparse_adam", "accumulate", "memcpy"]
+    "kind", ["ours", "ours_torch_fallback", "ours_clip_weight_decay", "ours_step_async", "dense_fused_adamw",
+             "torch_sparse_adam", "accumulate", "memcpy"]
 )
 def test_optimizer_step_benchmark(benchmark, kind):
     c = _contender(kind)
