@@ -473,10 +473,19 @@ def meft_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def meft_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``("layers.{i}.{router.weight|keys|values}", parameter)`` pairs, the names
-    :func:`save_adapter` uses."""
+    """``("layers.{i}.{router.weight|keys|values}", parameter)`` pairs: the trainable
+    parameters. Under placement "cpu" keys and values are not parameters (they live in the CPU
+    row store): :func:`meft_state_tensors` has every tensor an adapter is made of."""
     return [(f"layers.{i}.{name}", p) for i, adapter in meft_adapters(model).items()
             for name, p in adapter.named_parameters()]
+
+
+def meft_state_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """``{"layers.{i}.{router.weight|keys|values}": tensor}``: what :func:`save_adapter` writes.
+    Under placement "gpu" the parameters; under placement "cpu" the router parameter and the
+    fp32 master keys/values of the CPU row store (after any in-flight optimizer update)."""
+    return {f"layers.{i}.{name}": t.detach() for i, adapter in meft_adapters(model).items()
+            for name, t in adapter.state_dict(keep_vars=True).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,8 +691,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"save_adapter: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
 
-    tensors = {name: p.detach().to("cpu").contiguous().clone()
-               for name, p in meft_named_parameters(model)}
+    tensors = {name: t.to("cpu").contiguous().clone()
+               for name, t in meft_state_tensors(model).items()}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     info: dict[str, Any] = {
         "format": FORMAT_NAME,
@@ -835,7 +844,8 @@ def load_adapter(
         if not attach:
             raise ValueError(f"load_adapter: {type(model).__name__} has no MEFT adapters and "
                              "attach=False")
-        dtypes = {t.dtype for t in tensors.values()}
+        # the routers' dtype (placement "cpu" keeps fp32 master keys/values whatever it is)
+        dtypes = {t.dtype for name, t in tensors.items() if name.endswith("router.weight")}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         attach_meft(model, config, saved_layers, dtype=dtype,
                     input_require_grads=input_require_grads)
@@ -862,7 +872,7 @@ def _check_and_copy(model: nn.Module, config: MEFTConfig, saved_layers: list[int
                 if getattr(config, f) != getattr(state.config, f)}
         raise ValueError("load_adapter: saved MEFTConfig differs from the attached one "
                          + ", ".join(f"{k}: saved {a!r} vs model {b!r}" for k, (a, b) in diff.items()))
-    params = dict(meft_named_parameters(model))
+    params = meft_state_tensors(model)
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -877,8 +887,10 @@ def _check_and_copy(model: nn.Module, config: MEFTConfig, saved_layers: list[int
             raise ValueError(f"load_adapter: {name} is {t.dtype} in the file but {param.dtype} in "
                              "the model; attach with attach_meft(..., dtype=...) to match")
     with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
+        for i, adapter in adapters.items():
+            # in place; placement "cpu" copies into the row store and refreshes its key cache
+            prefix = f"layers.{i}."
+            adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 __all__ = [
@@ -894,6 +906,7 @@ __all__ = [
     "meft_adapters",
     "meft_named_parameters",
     "meft_parameters",
+    "meft_state_tensors",
     "read_adapter",
     "save_adapter",
 ]
