@@ -10,8 +10,19 @@ parameters: MEFT with a large N, LoRA (the peft library, all linear layers of th
 the rank that matches, and a dense parallel adapter (d -> r -> d ReLU MLP beside every FFN) with
 the width that matches.
 
+Two more rows on request (``--methods all``): ``meft+ist`` is the same MEFT adapter trained
+with IST layer selection (meft_triton.ist: each step only ``--ist-ratio`` of the layers'
+adapters train, chosen by learned importance scores; the scoring passes run every
+``--ist-interval`` steps on the step's batch); ``smt`` is Sparse Matrix Tuning
+(meft_triton.smt): a ``--smt-warmup``-step gradient warm-up that updates no weights (its steps
+count toward ``--steps``), then training only the top ``b x b`` blocks of the q/k/v/gate/up/down
+projections, as many blocks as MEFT's budget buys. When that budget exceeds every candidate
+block (it does at the example's scales: MEFT's adapter is larger than the toy backbone's
+projections) SMT trains all of them and the row says so.
+
     python examples/finetune.py                 # default scale (a few minutes on 2 CPU cores)
     python examples/finetune.py --tiny          # CI scale, seconds
+    python examples/finetune.py --tiny --methods all   # + meft+ist and smt rows
     python examples/finetune.py --device cuda --steps 2000 --facts 20000
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during training minus the allocation
@@ -45,7 +56,8 @@ from meft_triton.integration import (  # noqa: E402
     mlp_hidden_size,
 )
 
-METHODS = ("meft", "lora", "dense")
+DEFAULT_METHODS = ("meft", "lora", "dense")
+METHODS = DEFAULT_METHODS + ("meft+ist", "smt")
 
 
 # ------------------------------------------------------------------------------------ task
@@ -145,10 +157,13 @@ def setup_method(method: str, model, args, budget: int):
     """Attach the method's trainable part; returns (model, params, description)."""
     _, layers = find_decoder_layers(model)
     hidden = mlp_hidden_size(find_mlp(layers[0])[1], model)
-    if method == "meft":
+    if method in ("meft", "meft+ist"):
         attach_meft(model, meft_config(args))
-        return model, meft_parameters(model), (f"N={args.neurons} E={args.experts} "
-                                               f"P={args.experts_per_token} K={args.topk}")
+        desc = f"N={args.neurons} E={args.experts} P={args.experts_per_token} K={args.topk}"
+        if method == "meft+ist":
+            per_step = ist_config(args).train_layers(len(layers))
+            desc += f" IST rho={args.ist_ratio} ({per_step}/{len(layers)} layers/step, {args.ist_mode})"
+        return model, meft_parameters(model), desc
     if method == "lora":
         import peft
 
@@ -178,6 +193,39 @@ def meft_config(args) -> MEFTConfig:
     return MEFTConfig(num_neurons=args.neurons, num_experts=args.experts,
                       experts_per_token=args.experts_per_token, topk=args.topk,
                       backend=args.meft_backend)
+
+
+def ist_config(args):
+    from meft_triton.ist import ISTConfig
+
+    return ISTConfig(ratio=args.ist_ratio, interval=args.ist_interval, mode=args.ist_mode,
+                     seed=args.seed)
+
+
+def setup_smt(model, args, budget: int, next_batch, autocast):
+    """SMT: the warm-up (``args.smt_warmup`` forward+backward passes, no weight update), then
+    the top blocks within ``budget`` trainable weights. Returns (params, description, warm-up
+    losses, trainable weight entries)."""
+    from meft_triton.smt import SMTConfig, SMTWarmup, apply_smt, smt_num_trainable, smt_parameters
+
+    block = args.smt_block or max(8, mlp_hidden_size(find_mlp(find_decoder_layers(model)[1][0])[1], model) // 16)
+    config = SMTConfig(block_size=block, score=args.smt_score, targets=tuple(args.smt_targets.split(",")),
+                       warmup_steps=args.smt_warmup)
+    warmup = SMTWarmup(model, config)
+    losses = []
+    for _ in range(max(1, args.smt_warmup)):
+        inputs, labels = next_batch()
+        with autocast:
+            loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
+    total = warmup.num_candidate_blocks()
+    wanted = max(1, budget // (block * block))
+    selection = warmup.select(min(wanted, total))
+    apply_smt(model, selection)
+    capped = " (budget > all candidate blocks: all taken)" if wanted >= total else ""
+    desc = f"b={block} {selection.num_blocks}/{total} blocks{capped}"
+    return smt_parameters(model), desc, losses, smt_num_trainable(model)
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -264,18 +312,36 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
     device = torch.device(args.device)
     model = build_model(args, vocab_size)
     torch.manual_seed(args.seed + 1)
-    model, params, desc = setup_method(method, model, args, budget)
-    trainable = sum(p.numel() for p in params)
-    frozen_ok = all(not p.requires_grad for p in model.parameters()
-                    if all(p is not q for q in params))
-    assert frozen_ok, f"{method}: a backbone parameter requires grad"
-    lr = {"meft": args.lr_meft, "lora": args.lr_lora, "dense": args.lr_dense}[method]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if method == "smt":
+        params, desc = [], ""  # chosen by the warm-up, inside the timed region below
+    else:
+        model, params, desc = setup_method(method, model, args, budget)
+
+    def check_frozen():
+        frozen_ok = all(not p.requires_grad for p in model.parameters()
+                        if all(p is not q for q in params))
+        assert frozen_ok, f"{method}: a backbone parameter requires grad"
+        return sum(p.numel() for p in params)
+
+    trainable = check_frozen()
+    lr = {"meft": args.lr_meft, "meft+ist": args.lr_meft, "lora": args.lr_lora,
+          "dense": args.lr_dense, "smt": args.lr_smt}[method]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     gen = torch.Generator().manual_seed(args.seed + 2)
     inputs, labels = task.inputs.to(device), task.labels.to(device)
     losses, tokens = [], 0
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16
                 else torch.autocast(device.type, enabled=False))
+
+    def next_batch():
+        rows = torch.randint(len(inputs), (args.batch_size,), generator=gen).to(device)
+        return inputs[rows], labels[rows]
+
+    scheduler = None
+    if method == "meft+ist":
+        from meft_triton.ist import ISTScheduler
+
+        scheduler = ISTScheduler(model, ist_config(args))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -284,15 +350,31 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
     model.train()
     with meter:
         start = time.perf_counter()
-        for step in range(args.steps):
-            rows = torch.randint(len(inputs), (args.batch_size,), generator=gen).to(device)
+        train_steps = args.steps
+        if method == "smt":
+            from meft_triton.smt import create_smt_optimizer
+
+            params, desc, warm_losses, trainable = setup_smt(model, args, budget, next_batch, autocast)
+            check_frozen()  # (its count would include the zero padding of partial edge blocks)
+            losses += warm_losses
+            tokens += len(warm_losses) * args.batch_size * inputs.shape[1]
+            train_steps = max(1, args.steps - len(warm_losses))
+            opt = create_smt_optimizer(model, lr=lr)
+        for step in range(train_steps):
+            batch_inputs, batch_labels = next_batch()
+            if scheduler is not None:
+                with autocast:
+                    scheduler.before_step(
+                        step, lambda: model(input_ids=batch_inputs, labels=batch_labels).loss)
             with autocast:
-                loss = model(input_ids=inputs[rows], labels=labels[rows]).loss
+                loss = model(input_ids=batch_inputs, labels=batch_labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            tokens += inputs[rows].numel()
+            tokens += batch_inputs.numel()
+        if scheduler is not None:
+            scheduler.release()
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -345,7 +427,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CI scale: a few seconds on 2 CPU cores")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
     p.add_argument("--hidden", type=int, default=None, help="hidden size of the random model")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the random model")
     p.add_argument("--relations", type=int, default=4)
@@ -359,17 +442,27 @@ def parse_args(argv=None):
     p.add_argument("--lr-meft", type=float, default=1e-3)
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--lr-dense", type=float, default=1e-3)
+    p.add_argument("--lr-smt", type=float, default=1e-3)
+    p.add_argument("--ist-ratio", type=float, default=0.25, help="IST rho: layers trained per step")
+    p.add_argument("--ist-interval", type=int, default=10, help="IST steps between scoring rounds")
+    p.add_argument("--ist-mode", default="importance", choices=("importance", "uniform"))
+    p.add_argument("--smt-block", type=int, default=None, help="SMT block side (default max(8, d/16))")
+    p.add_argument("--smt-warmup", type=int, default=None, help="SMT warm-up steps (no update)")
+    p.add_argument("--smt-score", default="abs_mean", choices=("abs_mean", "mean_abs", "l1", "l2"))
+    p.add_argument("--smt-targets", default="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 masters)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
     scale = dict(steps=100, facts=256, hidden=64, layers=2, attributes=32, batch_size=64,
-                 neurons=512, experts=32, experts_per_token=4, topk=16) if args.tiny else \
+                 neurons=512, experts=32, experts_per_token=4, topk=16, smt_warmup=10) if args.tiny else \
         dict(steps=400, facts=1024, hidden=128, layers=4, attributes=128, batch_size=64,
-             neurons=2048, experts=128, experts_per_token=8, topk=32)
+             neurons=2048, experts=128, experts_per_token=8, topk=32, smt_warmup=20)
     for key, value in scale.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods == ["all"]:
+        args.methods = list(METHODS)
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
