@@ -314,8 +314,14 @@ def block_grad_reference(grad_out: Tensor, x: Tensor, row_start: Tensor, row_end
         lo = min(cs[i] for i in members)
         hi = max(ce[i] for i in members)
         part = grad_out[:, r0:r1].to(acc_dtype).t() @ x[:, lo:hi].to(acc_dtype)
-        for i in members:
-            out[i, : r1 - r0, : ce[i] - cs[i]] = part[:, cs[i] - lo: ce[i] - lo].to(out_dtype)
+        # slice every member's columns out of `part` at once: [h, members, b], 0 past its width
+        index = torch.tensor(members, device=grad_out.device)
+        starts = col_start.to(grad_out.device, torch.int64)[index] - lo
+        ends = col_end.to(grad_out.device, torch.int64)[index] - lo
+        cols = starts[:, None] + torch.arange(block_size, device=grad_out.device)
+        valid = cols < ends[:, None]
+        tiles = part[:, cols.clamp(max=hi - lo - 1)].masked_fill(~valid, 0.0)
+        out[index, : r1 - r0, :] = tiles.permute(1, 0, 2).to(out_dtype)
     return out
 
 

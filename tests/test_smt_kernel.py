@@ -68,6 +68,16 @@ def test_block_grad_strided_inputs_and_compacted_columns(seed, device, poison_ou
     assert rel_err(got[0], dense[0:4, 8:12]) < 1e-5
     assert rel_err(got[1, :2], dense[8:10, 4:8]) < 1e-5
     assert (got[1, 2:].cpu() == 0).all()
+    ref = block_grad_reference(grad_out.double(), x_saved.double(), r0, r1, c0, c1, b)
+    assert rel_err(got, ref) < 1e-5
+    # unaligned column starts (a generic caller): the reference slices them as well
+    c0u, c1u = torch.tensor([1, 3], device=device), torch.tensor([5, 6], device=device)
+    ref = block_grad_reference(grad_out.double(), x_saved.double(), r0, r1, c0u, c1u, b)
+    kern = smt_block_grad(grad_out, x_saved, r0, r1, c0u, c1u, b)
+    dense_saved = grad_out.double().cpu().t() @ x_saved.double().cpu()
+    assert rel_err(ref[0], dense_saved[0:4, 1:5]) < 1e-12
+    assert rel_err(ref[1, :2, :3], dense_saved[8:10, 3:6]) < 1e-12 and (ref[1, :, 3:] == 0).all()
+    assert rel_err(kern, ref) < 1e-5
 
 
 def test_block_grad_empty_and_validation(device):
