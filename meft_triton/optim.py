@@ -370,8 +370,8 @@ class SparseRowAdamW:
                     num_threads=self.num_threads,
                     backend=None if self.backend == "auto" else self.backend,
                 )
-                if perf_slowdown("optim"):  # needless extra pass over the touched rows (perf gate test)
-                    for a in (s.records, s.exp_avg, s.exp_avg_sq):
+                if perf_slowdown("optim"):  # needless extra passes over the touched rows (perf gate test)
+                    for a in (s.records, s.exp_avg, s.exp_avg_sq) * 2:
                         a.view(s.num_rows, w).index_copy_(0, sorted_ids, a.view(s.num_rows, w)[sorted_ids])
             self._step = t
             return sorted_ids
