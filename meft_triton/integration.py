@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .adapter import MEFTAdapter
 from .config import MEFTConfig
+from .nonfinite import MEFTAdamW, NonFiniteRows, act_on, check_nonfinite_mode, dense_report
 from .offload import OffloadRuntime
 from .optim import clip_grad_norm_
 
@@ -507,25 +508,69 @@ class OffloadedAdamW(torch.optim.AdamW):
     :class:`meft_triton.ist.ISTScheduler`) is skipped: no worker job, step count and moments
     unchanged. ``state_dict()`` holds the routers' state and every sparse optimizer's (moments
     and step count).
+
+    Non-finite gradients (``nonfinite``, see :mod:`meft_triton.nonfinite`): before anything is
+    updated, ``step()`` checks the routers' gradients and every layer's gradient rows; if any
+    holds NaN/Inf the *whole* step is not applied (routers, every layer's master rows, moments
+    and step counts untouched; the gradient rows dropped) and it raises
+    :class:`~meft_triton.nonfinite.NonFiniteGradientError` (``"raise"``, default) or warns and
+    returns (``"skip"``), naming the decoder layer (``layer_ids``, default 0, 1, ...), the part
+    and the rows. ``nonfinite_steps`` counts such steps, ``last_nonfinite`` holds the report.
     """
 
     def __init__(self, adapters: Sequence[MEFTAdapter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, max_grad_norm: float | None = None) -> None:
+                 weight_decay: float = 0.0, max_grad_norm: float | None = None, *,
+                 nonfinite: str = "raise", layer_ids: Sequence[int] | None = None) -> None:
         self.adapters = list(adapters)
         if not self.adapters or any(a.offload is None for a in self.adapters):
             raise ValueError("OffloadedAdamW needs adapters with placement='cpu'")
+        self.layer_ids = list(range(len(self.adapters)) if layer_ids is None else layer_ids)
+        if len(self.layer_ids) != len(self.adapters):
+            raise ValueError(f"layer_ids has {len(self.layer_ids)} entries for {len(self.adapters)} adapters")
         super().__init__([a.router.weight for a in self.adapters], lr=lr, betas=betas, eps=eps,
                          weight_decay=0.0)
         self.max_grad_norm = max_grad_norm
-        self.sparse = [a.configure_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-                       for a in self.adapters]
+        self.nonfinite = check_nonfinite_mode(nonfinite)
+        self.nonfinite_steps = 0
+        self.last_nonfinite: tuple[NonFiniteRows, ...] | None = None
+        self.sparse = [a.configure_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                             nonfinite=nonfinite, name=layer)
+                       for a, layer in zip(self.adapters, self.layer_ids)]
+
+    def nonfinite_report(self) -> list[NonFiniteRows]:
+        """Non-finite rows among the routers' ``.grad`` and the layers' collected gradient rows."""
+        report = dense_report((layer, "router", a.router.weight.grad)
+                              for layer, a in zip(self.layer_ids, self.adapters))
+        for sparse in self.sparse:
+            report += sparse.nonfinite_report()
+        return report
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = super().step(closure)
-        for adapter in self.adapters:
-            adapter.offload.collect_grads()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            for adapter in self.adapters:
+                adapter.offload.collect_grads()
+        except BaseException:
+            # a failed gradient copy (CopyFailedError): the step is abandoned as a whole, with
+            # no half-collected gradients left behind for the next one
+            for adapter, sparse in zip(self.adapters, self.sparse):
+                adapter.offload.pending_grads.clear()
+                sparse.zero_grad()
+            raise
+        report = self.nonfinite_report()
+        if report:
+            for sparse in self.sparse:
+                sparse.zero_grad()
+            self.nonfinite_steps += 1
+            self.last_nonfinite = tuple(report)
+            act_on(report, self.nonfinite, "the optimizer step")
+            return loss
+        super().step()
         if self.max_grad_norm is not None:
             clip_grad_norm_(self.sparse, self.max_grad_norm)
         lr = self.param_groups[0]["lr"]
@@ -563,6 +608,7 @@ def create_meft_optimizer(
     lr: float | None = None,
     weight_decay: float | None = None,
     kind: str = "auto",
+    nonfinite: str = "raise",
 ) -> torch.optim.Optimizer:
     """An optimizer over the adapter parameters only, for a custom loop or the HF Trainer::
 
@@ -581,7 +627,12 @@ def create_meft_optimizer(
     ``"sparse"`` (:class:`OffloadedAdamW`, placement "cpu": routers by AdamW, keys and values by
     the row-sparse CPU AdamW, which clips its rows to ``max_grad_norm`` itself), or ``"auto"``
     (the one the adapters' placement needs).
+
+    ``nonfinite``: ``"raise"`` (default) or ``"skip"``, what a step does when a gradient holds
+    NaN/Inf: either way nothing is written (see :mod:`meft_triton.nonfinite`); both kinds check
+    every adapter gradient before updating and name the layer, part and rows.
     """
+    check_nonfinite_mode(nonfinite)
     params = meft_named_parameters(model)
     adapters = list(meft_adapters(model).values())
     if not adapters:
@@ -603,12 +654,14 @@ def create_meft_optimizer(
         weight_decay = getattr(args, "weight_decay", 0.0)
     if kind == "sparse":
         return OffloadedAdamW(adapters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                              max_grad_norm=getattr(args, "max_grad_norm", None) or None)
+                              max_grad_norm=getattr(args, "max_grad_norm", None) or None,
+                              nonfinite=nonfinite, layer_ids=list(meft_adapters(model)))
     decay = [p for n, p in params if not n.endswith("router.weight")]
     no_decay = [p for n, p in params if n.endswith("router.weight")]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return MEFTAdamW(groups, lr=lr, betas=betas, eps=eps, nonfinite=nonfinite,
+                     param_names={id(p): n for n, p in params})
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ and writes the touched key rows into the device cache first.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,11 @@ class OffloadRuntime:
         self.hidden_size = hidden_size
         self.keep_rows = keep_rows
         self.num_slots = num_slots
+        if isinstance(engine, FakeCopyEngine) and engine.async_compute:
+            # the layer's CPU work runs on the calling thread, not through engine.compute(): a
+            # "compute stream" thread would not order it after the copies (it would read slots
+            # before their rows land)
+            raise ValueError("engine: OffloadRuntime needs a FakeCopyEngine with async_compute=False")
         self.engine = engine if engine is not None else default_engine(self.device, transfer)
         self.layers: list[OffloadedRows] = []
         self.prefetcher: Prefetcher | None = None
@@ -162,6 +168,9 @@ class OffloadRuntime:
                     f"a layer needs {rows_needed} active rows but the prefetch slots hold "
                     f"{self.prefetcher.max_rows} and are in use; run a first call with the largest "
                     "micro-batch, or create the runtime with bigger slots")
+            # Gradient rows still on their way to the host were started by the old prefetcher,
+            # whose close() would cancel them (losing a micro-batch's gradients): let them land.
+            wait_futures([f for layer in self.layers for f in layer.pending_grads])
             self.prefetcher.close()
         self.prefetcher = Prefetcher(self.engine, self._host_values, max_rows=max_rows,
                                      num_slots=self.num_slots, width=self.hidden_size, dtype=self.dtype,
@@ -230,10 +239,14 @@ class OffloadedRows:
         return self.pending_step
 
     def wait_for_update(self) -> None:
-        """Finish an in-flight optimizer step and copy its updated key rows into the cache."""
+        """Finish an in-flight optimizer step and copy its updated key rows into the cache.
+        A failed background step raises its exception here (the layer's next forward), once:
+        the optimizer's own ``wait`` consumes it, so its next step does not raise it again."""
         if self.pending_step is None:
             return
         future, self.pending_step = self.pending_step, None
+        if self.optimizer is not None and self.optimizer._pending is future:
+            self.optimizer.wait()  # raises a worker error once, and forgets it
         touched = future.result()
         if touched.numel():
             fresh = self.store.keys()[touched].to(self.key_cache.device, self.key_cache.dtype)

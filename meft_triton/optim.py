@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _cpu_rowops
+from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, nonfinite_rows
 from .row_store import CPURowStore, check_row_ids
 
 _FORMAT = "meft_triton.SparseRowAdamW/1"
@@ -120,6 +121,8 @@ class _RowGradAccumulator:
         self.buf = torch.empty(0, 2, hidden_size, dtype=torch.float32)
         self.count = 0
         self.scale: float | None = None
+        # non-finite gradients seen since the last clear: (part, neuron ids or None)
+        self.nonfinite: list[tuple[str, Tensor | None]] = []
 
     def _reserve(self, need: int) -> None:
         cap = self.buf.shape[0]
@@ -135,6 +138,8 @@ class _RowGradAccumulator:
 
     def materialize_scale(self) -> None:
         if self.scale is not None:
+            if not math.isfinite(self.scale):
+                self.nonfinite.append(("clip_scale", None))
             if self.count:
                 self.buf[: self.count].mul_(self.scale)
             self.scale = None
@@ -193,6 +198,7 @@ class _RowGradAccumulator:
             self.slot_of.index_fill_(0, self.ids[: self.count], -1)
         self.count = 0
         self.scale = None
+        self.nonfinite = []
 
 
 def _clip_coef(total: Tensor, max_norm: float) -> Tensor:
@@ -216,6 +222,14 @@ class SparseRowAdamW:
         layers stepping in the background at once, ``num_threads=1`` keeps the number of busy
         threads near the number of cores (the update is memory-bound either way).
     backend: ``"auto"`` (compiled loop when available), ``"c"`` or ``"torch"``.
+    nonfinite: what a step does when a gradient row holds NaN/Inf (checked as
+        :meth:`accumulate` receives the rows, and a non-finite clip scale): ``"raise"``
+        (default) raises :class:`meft_triton.nonfinite.NonFiniteGradientError` from
+        :meth:`step` / :meth:`step_async`, ``"skip"`` warns; either way the step is not applied
+        (master rows, moments and step count untouched: it never writes NaN) and the
+        accumulated gradients are dropped. ``nonfinite_steps`` counts such steps,
+        ``last_nonfinite`` holds the last report (:class:`~meft_triton.nonfinite.NonFiniteRows`).
+    name: how reports name this optimizer's layer (e.g. the decoder-layer index).
 
     Typical loop::
 
@@ -238,6 +252,8 @@ class SparseRowAdamW:
         *,
         num_threads: int | None = None,
         backend: str = "auto",
+        nonfinite: str = "raise",
+        name: Any = None,
     ) -> None:
         if not isinstance(store, CPURowStore):
             raise TypeError(f"store must be a CPURowStore, got {type(store).__name__}")
@@ -256,6 +272,10 @@ class SparseRowAdamW:
         if backend == "c" and _cpu_rowops.backend_name() != "c":
             raise RuntimeError(f"backend='c' but the compiled row loop is unavailable: {_cpu_rowops.backend_error()}")
         self.backend = backend
+        self.nonfinite = check_nonfinite_mode(nonfinite)
+        self.name = name
+        self.nonfinite_steps = 0
+        self.last_nonfinite: tuple[NonFiniteRows, ...] | None = None
         self._step = 0
         self._acc = _RowGradAccumulator(store.num_rows, store.hidden_size)
         self._spare: _RowGradAccumulator | None = None
@@ -308,6 +328,10 @@ class SparseRowAdamW:
                     f"{name} must have shape [len(row_ids), hidden_size] = [{ids.numel()}, {d}], "
                     f"got {tuple(rows.shape)}"
                 )
+        for part, rows in (("keys", key_rows), ("values", value_rows)):
+            bad = None if rows is None else nonfinite_rows(rows)
+            if bad is not None:
+                self._acc.nonfinite.append((part, ids[bad]))
         self._acc.add(ids, key_rows, value_rows)
 
     def zero_grad(self) -> None:
@@ -330,6 +354,35 @@ class SparseRowAdamW:
         """Block until the in-flight :meth:`step_async` finished; return its touched ids (None
         if nothing was in flight). A failed background step raises its exception here."""
         return self._collect()
+
+    def nonfinite_report(self) -> list[NonFiniteRows]:
+        """The non-finite gradient rows accumulated for the next step (empty when none):
+        neuron ids per part, merged over micro-batches; a non-finite pending clip scale too."""
+        acc = self._acc
+        found = list(acc.nonfinite)
+        if acc.scale is not None and not math.isfinite(acc.scale):
+            found.append(("clip_scale", None))
+        report = []
+        for part in ("keys", "values", "clip_scale"):
+            ids = [i for p, i in found if p == part]
+            if not ids:
+                continue
+            rows = () if part == "clip_scale" else tuple(torch.unique(torch.cat(ids)).tolist())
+            report.append(NonFiniteRows(self.name, part, rows))
+        return report
+
+    def _refuse_nonfinite(self) -> bool:
+        """Caller thread, before a step: on non-finite gradients drop them, record the report
+        and raise or warn (per ``nonfinite``); True when the step must not run."""
+        report = self.nonfinite_report()
+        if not report:
+            return False
+        self._acc.clear()
+        self.nonfinite_steps += 1
+        self.last_nonfinite = tuple(report)
+        act_on(report, self.nonfinite,
+               "the step" + ("" if self.name is None else f" of layer {self.name}"))
+        return True
 
     def _prepare(self) -> tuple[_RowGradAccumulator, dict[str, Any]]:
         """Take the current accumulator (a fresh one takes its place) and freeze the
@@ -384,6 +437,8 @@ class SparseRowAdamW:
         the touched neuron ids (int64, ascending) so the caller can refresh GPU copies of
         those rows. Waits for an in-flight :meth:`step_async` first (raising its error)."""
         self._collect()
+        if self._refuse_nonfinite():
+            return torch.empty(0, dtype=torch.int64)
         acc, hp = self._prepare()
         return self._apply(acc, hp)
 
@@ -394,6 +449,10 @@ class SparseRowAdamW:
         :meth:`wait`) before reading. An exception in the worker is raised by the future and
         again by the next :meth:`step` / :meth:`step_async` / :meth:`wait` of this optimizer."""
         self._collect()
+        if self._refuse_nonfinite():
+            skipped: Future = Future()
+            skipped.set_result(torch.empty(0, dtype=torch.int64))
+            return skipped
         acc, hp = self._prepare()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meft-sparse-adamw")

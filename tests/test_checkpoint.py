@@ -55,3 +55,196 @@ def test_adapter_file_holds_the_cpu_master_rows(tmp_path, placement):
     for index, adapter in meft_adapters(restored).items():
         for got, want in zip(adapter.master_rows(), meft_adapters(model)[index].master_rows()):
             assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------- training state
+
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+
+from meft_triton import checkpoint as ckpt  # noqa: E402
+from meft_triton.checkpoint import (load_training_state, read_training_state,  # noqa: E402
+                                    save_training_state)
+from meft_triton.integration import create_meft_optimizer, meft_state_tensors  # noqa: E402
+
+
+def setup_run(placement: str, model_seed: int = 0, adapter_seed: int = 7):
+    """A tiny Llama with adapters, its optimizer (clipping, weight decay) and an LR schedule."""
+    model = attach_meft(tiny_model(model_seed), CFG.replace(placement=placement))
+    torch.manual_seed(adapter_seed)
+    for adapter in meft_adapters(model).values():
+        adapter.reset_parameters()
+    model.train()
+    args = type("Args", (), {"max_grad_norm": 1.0})()
+    opt = create_meft_optimizer(model, args, lr=1e-2, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    return model, opt, sched
+
+
+def train_step(model, opt, sched, step: int) -> None:
+    for micro in range(2):  # gradient accumulation over 2 micro-batches of different sizes
+        ids = token_batch(100 * step + micro, rows=1 + micro, length=5 + micro)
+        (model(ids, labels=ids).loss / 2).backward()
+    if isinstance(opt, torch.optim.AdamW) and not hasattr(opt, "sparse"):
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in meft_state_tensors(model).items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def optimizer_tensors(opt) -> list[torch.Tensor]:
+    state = opt.state_dict()
+    out = [v for st in state["state"].values() for v in st.values() if torch.is_tensor(v)]
+    for sparse in state.get("meft_sparse", []):
+        out += [sparse["exp_avg"].clone(), sparse["exp_avg_sq"].clone(), torch.tensor(sparse["step"])]
+    return out
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_resume_gives_exactly_the_next_step(tmp_path, placement):
+    """Train 3 steps, save, then step 4 in the same process vs in a fresh model/optimizer/scheduler
+    (built from another seed, so nothing matches by luck) restored from the checkpoint."""
+    model, opt, sched = setup_run(placement)
+    for step in range(3):
+        train_step(model, opt, sched, step)
+    save_training_state(model, opt, tmp_path / "ckpt", step=3, extra={"epoch": 0, "seen": 12},
+                        scheduler=sched)
+    draw = (torch.rand(3), random.random())
+    train_step(model, opt, sched, 3)
+    expected, expected_opt = snapshot(model), optimizer_tensors(opt)
+
+    model2, opt2, sched2 = setup_run(placement, model_seed=0, adapter_seed=99)
+    assert load_training_state(model2, opt2, tmp_path / "ckpt", scheduler=sched2) == 3
+    assert torch.equal(torch.rand(3), draw[0]) and random.random() == draw[1]  # RNG restored
+    assert read_training_state(tmp_path / "ckpt").extra == {"epoch": 0, "seen": 12}
+    assert sched2.last_epoch == sched.last_epoch - 1
+    train_step(model2, opt2, sched2, 3)
+    assert_same(snapshot(model2), expected)
+    got_opt = optimizer_tensors(opt2)
+    assert len(got_opt) == len(expected_opt)
+    for a, b in zip(got_opt, expected_opt):
+        assert torch.equal(a, b)
+
+
+def saved_run(tmp_path, placement="cpu", steps=1):
+    model, opt, sched = setup_run(placement)
+    for step in range(steps):
+        train_step(model, opt, sched, step)
+    save_training_state(model, opt, tmp_path / "ckpt", step=steps, scheduler=sched)
+    return model, opt, sched
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies at any point before its commit (here: while writing the optimizer file,
+    and at the manifest's rename) leaves the previous checkpoint loadable and exactly as it was."""
+    model, opt, sched = saved_run(tmp_path)
+    at_step_1 = snapshot(model)
+    before = sorted(os.listdir(tmp_path / "ckpt"))
+    train_step(model, opt, sched, 1)
+
+    real_save, real_replace = torch.save, os.replace
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_training_state(model, opt, tmp_path / "ckpt", step=2)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+
+    def dying_replace(src, dst):
+        if str(dst).endswith(ckpt.MANIFEST_NAME):
+            raise KeyboardInterrupt("killed at the commit (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_state(model, opt, tmp_path / "ckpt", step=2)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == before  # the failed saves cleaned up after themselves
+
+    model2, opt2, sched2 = setup_run("cpu", adapter_seed=5)
+    assert load_training_state(model2, opt2, tmp_path / "ckpt", scheduler=sched2) == 1
+    assert_same(snapshot(model2), at_step_1)
+
+    # A hard kill leaves temp files and uncommitted files behind: loads ignore them, the next
+    # successful save removes them and the superseded checkpoint.
+    (tmp_path / "ckpt" / ".optimizer-9-1-x.pt.1234.tmp").write_bytes(b"partial")
+    (tmp_path / "ckpt" / "adapter-9-1-x").mkdir()
+    assert read_training_state(tmp_path / "ckpt").step == 1
+    save_training_state(model, opt, tmp_path / "ckpt", step=2)
+    names = sorted(os.listdir(tmp_path / "ckpt"))
+    assert len(names) == 4 and ckpt.MANIFEST_NAME in names and all("-2-" in n for n in names if n != ckpt.MANIFEST_NAME)
+    assert read_training_state(tmp_path / "ckpt").step == 2
+
+
+def corrupt(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x40
+    else:
+        del data[len(data) * 2 // 3:]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+@pytest.mark.parametrize("which", ["weights", "adapter_config", "optimizer", "trainer", "manifest"])
+def test_corrupt_or_truncated_file_is_refused_and_nothing_is_written(tmp_path, which, how):
+    saved_run(tmp_path)
+    directory = tmp_path / "ckpt"
+    manifest = json.loads((directory / ckpt.MANIFEST_NAME).read_text())
+    target = {
+        "weights": directory / manifest["adapter_dir"] / "adapter.safetensors",
+        "adapter_config": directory / manifest["adapter_dir"] / "meft_config.json",
+        "optimizer": directory / manifest["optimizer_file"],
+        "trainer": directory / manifest["trainer_file"],
+        "manifest": directory / ckpt.MANIFEST_NAME,
+    }[which]
+    corrupt(target, how)
+    model, opt, sched = setup_run("cpu", adapter_seed=5)
+    before, before_opt, before_rng = snapshot(model), optimizer_tensors(opt), torch.get_rng_state()
+    with pytest.raises(ValueError, match="truncated or corrupt|is corrupt") as info:
+        load_training_state(model, opt, directory, scheduler=sched)
+    assert target.name in str(info.value)
+    assert_same(snapshot(model), before)
+    for a, b in zip(optimizer_tensors(opt), before_opt):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), before_rng)
+
+
+def test_load_refuses_what_does_not_fit_before_writing(tmp_path):
+    saved_run(tmp_path)
+    directory = tmp_path / "ckpt"
+    with pytest.raises(FileNotFoundError, match="no training_state.json"):
+        load_training_state(setup_run("cpu")[0], None, tmp_path)
+    # a model of the other placement: its optimizer is another class
+    model, opt, _ = setup_run("gpu", adapter_seed=5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="OffloadedAdamW state, the optimizer is a MEFTAdamW"):
+        load_training_state(model, opt, directory)
+    assert_same(snapshot(model), before)
+    # another config
+    other = attach_meft(tiny_model(0), CFG.replace(placement="cpu", num_neurons=128))
+    other_opt = create_meft_optimizer(other, lr=1e-2)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="does not fit|differs"):
+        load_training_state(other, other_opt, directory)
+    assert_same(snapshot(other), before)
+    with pytest.raises(ValueError, match="no MEFT adapters"):
+        load_training_state(tiny_model(0), None, directory)
+    with pytest.raises(ValueError, match="step must be an int"):
+        save_training_state(model, opt, tmp_path / "x", step=-1)
+    with pytest.raises(TypeError, match="extra"):
+        save_training_state(model, opt, tmp_path / "x", step=1, extra=object())

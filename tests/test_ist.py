@@ -270,7 +270,7 @@ def test_unselected_layers_bit_identical_gpu_placement_torch_adamw():
     model.train()
     ids = batch()
     opt = create_meft_optimizer(model, lr=1e-2, weight_decay=0.01)
-    assert type(opt) is torch.optim.AdamW
+    assert isinstance(opt, torch.optim.AdamW)  # MEFTAdamW: AdamW with the non-finite check
     for _ in range(2):  # every layer has optimizer state before IST starts
         model(ids, labels=ids).loss.backward()
         opt.step()
