@@ -15,6 +15,21 @@ from .validation import pow2_block
 
 
 @triton.jit
+def _add_gathered_rows(acc, token, dims, dim_ok, coef_ptr, ids_ptr, rows_ptr, num_picks,
+                       stride_rn, stride_rd, BLOCK_K: tl.constexpr):
+    """acc += sum_k coef[token, k] * rows[ids[token, k], dims]."""
+    for k0 in range(0, num_picks, BLOCK_K):
+        picks = k0 + tl.arange(0, BLOCK_K)
+        pick_ok = picks < num_picks
+        ids = tl.load(ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + token * num_picks + picks, mask=pick_ok, other=0.0)
+        rows = tl.load(rows_ptr + ids[:, None] * stride_rn + dims[None, :] * stride_rd,
+                       mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc += tl.sum(coef[:, None] * rows.to(tl.float32), axis=0)
+    return acc
+
+
+@triton.jit
 def _row_gather_sum_kernel(
     out_ptr, coef_ptr, ids_ptr, rows_ptr,
     coef2_ptr, ids2_ptr, rows2_ptr,
@@ -26,23 +41,11 @@ def _row_gather_sum_kernel(
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < hidden_size
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for k0 in range(0, num_picks, BLOCK_K):
-        picks = k0 + tl.arange(0, BLOCK_K)
-        pick_ok = picks < num_picks
-        ids = tl.load(ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
-        coef = tl.load(coef_ptr + token * num_picks + picks, mask=pick_ok, other=0.0)
-        rows = tl.load(rows_ptr + ids[:, None] * stride_rn + dims[None, :] * stride_rd,
-                       mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc += tl.sum(coef[:, None] * rows.to(tl.float32), axis=0)
+    acc = _add_gathered_rows(acc, token, dims, dim_ok, coef_ptr, ids_ptr, rows_ptr, num_picks,
+                             stride_rn, stride_rd, BLOCK_K)
     if HAS_SECOND:
-        for k0 in range(0, num_picks2, BLOCK_K):
-            picks = k0 + tl.arange(0, BLOCK_K)
-            pick_ok = picks < num_picks2
-            ids = tl.load(ids2_ptr + token * num_picks2 + picks, mask=pick_ok, other=0).to(tl.int64)
-            coef = tl.load(coef2_ptr + token * num_picks2 + picks, mask=pick_ok, other=0.0)
-            rows = tl.load(rows2_ptr + ids[:, None] * stride_r2n + dims[None, :] * stride_r2d,
-                           mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
-            acc += tl.sum(coef[:, None] * rows.to(tl.float32), axis=0)
+        acc = _add_gathered_rows(acc, token, dims, dim_ok, coef2_ptr, ids2_ptr, rows2_ptr, num_picks2,
+                                 stride_r2n, stride_r2d, BLOCK_K)
     tl.store(out_ptr + token * stride_ot + dims * stride_od, acc.to(out_ptr.dtype.element_ty),
              mask=dim_ok)
 
