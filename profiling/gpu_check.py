@@ -397,10 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     print(f"\n{verdict}\nresults: {perf_gate.rel(folder)}")
     if new_baseline is not None:
-        print(f"new benchmark baseline: {new_perf_gate.rel(baseline)} (commit it)")
+        print(f"new benchmark baseline: {perf_gate.rel(new_baseline)} (commit it)")
     if args.copy_to is not None:
         for src in [folder] + ([new_baseline] if new_baseline else []):
-            dst = args.copy_to / src.relative_to(ROOT)
+            try:
+                dst = args.copy_to / src.resolve().relative_to(ROOT)
+            except ValueError:  # outside the repository (a custom results folder): by name
+                dst = args.copy_to / src.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True)

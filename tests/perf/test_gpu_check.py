@@ -92,10 +92,11 @@ def test_benchmark_compare_fails_on_a_slower_median(tmp_path):
     faster than this machine (pytest-benchmark's --benchmark-compare-fail must fail)."""
     baseline = tmp_path / "dev" / "benchmarks.json"
     select = ["-k", "test_memcpy_same_bytes and values"]
-    save = perf_gate.benchmark_command("save", baseline, None, baseline=baseline) + select
+    one_file = ("tests/perf/test_gather_benchmark.py",)
+    save = perf_gate.benchmark_command("save", baseline, None, baseline=baseline, paths=one_file) + select
     proc = subprocess.run(save, cwd=perf_gate.ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    compare = perf_gate.benchmark_command("compare", tmp_path / "now.json", None, 300.0, baseline) + select
+    compare = perf_gate.benchmark_command("compare", tmp_path / "now.json", None, 300.0, baseline, one_file) + select
     proc = subprocess.run(compare, cwd=perf_gate.ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     data = json.loads(baseline.read_text())
@@ -103,6 +104,44 @@ def test_benchmark_compare_fails_on_a_slower_median(tmp_path):
         for key in ("min", "max", "mean", "median"):
             bench["stats"][key] /= 10
     baseline.write_text(json.dumps(data))
-    compare = perf_gate.benchmark_command("compare", tmp_path / "now.json", None, 300.0, baseline) + select
+    compare = perf_gate.benchmark_command("compare", tmp_path / "now.json", None, 300.0, baseline, one_file) + select
     proc = subprocess.run(compare, cwd=perf_gate.ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Performance has regressed" in proc.stdout + proc.stderr
+
+
+def test_stage_runner_kills_a_stage_past_its_limit(tmp_path):
+    log = tmp_path / "stage.log"
+    rc, timed_out, seconds = gpu_check._run([sys.executable, "-c", "import time; print('hi', flush=True); "
+                                             "time.sleep(60)"], log, timeout=2)
+    assert (rc, timed_out) == (None, True) and seconds < 30
+    assert "hi" in log.read_text() and "killed after 2 s" in log.read_text()
+    rc, timed_out, _ = gpu_check._run([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=30)
+    assert (rc, timed_out) == (3, False)
+
+
+def test_orchestration_with_cuda_pretended(tmp_path, monkeypatch, capsys):
+    """main() end to end as on a GPU machine, with CUDA pretended in this process only: the
+    stages' subprocesses see no GPU (their gpu tests skip), kernel bench and sweep are skipped.
+    Checks the results folder, the bootstrapped per-device baseline and the copy-out."""
+    from profiling import environment
+
+    results = tmp_path / "results" / "test-device" / "now-gpu-check"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(environment, "device_name", lambda: "test-device")
+    monkeypatch.setattr(environment, "results_dir", lambda kind=None: results)
+    monkeypatch.setattr(gpu_check, "machine_record", lambda: {"device": "pretend", "driver": "0"})
+    monkeypatch.setattr(gpu_check, "ROOT", perf_gate.ROOT)
+    monkeypatch.setattr(perf_gate, "BASELINES", tmp_path / "baselines")
+    copy = tmp_path / "out"
+    code = gpu_check.main(["--skip", "kernel-bench,sweep", "--copy-to", str(copy)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = json.loads((results / "summary.json").read_text())
+    status = {s["name"]: (s["rc"], s["skipped"]) for s in summary["stages"]}
+    assert status["gpu-tests"][0] == 0 and status["gpu-benchmarks"][0] == 0 and status["perf-gate"][0] == 0
+    assert status["kernel-bench"][1] == "--skip" and status["sweep"][1] == "--skip"
+    baseline = tmp_path / "baselines" / "test-device" / "benchmarks-gpu.json"
+    assert baseline.is_file() and summary["new_baseline"] == str(baseline)
+    assert (copy / "now-gpu-check" / "summary.md").is_file() and (copy / "benchmarks-gpu.json").is_file()
+    assert "PASS: every stage passed" in out and "| stage gpu-tests |" in out
