@@ -491,6 +491,7 @@ def benchmark_command(mode: str, json_out: Path, marker: str | None = None, fail
     baseline = baseline or benchmark_baseline(marker)
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)  # pytest-benchmark opens it at start-up
     cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+           "--benchmark-only",  # the benchmarks, not the tests of the gate beside them
            "--benchmark-sort=name", f"--benchmark-json={json_out}"]
     if marker:
         cmd += ["-m", marker]

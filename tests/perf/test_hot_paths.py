@@ -41,7 +41,7 @@ class Shape:
 
 
 CPU_SHAPE = Shape(tokens=128, hidden=128, experts=32, neurons_per_expert=32, experts_per_token=4, topk=16)
-GPU_SHAPE = Shape(tokens=2048, hidden=4096, experts=1024, neurons_per_expert=64, experts_per_token=8, topk=64)
+GPU_SHAPE = Shape(tokens=2048, hidden=4096, experts=256, neurons_per_expert=64, experts_per_token=8, topk=64)
 
 
 def _inputs(shape: Shape, device: str, dtype: torch.dtype):
