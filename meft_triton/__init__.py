@@ -2,8 +2,9 @@
 
 Public API: :class:`MEFTConfig`, :class:`MEFTAdapter`, the transformers integration
 (:func:`attach_meft`, :func:`detach_meft`, :func:`save_adapter`, :func:`load_adapter`,
-:func:`create_meft_optimizer`), the row-sparse CPU optimizer :class:`SparseRowAdamW`, and the
-oracle :mod:`meft_triton.reference`.
+:func:`create_meft_optimizer`), the row-sparse CPU optimizer :class:`SparseRowAdamW`, training
+checkpoints (:func:`save_training_state`, :func:`load_training_state`), the non-finite gradient
+error :class:`NonFiniteGradientError`, and the oracle :mod:`meft_triton.reference`.
 """
 
 from . import reference
@@ -12,11 +13,15 @@ from .config import MEFTConfig
 from .integration import (OffloadedAdamW, attach_meft, create_meft_optimizer, detach_meft,
                           load_adapter, meft_adapters, meft_parameters, save_adapter)
 from .optim import SparseRowAdamW
+from .checkpoint import load_training_state, read_training_state, save_training_state
+from .nonfinite import MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MEFTAdapter", "MEFTConfig", "OffloadedAdamW", "SparseRowAdamW", "__version__",
+    "MEFTAdamW", "MEFTAdapter", "MEFTConfig", "NonFiniteGradientError", "NonFiniteGradientWarning",
+    "OffloadedAdamW", "SparseRowAdamW", "__version__",
     "adapter_parameter_count", "attach_meft", "create_meft_optimizer", "detach_meft",
-    "load_adapter", "meft_adapters", "meft_parameters", "reference", "save_adapter",
+    "load_adapter", "load_training_state", "meft_adapters", "meft_parameters", "read_training_state",
+    "reference", "save_adapter", "save_training_state",
 ]

@@ -248,3 +248,52 @@ def test_load_refuses_what_does_not_fit_before_writing(tmp_path):
         save_training_state(model, opt, tmp_path / "x", step=-1)
     with pytest.raises(TypeError, match="extra"):
         save_training_state(model, opt, tmp_path / "x", step=1, extra=object())
+
+
+# ------------------------------------------------------------------------- CUDA (gpu marker)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_resume_and_nonfinite_on_cuda(tmp_path, placement):
+    """On a GPU: resume gives the next step of an uninterrupted run (CUDA reductions may use
+    atomics: compared at 1e-6, not bitwise), and a NaN gradient is refused without touching the
+    adapters (placement "cpu": the CPU master behind a CUDA key cache)."""
+    from meft_triton.nonfinite import NonFiniteGradientError
+
+    def build(adapter_seed):
+        model = attach_meft(tiny_model(0).to("cuda"), CFG.replace(placement=placement, backend="auto"))
+        torch.manual_seed(adapter_seed)
+        for adapter in meft_adapters(model).values():
+            adapter.reset_parameters()
+        model.train()
+        return model, create_meft_optimizer(model, lr=1e-2, weight_decay=0.05)
+
+    def step(model, opt, seed):
+        ids = token_batch(seed, rows=2, length=6).cuda()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, opt = build(7)
+    for s in range(3):
+        step(model, opt, s)
+    save_training_state(model, opt, tmp_path / "ckpt", step=3)
+    step(model, opt, 3)
+    expected = snapshot(model)
+    model2, opt2 = build(99)
+    assert load_training_state(model2, opt2, tmp_path / "ckpt") == 3
+    step(model2, opt2, 3)
+    got = snapshot(model2)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+
+    before = snapshot(model2)
+    ids = token_batch(5, rows=2, length=6).cuda()
+    model2(ids, labels=ids).loss.backward()
+    adapter = meft_adapters(model2)[1]
+    adapter.router.weight.grad[2, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"layer 1 router rows \[2\]"):
+        opt2.step()
+    opt2.zero_grad()
+    assert_same(snapshot(model2), before)
