@@ -623,7 +623,8 @@ def create_meft_optimizer(
     ``max_grad_norm`` over the parameters with ``.grad`` and then calls ``step()`` and
     ``zero_grad()``.
 
-    ``kind``: ``"adamw"`` (``torch.optim.AdamW`` over the adapter parameters, placement "gpu"),
+    ``kind``: ``"adamw"`` (:class:`meft_triton.nonfinite.MEFTAdamW`, a ``torch.optim.AdamW``
+    over the adapter parameters that checks for non-finite gradients, placement "gpu"),
     ``"sparse"`` (:class:`OffloadedAdamW`, placement "cpu": routers by AdamW, keys and values by
     the row-sparse CPU AdamW, which clips its rows to ``max_grad_norm`` itself), or ``"auto"``
     (the one the adapters' placement needs).
@@ -720,7 +721,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save the model's adapters to directory ``path`` (created if missing); returns it.
 
     Writes ``adapter.safetensors`` (tensors ``layers.{i}.router.weight|keys|values`` in the
-    adapters' dtype; its header metadata repeats the config, layers and hidden size plus a
+    adapters' dtype, under placement "cpu" the fp32 master keys/values of the CPU row store,
+    after any in-flight optimizer update; its header metadata repeats the config, layers and hidden size plus a
     sha256 digest of metadata and tensors, so the file verifies on its own) and
     ``meft_config.json`` (format version, MEFTConfig, layers, hidden size, dtype and the sha256
     of the whole weights file).
