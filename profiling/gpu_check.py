@@ -51,7 +51,7 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_NO_CUDA = 0, 1, 3
 ROOT = Path(__file__).resolve().parent.parent
 
-#: stage -> (default seconds, what it runs); the sum is the default budget
+#: stage -> default seconds (its time limit; unused time passes on); the sum is the default --budget-s
 STAGES = {
     "gpu-tests": 150,
     "gpu-benchmarks": 75,
