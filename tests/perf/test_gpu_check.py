@@ -143,6 +143,11 @@ def test_orchestration_with_cuda_pretended(tmp_path, monkeypatch, capsys):
     assert status["gpu-tests"][0] == 0 and status["gpu-benchmarks"][0] == 0 and status["perf-gate"][0] == 0
     assert status["kernel-bench"][1] == "--skip" and status["sweep"][1] == "--skip"
     baseline = tmp_path / "baselines" / "test-device" / "benchmarks-gpu.json"
-    assert baseline.is_file() and summary["new_baseline"] == str(baseline)
-    assert (copy / "now-gpu-check" / "summary.md").is_file() and (copy / "benchmarks-gpu.json").is_file()
+    # Every benchmark skips in the GPU-less subprocess; pytest-benchmark >= 5.3 then writes no
+    # JSON, and no baseline may be bootstrapped from nothing.
+    produced = (results / "benchmarks-gpu.json").is_file()
+    assert baseline.is_file() == produced
+    assert summary["new_baseline"] == (str(baseline) if produced else "")
+    assert (copy / "now-gpu-check" / "summary.md").is_file()
+    assert (copy / "benchmarks-gpu.json").is_file() == produced
     assert "PASS: every stage passed" in out and "| stage gpu-tests |" in out
