@@ -348,13 +348,7 @@ def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     ckpt = read_training_state(path)
     manifest, directory = ckpt.manifest, ckpt.path
     info, tensors = _integ.read_adapter(directory / manifest["adapter_dir"])
-    try:
-        from .config import MEFTConfig
-
-        config = MEFTConfig.from_dict(info["meft_config"])
-        layers = [int(i) for i in info["layers"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"load_training_state: {directory} holds an invalid MEFT config: {exc}") from exc
+    config, layers = _integ.saved_config(info, "load_training_state", directory)
     saved_opt = None
     if optimizer is not None:
         if manifest.get("optimizer_file") is None:

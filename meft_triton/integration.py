@@ -826,6 +826,14 @@ def _check_format(info: dict[str, Any], where: Path) -> None:
                          f"meft-triton reads versions 1..{FORMAT_VERSION}")
 
 
+def saved_config(info: dict[str, Any], caller: str, path: Any) -> tuple[MEFTConfig, list[int]]:
+    """The MEFTConfig and layer indices recorded by :func:`save_adapter`."""
+    try:
+        return MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{caller}: {path} holds an invalid MEFT config: {exc}") from exc
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a saved adapter directory without touching a model.
 
@@ -888,11 +896,7 @@ def load_adapter(
     parameters in place (optimizers holding them stay valid).
     """
     info, tensors = read_adapter(path)
-    try:
-        config = MEFTConfig.from_dict(info["meft_config"])
-        saved_layers = [int(i) for i in info["layers"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"load_adapter: {path} holds an invalid MEFT config: {exc}") from exc
+    config, saved_layers = saved_config(info, "load_adapter", path)
 
     attached_here = False
     if not is_meft_attached(model):
