@@ -69,6 +69,8 @@ impl                    meft | reference | meft-original | dense | lora | transf
 placement               gpu | cpu ("gpu" for the baselines: everything on the compute device)
 transfer                transfer engine (placement "cpu"): cpu_gather | zero_copy
 backward_rows           backward row policy (placement "cpu"): refetch | keep
+ist_ratio               fraction of layers IST trains per step (meft only, uniform selection;
+                        1 = every layer): frozen layers move no gradient rows, run no optimizer
 lora_rank               rank of the LoRA baseline (its device bytes = MEFT's under placement "cpu")
 repeats                 timed steps (median)
 warmup                  excluded steps before timing
@@ -187,7 +189,7 @@ GPU_ONLY_LINE = (
 
 COLUMNS = [
     "kind", "mode", "preset", "hidden_size", "layers", "layers_run", "num_neurons", "num_experts",
-    "experts_per_token", "topk", "tokens", "dtype", "backbone", "impl", "placement", "transfer", "backward_rows",
+    "experts_per_token", "topk", "tokens", "dtype", "backbone", "impl", "placement", "transfer", "backward_rows", "ist_ratio",
     "lora_rank", "repeats", "warmup",
     "fwd_ms", "bwd_ms", "opt_ms", "step_ms", "tokens_per_s",
     *[f"t_{k}_ms" for k in BREAKDOWN], "speedup_vs_reference",
@@ -240,6 +242,7 @@ class Point:
     placement: str = "gpu"
     transfer: str | None = None
     backward_rows: str | None = None
+    ist_ratio: float = 1.0
     kind: str = "step"
     rows: int | None = None  # transfer points
 
@@ -248,7 +251,8 @@ class Point:
         if self.kind == "transfer":
             return f"transfer rows={self.rows} d={s.hidden_size}"
         extra = f" {self.transfer}/{self.backward_rows}" if self.placement == "cpu" else ""
-        return f"N={s.num_neurons} T={s.tokens} {self.impl}[{self.placement}{extra}]"
+        ist = f" ist={self.ist_ratio:g}" if self.ist_ratio < 1 else ""
+        return f"N={s.num_neurons} T={s.tokens} {self.impl}[{self.placement}{extra}{ist}]"
 
 
 def experts_for(num_neurons: int, explicit: list[int] | None) -> list[int]:
@@ -288,16 +292,17 @@ def _shape_points(shape: Shape, args: argparse.Namespace, cuda: bool, skipped: l
     impls = ["meft"] if cuda else ["meft", "reference"]
     out = []
     for impl in impls:
+        ratios = args.ist_ratio if impl == "meft" else [1.0]
         for placement in args.placement:
             if placement == "gpu":
-                out.append(Point(shape, impl, "gpu"))
+                out += [Point(shape, impl, "gpu", ist_ratio=r) for r in ratios]
                 continue
             for transfer in args.transfer:
                 if transfer == "zero_copy" and not cuda:
                     skipped.append("transfer zero_copy (needs a GPU)")
                     continue
                 for rows in args.backward_rows:
-                    out.append(Point(shape, impl, "cpu", transfer, rows))
+                    out += [Point(shape, impl, "cpu", transfer, rows, ist_ratio=r) for r in ratios]
     for b in args.baselines:
         if b == "reference" and not cuda:
             continue  # on CPU the reference already runs per placement above
@@ -600,9 +605,18 @@ class MeftAdapterStack(Workload):
             if store is not None and getattr(store, "pinned", False):
                 self.pinned_nbytes = float(sum(a.offload.store.nbytes for a in self.adapters))
         self.unique_rows = [_active_unique_rows(a, self.w, layer, s) for layer, a in enumerate(self.adapters)]
+        self.ist = None
+        self.steps_done = 0
+        if p.ist_ratio < 1:
+            from meft_triton.ist import ISTConfig, ISTScheduler
+
+            self.ist = ISTScheduler(self.adapters, ISTConfig(ratio=p.ist_ratio, mode="uniform", seed=0))
 
     def step(self, clock: Clock) -> None:
         self.w.reset_input_grads()
+        if self.ist is not None:  # this step's trained layers; the rest are frozen
+            self.ist.before_step(self.steps_done)
+        self.steps_done += 1
         ys = []
         for layer, a in enumerate(self.adapters):
             h = self.w.hidden[layer]
@@ -623,8 +637,9 @@ class MeftAdapterStack(Workload):
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        for hook in self.hooks:
-            hook()
+        for adapter, hook in zip(self.adapters, self.hooks):
+            if adapter.router.weight.requires_grad:  # IST-frozen layers have nothing to step
+                hook()
         clock.mark("optimizer")
 
     def counters(self) -> dict[str, float]:
@@ -739,6 +754,7 @@ def _blank_row(point: Point, args: argparse.Namespace, mode: str, machine: dict)
                layers_run=s.layers_run, dtype=s.dtype, backbone=s.backbone, impl=point.impl, placement=point.placement,
                transfer=point.transfer if point.placement == "cpu" else None,
                backward_rows=point.backward_rows if point.kind == "step" and point.placement == "cpu" else None,
+               ist_ratio=point.ist_ratio if point.kind == "step" else NAN,
                repeats=args.repeats, warmup=args.warmup, unique_rows_layers=None, adapter_counters=None, note="",
                **_machine_columns(machine))
     if point.kind == "step":
@@ -1098,6 +1114,16 @@ def _flat(values):
     return list(dict.fromkeys(out))  # dedupe, keep order
 
 
+def _ratio_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers in (0, 1], got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"IST ratios must lie in (0, 1], got {text!r}")
+    return values
+
+
 def _positive_int(text: str) -> int:
     return _int_list(1)(text)[0]
 
@@ -1119,6 +1145,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--placement", nargs="+", type=_choice_list(PLACEMENTS), help="gpu, cpu")
     ap.add_argument("--transfer", nargs="+", type=_choice_list(TRANSFERS), help="transfer engines (placement cpu)")
     ap.add_argument("--backward-rows", nargs="+", type=_choice_list(BACKWARD_ROWS), help="refetch, keep")
+    ap.add_argument("--ist-ratio", nargs="+", type=_ratio_list,
+                    help="fractions of layers IST trains per step, in (0, 1] (MEFT + IST; default 1)")
     ap.add_argument("--dtype", nargs="+", type=_choice_list(tuple(DTYPES)), help="compute dtypes")
     ap.add_argument("--baselines", nargs="+", type=_choice_list((*BASELINES, "none")),
                     help="reference, meft-original, dense, lora, or none")
@@ -1146,6 +1174,7 @@ def parse_args(argv: Sequence[str] | None = None, cuda: bool | None = None) -> a
                 "transfer", "backward_rows", "dtype", "baselines", "transfer_rows"):
         value = _flat(getattr(args, key))
         setattr(args, key, defaults[key] if value is None else value)
+    args.ist_ratio = _flat(args.ist_ratio) or [1.0]
     if args.warmup is not None:
         args.warmup = args.warmup[0]
     for key in ("repeats", "warmup", "max_layers", "threads", "backbone"):

@@ -281,3 +281,22 @@ def test_backbone_ffn_runs_beside_every_adapter(tmp_path):
     assert steps["step_ms"].notna().all(), steps[["impl", "note"]]
     assert (steps["t_backbone_ms"] > 0).all()
     assert (df[df["kind"] == "transfer"]["backbone"] == "none").all()
+
+
+def test_ist_ratio_axis_halves_gradient_rows_to_host(tmp_path):
+    """MEFT + IST: with half the layers trained per step, half the gradient bytes go home."""
+    code = sweep.main(["--preset", "tiny", "-N", "1024", "-T", "64", "--placement", "cpu",
+                       "--backward-rows", "refetch", "--ist-ratio", "1", "0.5", "--baselines", "none",
+                       "--transfer-rows", "64", "--repeats", "2", "--warmup", "1", "--no-plots",
+                       "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    df = pd.read_csv(tmp_path / "sweep.csv")
+    meft = df[(df.kind == "step") & (df.impl == "meft")].set_index("ist_ratio")
+    assert meft.loc[0.5, "d2h_bytes_measured"] == pytest.approx(meft.loc[1.0, "d2h_bytes_measured"] / 2, rel=0.1)
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.2", "x"])
+def test_ist_ratio_rejects_nonsense(bad, capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--ist-ratio", bad], cuda=False)
+    assert "ist-ratio" in capsys.readouterr().err
