@@ -51,6 +51,41 @@ def adapter_floor(cfg: MEFTConfig, tokens: int, hidden_size: int, dtype_bytes: i
             "step_bytes": fwd_bytes + bwd_bytes, "step_flops": fwd_flops + bwd_flops}
 
 
+def adapter_problem(tokens: int, hidden_size: int, num_neurons: int, num_experts: int,
+                    dtype: torch.dtype, seed: int = 0, device: str = "cuda") -> dict[str, torch.Tensor]:
+    """Random inputs with MEFT's initialisation: hidden, router (expert-mean keys x 50), keys,
+    values (std 0.02) and an upstream gradient, in ``dtype``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, device=device, generator=gen)
+    keys = torch.randn(num_neurons, hidden_size, device=device, generator=gen) * 0.02
+    values = torch.randn(num_neurons, hidden_size, device=device, generator=gen) * 0.02
+    router = keys.view(num_experts, -1, hidden_size).mean(1) * 50
+    grad_y = torch.randn(tokens, hidden_size, device=device, generator=gen)
+    return {name: t.to(dtype) for name, t in
+            dict(hidden=hidden, router=router, keys=keys, values=values, grad_y=grad_y).items()}
+
+
+def triton_passes(problem: dict[str, torch.Tensor], experts_per_token: int, topk: int):
+    """``(forward, step)`` closures of the Triton path on ``problem``: router top-k + sparse
+    forward, and the same + sparse backward (row-sparse grads)."""
+    from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+
+    hidden, router, keys, values = (problem[k] for k in ("hidden", "router", "keys", "values"))
+    num_experts = router.shape[0]
+
+    def forward():
+        gate_logits, expert_ids = router_topk(hidden, router, experts_per_token)
+        return (expert_ids, gate_logits, *sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits,
+                                                            num_experts, topk, check_ids=False))
+
+    def step():
+        expert_ids, gate_logits, _, neuron_ids, activations = forward()
+        return sparse_kv_backward(problem["grad_y"], hidden, router, keys, values, expert_ids, gate_logits,
+                                  neuron_ids, activations, dense=False, check_ids=False)
+
+    return forward, step
+
+
 def measure_ceilings(dtype: torch.dtype, time_ms) -> dict[str, float]:
     """HBM bytes/s of a 1 GiB device copy and dense matmul FLOP/s in ``dtype``."""
     src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
@@ -68,8 +103,6 @@ def measure_ceilings(dtype: torch.dtype, time_ms) -> dict[str, float]:
 def run(args) -> tuple[pd.DataFrame, dict]:
     import triton.testing
 
-    from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
-
     def time_ms(fn):
         return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
 
@@ -77,22 +110,9 @@ def run(args) -> tuple[pd.DataFrame, dict]:
     cfg = MEFTConfig(num_neurons=args.num_neurons, num_experts=args.num_experts,
                      experts_per_token=args.experts_per_token, topk=args.topk)
     T, d, E, P, K = args.tokens, args.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.topk
-    torch.manual_seed(0)
-    hidden = torch.randn(T, d, device="cuda", dtype=dtype)
-    keys = (torch.randn(cfg.num_neurons, d, device="cuda") * 0.02).to(dtype)
-    values = (torch.randn(cfg.num_neurons, d, device="cuda") * 0.02).to(dtype)
-    router = (keys.view(E, -1, d).float().mean(1) * 50).to(dtype)
-    grad_y = torch.randn_like(hidden)
-
-    def triton_forward():
-        gate_logits, expert_ids = router_topk(hidden, router, P)
-        return (expert_ids, gate_logits,
-                *sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, E, K, check_ids=False))
-
-    def triton_step():
-        expert_ids, gate_logits, _, neuron_ids, activations = triton_forward()
-        return sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits,
-                                  neuron_ids, activations, dense=False, check_ids=False)
+    problem = adapter_problem(T, d, cfg.num_neurons, E, dtype)
+    hidden, router, keys, values, grad_y = (problem[k] for k in ("hidden", "router", "keys", "values", "grad_y"))
+    triton_forward, triton_step = triton_passes(problem, P, K)
 
     expert_ids, _, _, neuron_ids, _ = triton_forward()
     unique_rows = int(neuron_ids.unique().numel())

@@ -284,27 +284,14 @@ def _pair(name: str, ours: list[float], yardstick: list[float], detail: str) -> 
 
 
 def _kernel_checks(profile: Profile, only) -> list[Check]:
-    from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+    from kernels import router_topk
     from meft_triton import reference
+    from profiling.kernel_bench import adapter_problem, triton_passes
 
     T, d, N, E, P, K = profile.cuda_shape
-    dt = torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(T, d, device="cuda", generator=gen).to(dt)
-    keys32 = torch.randn(N, d, device="cuda", generator=gen) * 0.02
-    keys, values = keys32.to(dt), (torch.randn(N, d, device="cuda", generator=gen) * 0.02).to(dt)
-    router = (keys32.view(E, -1, d).mean(1) * 50).to(dt)
-    grad_y = torch.randn(T, d, device="cuda", generator=gen).to(dt)
-
-    def tri_forward():
-        gate_logits, expert_ids = router_topk(hidden, router, P)
-        return (expert_ids, gate_logits,
-                *sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, E, K, check_ids=False))
-
-    def tri_step():
-        expert_ids, gate_logits, _, neuron_ids, activations = tri_forward()
-        return sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits,
-                                  neuron_ids, activations, dense=False, check_ids=False)
+    problem = adapter_problem(T, d, N, E, torch.bfloat16)
+    hidden, router, keys, values, grad_y = (problem[k] for k in ("hidden", "router", "keys", "values", "grad_y"))
+    tri_forward, tri_step = triton_passes(problem, P, K)
 
     leaves = [t.detach().requires_grad_() for t in (hidden, router, keys, values)]
 
