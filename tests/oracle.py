@@ -49,3 +49,23 @@ def candidate_scores64(hidden, keys, expert_ids, gate_weights, neurons_per_exper
                                         expert_ids.long().cpu(), gate_weights.double().cpu(),
                                         neurons_per_expert)
     return scores, reference.candidate_ids(expert_ids.long().cpu(), neurons_per_expert)
+
+
+def assert_placements_agree(on_gpu, on_cpu, hidden, y_tol: float = 1e-5):
+    """Placement "cpu" gives placement "gpu"'s forward (to ``y_tol``), dh, d router and key/value
+    gradient rows (1e-5) for ``hidden``. Returns the gradient rows shipped to the host."""
+    h_gpu, h_cpu = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    y_gpu, y_cpu = on_gpu(h_gpu), on_cpu(h_cpu)
+    assert y_cpu.shape == y_gpu.shape
+    assert rel_err(y_cpu, y_gpu) < y_tol
+    grad_y = torch.randn_like(y_gpu)
+    y_gpu.backward(grad_y)
+    y_cpu.backward(grad_y)
+    assert rel_err(h_cpu.grad, h_gpu.grad) < 1e-5
+    assert rel_err(on_cpu.router.weight.grad, on_gpu.router.weight.grad) < 1e-5
+    grads = on_cpu.offload.pending_grads[0].result()
+    assert grads.rows.device.type == "cpu"
+    d, rows = on_gpu.hidden_size, grads.row_ids.to(hidden.device)
+    assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[rows]) < 1e-5
+    assert rel_err(grads.rows[:, d:], on_gpu.values.grad[rows]) < 1e-5
+    return grads

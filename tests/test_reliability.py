@@ -34,7 +34,7 @@ from meft_triton.offload import OffloadRuntime
 from meft_triton.optim import SparseRowAdamW, clip_grad_norm_
 from meft_triton.prefetch import CopyFailedError, FakeCopyEngine
 from meft_triton.row_store import CPURowStore
-from oracle import rel_err
+from oracle import assert_placements_agree, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 D = 12
@@ -437,20 +437,7 @@ def test_cpu_and_gpu_placements_agree_property(setup):
     on_gpu = MEFTAdapter(d, cfg)
     on_cpu = MEFTAdapter(d, cfg.replace(placement="cpu"))
     on_cpu.load_state_dict(on_gpu.state_dict())
-    hidden = torch.randn(*lead, d)
-    h_gpu, h_cpu = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-    y_gpu, y_cpu = on_gpu(h_gpu), on_cpu(h_cpu)
-    assert y_cpu.shape == y_gpu.shape
-    assert rel_err(y_cpu, y_gpu) < 1e-5
-    grad_y = torch.randn_like(y_gpu)
-    y_gpu.backward(grad_y)
-    y_cpu.backward(grad_y)
-    assert rel_err(h_cpu.grad, h_gpu.grad) < 1e-5
-    assert rel_err(on_cpu.router.weight.grad, on_gpu.router.weight.grad) < 1e-5
-    grads = on_cpu.offload.pending_grads[0].result()
-    rows = grads.row_ids
-    assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[rows]) < 1e-5
-    assert rel_err(grads.rows[:, d:], on_gpu.values.grad[rows]) < 1e-5
+    rows = assert_placements_agree(on_gpu, on_cpu, torch.randn(*lead, d)).row_ids
     untouched = torch.ones(cfg.num_neurons, dtype=torch.bool)
     untouched[rows] = False  # rows never shipped have no gradient under placement "gpu" either
     assert not on_gpu.keys.grad[untouched].any() and not on_gpu.values.grad[untouched].any()
