@@ -40,15 +40,18 @@ Use it from a plain loop::
 
 or with the Hugging Face Trainer: ``Trainer(..., callbacks=[ISTCallback(scheduler)])``.
 
-The scoring passes reuse whatever the forward path does: under placement "cpu" they route on
-the device and copy the selected value rows host->device like any forward (counted in
-``runtime.bytes_to_device``), but build no graph and move nothing device->host.
+Under placement "cpu" the scoring passes route on the device, build no graph and move nothing
+device->host. Within one round the passes share the value rows already copied to the device
+(``OffloadRuntime.reusing_rows``, up to ``reuse_bytes`` of device memory): the first pass
+copies its rows host->device, the later ones only the rows their routing adds (suppressing
+other layers changes a layer's input a little, so a few tokens pick other rows). Counted in
+``runtime.bytes_to_device`` and ``runtime.rows_reused``.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
@@ -86,6 +89,8 @@ class ISTConfig:
     mode: "importance" (IST) or "uniform" (the control: uniform layers, no scoring).
     seed: seed of the scheduler's own generator (selection and scoring sets).
     eval_mode: run the scoring passes with the model in eval mode (no dropout noise in L_k).
+    reuse_bytes: device memory the scoring passes of one round may keep value rows in, so that
+        later passes copy only the rows they add (placement "cpu"; 0 turns the reuse off).
     """
 
     ratio: float = 0.25
@@ -97,6 +102,7 @@ class ISTConfig:
     mode: str = "importance"
     seed: int = 0
     eval_mode: bool = True
+    reuse_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         _fraction("ratio", self.ratio)
@@ -109,6 +115,7 @@ class ISTConfig:
         check_int("seed", self.seed, minimum=0)
         if not isinstance(self.eval_mode, bool):
             raise TypeError(f"eval_mode must be a bool, got {type(self.eval_mode).__name__}")
+        check_int("reuse_bytes", self.reuse_bytes, minimum=0)
 
     def replace(self, **changes: Any) -> "ISTConfig":
         return replace(self, **changes)
@@ -300,11 +307,16 @@ class ISTScheduler:
         was_training = self.model.training if self.model is not None else None
         if self.config.eval_mode and self.model is not None:
             self.model.eval()
+        runtimes = {id(a.offload.runtime): a.offload.runtime for a in self.adapters if a.offload is not None}
         try:
-            for layers in sets:
-                with scaled_adapter_outputs([self.adapters[i] for i in layers], self.config.suppression):
-                    value = loss_fn()
-                losses.append(float(value.detach().float()) if isinstance(value, Tensor) else float(value))
+            with ExitStack() as reuse:
+                if self.config.reuse_bytes:
+                    for runtime in runtimes.values():
+                        reuse.enter_context(runtime.reusing_rows(self.config.reuse_bytes))
+                for layers in sets:
+                    with scaled_adapter_outputs([self.adapters[i] for i in layers], self.config.suppression):
+                        value = loss_fn()
+                    losses.append(float(value.detach().float()) if isinstance(value, Tensor) else float(value))
         finally:
             if was_training:
                 self.model.train()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -123,6 +124,34 @@ def default_engine(device: torch.device, transfer: str) -> CopyEngine:
     return FakeCopyEngine(max_delay=0.0, async_compute=False, workers=1, chunk_rows=1 << 30)
 
 
+class RowCache:
+    """Value rows kept on the device across forward-only passes (IST's scoring round).
+
+    Several no-grad passes over one batch route most tokens to the same rows: each layer keeps
+    the union of the rows it has fetched (sorted ids and their rows, compute dtype) and the
+    next pass copies only the rows it lacks. The cache never exceeds ``budget_bytes`` of device
+    memory: a layer whose grown union would not fit keeps what it had. The master rows cannot
+    change while it lives (no optimizer step runs inside a scoring round) and it is dropped at
+    the end of the round.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._layers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        return self._layers.get(layer)
+
+    def offer(self, layer: int, ids: Tensor, rows: Tensor) -> None:
+        old = self._layers.get(layer)
+        old_bytes = 0 if old is None else old[1].numel() * old[1].element_size()
+        used = self.used_bytes - old_bytes + rows.numel() * rows.element_size()
+        if used <= self.budget_bytes:
+            self._layers[layer] = (ids, rows)
+            self.used_bytes = used
+
+
 class OffloadRuntime:
     """The copy engine and value-row slot pool shared by a model's CPU-placed adapters.
 
@@ -148,6 +177,21 @@ class OffloadRuntime:
         self.prefetcher: Prefetcher | None = None
         self.bytes_to_device = 0
         self.bytes_to_host = 0
+        self.rows_reused = 0
+        self.row_cache: RowCache | None = None
+
+    @contextmanager
+    def reusing_rows(self, budget_bytes: int) -> Iterator[RowCache]:
+        """Within the block, forward passes without autograd (``torch.no_grad``) copy only the
+        value rows that an earlier such pass of the block did not already bring to the device
+        (``rows_reused`` counts the others). Passes with autograd are unaffected."""
+        if self.row_cache is not None:
+            raise RuntimeError("reusing_rows blocks do not nest")
+        self.row_cache = RowCache(budget_bytes)
+        try:
+            yield self.row_cache
+        finally:
+            self.row_cache = None
 
     def register(self, rows: "OffloadedRows") -> int:
         if self.prefetcher is not None:
@@ -193,9 +237,11 @@ class RoutedTokens:
     neuron_ids: Tensor      # [T, K]
     activations: Tensor     # [T, K] fp32
     local_ids: Tensor       # [T, K]: each pick's row in the slot
-    ticket: Ticket
+    ticket: Ticket | None   # None: every row came from the row cache
     output_dtype: torch.dtype
     output_shape: torch.Size
+    cached: tuple[Tensor, Tensor] | None = None  # a RowCache entry this call extends
+    cache: RowCache | None = None
 
 
 class OffloadedRows:
@@ -267,15 +313,45 @@ class OffloadedRows:
             neuron_ids, activations = stages.select(flat, self.key_cache, expert_ids, gate_weights,
                                                     cfg.num_experts, cfg.topk)
             active, local_ids = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
-        prefetcher = self.runtime.ensure_slots(max(1, active.numel()))
-        ticket = prefetcher.prefetch(self.layer, active)
-        self.runtime.bytes_to_device += active.numel() * self.runtime.hidden_size * flat.element_size()
+        cache = self.runtime.row_cache if not torch.is_grad_enabled() else None
+        cached = cache.get(self.layer) if cache is not None else None
+        fetch = active if cached is None else active[~torch.isin(active, cached[0])]
+        ticket = None
+        if fetch.numel() or cache is None:
+            prefetcher = self.runtime.ensure_slots(max(1, fetch.numel()))
+            ticket = prefetcher.prefetch(self.layer, fetch)
+        self.runtime.bytes_to_device += fetch.numel() * self.runtime.hidden_size * flat.element_size()
+        self.runtime.rows_reused += active.numel() - fetch.numel()
         return RoutedTokens(flat, expert_ids, gate_weights, neuron_ids, activations, local_ids,
-                            ticket, hidden.dtype, hidden.shape)
+                            ticket, hidden.dtype, hidden.shape, cached, cache)
 
     def finish_values(self, routed: RoutedTokens) -> Tensor:
-        y = _OffloadedValues.apply(routed.hidden, self.adapter.router.weight, self, routed)
+        if routed.cache is not None:
+            y = self._values_from_cache(routed)
+        else:
+            y = _OffloadedValues.apply(routed.hidden, self.adapter.router.weight, self, routed)
         return y.to(routed.output_dtype).reshape(routed.output_shape)
+
+    def _values_from_cache(self, routed: RoutedTokens) -> Tensor:
+        """A no-grad call inside ``runtime.reusing_rows``: y from the cached rows plus the ones
+        this call fetched; the union goes back to the cache."""
+        ids, rows = routed.cached if routed.cached is not None else (None, None)
+        if routed.ticket is not None:
+            prefetcher = self.runtime.prefetcher
+            fresh = prefetcher.acquire(routed.ticket)
+            try:
+                fresh_ids, fresh = routed.ticket.row_ids.to(fresh.device), fresh.clone()
+            finally:
+                prefetcher.release(routed.ticket)
+            if ids is None:
+                ids, rows = fresh_ids, fresh
+            else:
+                ids, order = torch.sort(torch.cat([ids, fresh_ids]))
+                rows = torch.cat([rows, fresh])[order]
+            routed.cache.offer(self.layer, ids, rows)
+        local_ids = torch.searchsorted(ids, routed.neuron_ids.long())
+        stages = stages_for(routed.hidden.device, self.adapter.config.backend)
+        return stages.values(routed.activations, local_ids, rows)
 
 
 class _OffloadedValues(torch.autograd.Function):

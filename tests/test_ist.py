@@ -71,7 +71,8 @@ def test_config_validation_and_counts():
     for bad, err in [(dict(ratio=0.0), ValueError), (dict(ratio=1.5), ValueError),
                      (dict(interval=0), ValueError), (dict(passes=1.5), TypeError),
                      (dict(mode="random"), ValueError), (dict(suppression=-1.0), ValueError),
-                     (dict(sample_fraction=0.0), ValueError), (dict(eval_mode=1), TypeError)]:
+                     (dict(sample_fraction=0.0), ValueError), (dict(eval_mode=1), TypeError),
+                     (dict(reuse_bytes=-1), ValueError)]:
         with pytest.raises(err):
             ISTConfig(**bad)
     with pytest.raises(TypeError, match="MEFTAdapter"):
@@ -178,6 +179,56 @@ def test_scoring_through_the_model_wrapper_cpu_placement():
     sched.score(lambda: model(ids, labels=ids).loss)
     assert off != base and runtime.bytes_to_host == 0
     assert all(loss != base for loss in sched.last_round.losses)
+
+
+def scoring_round(reuse_bytes: int, passes: int = 3):
+    """One scoring round over a tiny placement-"cpu" Llama; returns the round, the bytes it
+    copied host->device and the rows it reused."""
+    model = attach_meft(tiny_model(3), CFG.replace(placement="cpu"))
+    runtime = next(iter(meft_adapters(model).values())).offload.runtime
+    ids = batch(rows=8, length=16)
+    sched = ISTScheduler(model, ISTConfig(passes=passes, reuse_bytes=reuse_bytes, seed=3))
+    sched.score(lambda: model(ids, labels=ids).loss)
+    copied, reused = runtime.bytes_to_device, runtime.rows_reused
+    assert runtime.row_cache is None  # dropped at the end of the round
+    runtime.close()
+    return sched.last_round, copied, reused
+
+
+def test_scoring_passes_reuse_rows_already_on_the_device():
+    """Placement "cpu": a round's later passes copy only the rows they add, with the same losses."""
+    off, copied_off, reused_off = scoring_round(reuse_bytes=0)
+    on, copied_on, reused_on = scoring_round(reuse_bytes=1 << 30)
+    assert reused_off == 0 and reused_on > 0
+    assert on.losses == off.losses and on.sets == off.sets
+    # three passes over one batch: everything after the first pass is mostly reuse
+    assert copied_on < 0.6 * copied_off, (copied_on, copied_off)
+    row_bytes = 32 * 4  # d = 32, float32
+    assert copied_off - copied_on == reused_on * row_bytes
+    # a budget too small for any layer's rows: nothing is kept, every pass copies everything
+    _, copied_tiny, reused_tiny = scoring_round(reuse_bytes=row_bytes)
+    assert (copied_tiny, reused_tiny) == (copied_off, 0)
+
+
+def test_row_cache_is_bypassed_with_autograd():
+    """Training forwards inside a reusing_rows block take the normal slot path (their backward
+    needs it); only no-grad passes read or fill the cache."""
+    model = attach_meft(tiny_model(2), CFG.replace(placement="cpu"))
+    runtime = next(iter(meft_adapters(model).values())).offload.runtime
+    ids = batch()
+    with runtime.reusing_rows(1 << 30) as cache:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert cache.used_bytes == 0 and runtime.rows_reused == 0
+        with torch.no_grad():
+            model(ids, labels=ids)
+            filled = cache.used_bytes
+            model(ids, labels=ids)
+        assert filled > 0 and runtime.rows_reused > 0
+        with pytest.raises(RuntimeError, match="nest"):
+            with runtime.reusing_rows(1):
+                pass
+    runtime.close()
 
 
 # ------------------------------------------------------------------------------ sampling
