@@ -4,7 +4,10 @@ Public API: :class:`MEFTConfig`, :class:`MEFTAdapter`, the transformers integrat
 (:func:`attach_meft`, :func:`detach_meft`, :func:`save_adapter`, :func:`load_adapter`,
 :func:`create_meft_optimizer`), the row-sparse CPU optimizer :class:`SparseRowAdamW`, training
 checkpoints (:func:`save_training_state`, :func:`load_training_state`), the non-finite gradient
-error :class:`NonFiniteGradientError`, and the oracle :mod:`meft_triton.reference`.
+error :class:`NonFiniteGradientError`, IST layer selection (:class:`ISTConfig`,
+:class:`ISTScheduler`, ``ISTCallback`` for the HF Trainer), the SMT baseline (:class:`SMTConfig`,
+:class:`SMTWarmup`, :func:`apply_smt`, :func:`create_smt_optimizer`), and the oracle
+:mod:`meft_triton.reference`.
 """
 
 from . import reference
@@ -15,10 +18,24 @@ from .integration import (OffloadedAdamW, attach_meft, create_meft_optimizer, de
 from .optim import SparseRowAdamW
 from .checkpoint import load_training_state, read_training_state, save_training_state
 from .nonfinite import MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning
+from .ist import ISTConfig, ISTScheduler
+from .smt import SMTConfig, SMTWarmup, apply_smt, create_smt_optimizer
 
 __version__ = "0.1.0"
 
+def __getattr__(name: str):
+    # ISTCallback subclasses transformers.TrainerCallback: importing meft_triton does not import
+    # transformers until it is asked for.
+    if name == "ISTCallback":
+        from . import ist
+
+        return ist.ISTCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "ISTCallback", "ISTConfig", "ISTScheduler", "SMTConfig", "SMTWarmup", "apply_smt",
+    "create_smt_optimizer",
     "MEFTAdamW", "MEFTAdapter", "MEFTConfig", "NonFiniteGradientError", "NonFiniteGradientWarning",
     "OffloadedAdamW", "SparseRowAdamW", "__version__",
     "adapter_parameter_count", "attach_meft", "create_meft_optimizer", "detach_meft",

@@ -1,8 +1,8 @@
 """Training checkpoints: adapters, optimizer state and step count, saved and restored together.
 
-    save_training_state(model, optimizer, "ckpt", step=step, scheduler=sched)
+    save_training_state(model, optimizer, "ckpt", step=step, scheduler=sched, ist=ist)
     ...
-    step = load_training_state(model, optimizer, "ckpt", scheduler=sched)  # resume exactly
+    step = load_training_state(model, optimizer, "ckpt", scheduler=sched, ist=ist)  # resume exactly
 
 A checkpoint directory holds::
 
@@ -10,7 +10,8 @@ A checkpoint directory holds::
     adapter-<id>/                save_adapter's files (adapter.safetensors + meft_config.json)
     optimizer-<id>.pt            optimizer.state_dict() (OffloadedAdamW: routers' AdamW state and
                                  every layer's SparseRowAdamW moments, step count, hyperparameters)
-    trainer-<id>.pt              step, ``extra``, the LR scheduler's state, the RNG states
+    trainer-<id>.pt              step, ``extra``, the LR scheduler's state, the IST scheduler's
+                                 state (layer scores, its generator), the RNG states
 
 Atomic: every file of a save gets a fresh ``<id>`` and is written to a temp file, fsynced and
 renamed; the manifest is written last the same way, and its ``os.replace`` is the commit point.
@@ -22,7 +23,8 @@ or the scheduler: a truncated or corrupt checkpoint raises ``ValueError`` naming
 leaves them untouched.
 
 What "exact resume" needs and this saves: the adapters (placement "cpu": the CPU fp32 master
-rows), the optimizer state, the LR scheduler state (pass ``scheduler``), the step count, and
+rows), the optimizer state, the LR scheduler state (pass ``scheduler``), the IST layer
+scheduler's state (pass ``ist``, a :class:`~meft_triton.ist.ISTScheduler`), the step count, and
 torch's / Python's / NumPy's RNG states (``rng=True``) for data order and dropout. Not saved:
 gradients accumulated for a step that has not run (save between steps), the frozen backbone
 (reload it from its source), the optimizer's constructor arguments (create it the same way).
@@ -62,9 +64,17 @@ class TrainingState:
     manifest: dict[str, Any]
     scheduler_state: Any
     rng_state: dict[str, Any] | None
+    ist_state: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _check_ist(ist: Any) -> None:
+    from .ist import ISTScheduler
+
+    if ist is not None and not isinstance(ist, ISTScheduler):
+        raise TypeError(f"ist must be an ISTScheduler (or None), got {type(ist).__name__}")
 
 
 def _check_step(step: Any) -> int:
@@ -156,13 +166,15 @@ def _remove(path: Path) -> None:
 
 
 def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLike, *, step: int,
-                        extra: Any = None, scheduler: Any = None, rng: bool = True) -> Path:
+                        extra: Any = None, scheduler: Any = None, ist: Any = None,
+                        rng: bool = True) -> Path:
     """Save the model's adapters, ``optimizer.state_dict()``, ``step`` and ``extra`` to the
     directory ``path`` (created if missing), atomically (module docstring); returns it.
 
     ``optimizer``: what :func:`~meft_triton.integration.create_meft_optimizer` returned
     (``MEFTAdamW`` / ``OffloadedAdamW``), any ``torch.optim.Optimizer``, or None. ``scheduler``:
-    an LR scheduler (its ``state_dict``) or None. ``extra``: plain Python values and tensors
+    an LR scheduler (its ``state_dict``) or None. ``ist``: an
+    :class:`~meft_triton.ist.ISTScheduler` or None. ``extra``: plain Python values and tensors
     (e.g. the data loader's position), returned by :func:`read_training_state`. ``rng``: also
     save torch's (CPU and initialized CUDA), Python's and NumPy's RNG states. Call it between
     steps: in-flight CPU optimizer updates are waited for; gradients not yet stepped are not
@@ -176,6 +188,7 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
         raise TypeError(f"optimizer must have a state_dict() (or be None), got {type(optimizer).__name__}")
     if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
         raise TypeError(f"scheduler must have a state_dict() (or be None), got {type(scheduler).__name__}")
+    _check_ist(ist)
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_training_state: {directory} exists and is not a directory")
@@ -185,7 +198,8 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     # CPU updates; the bytes are checked to load back), then the files.
     trainer_bytes = _torch_bytes({"step": step, "extra": extra,
                                   "scheduler": None if scheduler is None else scheduler.state_dict(),
-                                  "rng": _rng_state() if rng else None}, "extra / the scheduler state")
+                                  "ist": None if ist is None else ist.state_dict(),
+                                  "rng": _rng_state() if rng else None}, "extra / the scheduler states")
     token = f"{step}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     adapter_dir = f"adapter-{token}"
     optimizer_file = None if optimizer is None else f"optimizer-{token}.pt"
@@ -293,7 +307,7 @@ def read_training_state(path: str | os.PathLike) -> TrainingState:
                          f"vs {manifest['step']})")
     return TrainingState(step=manifest["step"], extra=trainer.get("extra"), path=directory,
                          manifest=manifest, scheduler_state=trainer.get("scheduler"),
-                         rng_state=trainer.get("rng"))
+                         rng_state=trainer.get("rng"), ist_state=trainer.get("ist"))
 
 
 def _check_optimizer_state(optimizer: Any, saved: Any, manifest: dict[str, Any]) -> None:
@@ -334,10 +348,10 @@ def _check_optimizer_state(optimizer: Any, saved: Any, manifest: dict[str, Any])
 
 
 def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLike, *,
-                        scheduler: Any = None, restore_rng: bool = True) -> int:
+                        scheduler: Any = None, ist: Any = None, restore_rng: bool = True) -> int:
     """Restore what :func:`save_training_state` saved into ``model`` (adapters attached, e.g. by
     ``attach_meft`` with the same config) and ``optimizer`` (created the same way as for the
-    save); returns the saved step. Also restores ``scheduler`` and, with ``restore_rng``, the
+    save); returns the saved step. Also restores ``scheduler``, ``ist`` and, with ``restore_rng``, the
     RNG states saved with ``rng=True``. Verifies and reads everything first: on a missing,
     truncated or corrupt file, or a state that does not fit, it raises (``FileNotFoundError`` /
     ``ValueError``) and writes nothing. The next step then equals the step an uninterrupted run
@@ -345,6 +359,7 @@ def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     if not isinstance(model, nn.Module) or _integ._state(model) is None:
         raise ValueError(f"load_training_state: {type(model).__name__} has no MEFT adapters attached; "
                          "attach_meft with the checkpoint's config and create the optimizer first")
+    _check_ist(ist)
     ckpt = read_training_state(path)
     manifest, directory = ckpt.manifest, ckpt.path
     info, tensors = _integ.read_adapter(directory / manifest["adapter_dir"])
@@ -357,12 +372,21 @@ def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
         _check_optimizer_state(optimizer, saved_opt, manifest)
     if scheduler is not None and ckpt.scheduler_state is None:
         raise ValueError(f"load_training_state: {directory} was saved without a scheduler state")
+    if ist is not None:
+        if ckpt.ist_state is None:
+            raise ValueError(f"load_training_state: {directory} was saved without an IST scheduler state")
+        try:
+            ist.check_state_dict(ckpt.ist_state)
+        except ValueError as exc:
+            raise ValueError(f"load_training_state: {directory}: {exc}") from exc
     # checks every name, shape, dtype and the config before the first copy
     _integ._check_and_copy(model, config, layers, tensors)
     if optimizer is not None:
         optimizer.load_state_dict(saved_opt)
     if scheduler is not None:
         scheduler.load_state_dict(ckpt.scheduler_state)
+    if ist is not None:
+        ist.load_state_dict(ckpt.ist_state)
     if restore_rng and ckpt.rng_state is not None:
         _set_rng_state(ckpt.rng_state)
     return ckpt.step

@@ -51,8 +51,11 @@ other layers changes a layer's input a little, so a few tokens pick other rows).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -375,11 +378,25 @@ class ISTScheduler:
                 "selection_counts": self.selection_counts.clone(), "steps_selected": self.steps_selected,
                 "selected": list(self.selected)}
 
+    def check_state_dict(self, state: Any) -> None:
+        """Raise ``ValueError`` if ``state`` is not a state of a scheduler over as many layers."""
+        keys = ("scores", "generator", "selection_counts", "steps_selected", "selected")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError(f"an ISTScheduler state must be a dict with keys {', '.join(keys)}")
+        for name in ("scores", "selection_counts"):
+            value = state[name]
+            if not isinstance(value, Tensor) or tuple(value.shape) != (self.num_layers,):
+                raise ValueError(f"state[{name!r}] must be a tensor of shape ({self.num_layers},) "
+                                 f"(the scheduler's layers), got "
+                                 f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        if not isinstance(state["generator"], Tensor) or state["generator"].dtype != torch.uint8:
+            raise ValueError("state['generator'] must be a torch.Generator state (a uint8 tensor)")
+        if any(not isinstance(i, int) or not 0 <= i < self.num_layers for i in state["selected"]):
+            raise ValueError(f"state['selected'] must hold layer positions in [0, {self.num_layers})")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        scores = state["scores"]
-        if not isinstance(scores, Tensor) or tuple(scores.shape) != (self.num_layers,):
-            raise ValueError(f"state['scores'] must be a tensor of shape ({self.num_layers},)")
-        self.scores = scores.detach().to(torch.float64).clone()
+        self.check_state_dict(state)
+        self.scores = state["scores"].detach().to(torch.float64).clone()
         self.generator.set_state(state["generator"])
         self.selection_counts = state["selection_counts"].clone()
         self.steps_selected = int(state["steps_selected"])
@@ -403,8 +420,26 @@ def _move(batch: Any, device: Any) -> Any:
     return batch
 
 
+STATE_FILE = "ist_scheduler.pt"
+
+
+def save_scheduler_state(scheduler: ISTScheduler, path: str | os.PathLike) -> None:
+    """Write ``scheduler.state_dict()`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            torch.save(scheduler.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def _make_callback_class():
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class ISTCallback(TrainerCallback):
         """IST for the Hugging Face ``Trainer``: selects each optimizer step's layers in
@@ -416,15 +451,22 @@ def _make_callback_class():
         through an iterator of this callback's own (creating it draws a sampler seed from
         torch's global RNG). Use ``create_meft_optimizer`` (torch AdamW or OffloadedAdamW):
         both leave unselected layers' state untouched.
+
+        Checkpoints: every Trainer save writes the scheduler's state (layer scores, selection
+        counts, its generator) to ``ist_scheduler.pt`` in the checkpoint folder, and
+        ``trainer.train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``,
+        from ``resume_from`` if given, else from ``<output_dir>/checkpoint-<step>``. (The
+        scoring batches drawn by the callback's own iterator restart from a fresh iterator.)
         """
 
         def __init__(self, scheduler: ISTScheduler, loss_fn: Callable[[], Any] | None = None,
-                     batch: dict | None = None) -> None:
+                     batch: dict | None = None, resume_from: str | os.PathLike | None = None) -> None:
             if not isinstance(scheduler, ISTScheduler):
                 raise TypeError(f"scheduler must be an ISTScheduler, got {type(scheduler).__name__}")
             self.scheduler = scheduler
             self.loss_fn = loss_fn
             self.batch = batch
+            self.resume_from = None if resume_from is None else Path(resume_from)
             self._iterator = None
 
         def _next_batch(self, dataloader):
@@ -455,6 +497,26 @@ def _make_callback_class():
         def on_train_end(self, args, state, control, **kwargs):
             self.scheduler.release()
 
+        @staticmethod
+        def _checkpoint_dir(args, state) -> Path:
+            return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+        def on_save(self, args, state, control, **kwargs):
+            directory = self._checkpoint_dir(args, state)
+            if state.is_world_process_zero and directory.is_dir():
+                save_scheduler_state(self.scheduler, directory / STATE_FILE)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                return
+            path = (self.resume_from or self._checkpoint_dir(args, state)) / STATE_FILE
+            if not path.is_file():
+                warnings.warn(f"ISTCallback: resuming at step {state.global_step} without {path}; "
+                              "the layer scores start again from zero", stacklevel=2)
+                return
+            self.scheduler.load_state_dict(torch.load(path, weights_only=True))
+
+    ISTCallback.__qualname__ = "ISTCallback"
     return ISTCallback
 
 
@@ -473,4 +535,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ISTCallback", "ISTConfig", "ISTScheduler", "OutputScale", "ScoringRound",
-           "scaled_adapter_outputs"]
+           "save_scheduler_state", "scaled_adapter_outputs"]

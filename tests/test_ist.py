@@ -434,6 +434,61 @@ def test_hf_trainer_callback(tmp_path):
     assert all(p.requires_grad for p in meft_parameters(model)), "released at the end"
 
 
+def test_hf_trainer_callback_saves_and_resumes_the_scheduler(tmp_path):
+    """A Trainer checkpoint carries the IST state; resuming from it continues the same run."""
+    pytest.importorskip("accelerate")
+    from meft_triton import ISTCallback
+
+    ids = batch(rows=8)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    fixed = {"input_ids": ids[:4], "labels": ids[:4]}
+
+    def run(max_steps, resume=None):
+        model = attach_meft(tiny_model(4), CFG)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+            learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=3, use_cpu=True,
+            disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        sched = ISTScheduler(model, ISTConfig(interval=2, seed=0))
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                       optimizers=(create_meft_optimizer(model, args), None),
+                                       callbacks=[ISTCallback(sched, batch=fixed)])
+        trainer.train(resume_from_checkpoint=resume)
+        return sched
+
+    full = run(6)
+    saved = torch.load(tmp_path / "checkpoint-3" / "ist_scheduler.pt", weights_only=True)
+    assert saved["steps_selected"] == 3 and not torch.equal(saved["scores"], torch.zeros(4, dtype=torch.float64))
+    resumed = run(6, resume=str(tmp_path / "checkpoint-3"))
+    assert resumed.steps_selected == 6 and torch.equal(resumed.selection_counts, full.selection_counts)
+    assert torch.equal(resumed.scores, full.scores)
+    with pytest.warns(UserWarning, match="start again from zero"):
+        (tmp_path / "checkpoint-3" / "ist_scheduler.pt").unlink()
+        run(6, resume=str(tmp_path / "checkpoint-3"))
+
+
+def test_training_checkpoint_holds_the_ist_state(tmp_path):
+    from meft_triton import load_training_state, save_training_state
+
+    model = attach_meft(tiny_model(4), CFG)
+    ids = batch()
+    sched = ISTScheduler(model, ISTConfig(interval=1, seed=5))
+    for step in range(3):
+        sched.before_step(step, lambda: model(ids, labels=ids).loss)
+    save_training_state(model, None, tmp_path / "ckpt", step=3, ist=sched)
+    fresh = ISTScheduler(model, ISTConfig(interval=1, seed=5))
+    assert load_training_state(model, None, tmp_path / "ckpt", ist=fresh) == 3
+    assert torch.equal(fresh.scores, sched.scores) and fresh.selected == sched.selected
+    assert fresh.sample_train_layers() == sched.sample_train_layers()  # the generator too
+    with pytest.raises(ValueError, match="shape \\(2,\\)"):
+        load_training_state(model, None, tmp_path / "ckpt", ist=ISTScheduler(list(meft_adapters(model).values())[:2]))
+    with pytest.raises(TypeError, match="ist must be an ISTScheduler"):
+        save_training_state(model, None, tmp_path / "ckpt", step=3, ist=object())
+    save_training_state(model, None, tmp_path / "plain", step=3)
+    with pytest.raises(ValueError, match="without an IST scheduler state"):
+        load_training_state(model, None, tmp_path / "plain", ist=fresh)
+
+
 # ------------------------------------------------------------------------------ measurement
 
 
