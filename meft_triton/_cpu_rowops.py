@@ -113,35 +113,47 @@ static void *adam_worker(void *arg) {
 
 #define MAX_THREADS 64
 
+/* Threads for `work` units: nthreads clamped to 1..MAX_THREADS, and to at least
+   `min_per_thread` units each, else threads cost more than they give. */
+static int thread_count(int nthreads, int64_t work, int64_t min_per_thread) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    int64_t most = work / min_per_thread;
+    if (most < 1) most = 1;
+    if (nthreads > most) nthreads = (int)most;
+    return nthreads;
+}
+
+/* Runs fn on each of the n jobs (an array of `size`-byte structs): job 0 on the calling
+   thread, the others on new threads; a job whose thread fails to start runs here instead. */
+static void run_jobs(int n, void *(*fn)(void *), void *jobs, size_t size) {
+    char *base = (char *)jobs;
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 1; t < n; ++t)
+        started[t] = pthread_create(&tids[t], 0, fn, base + t * size) == 0;
+    fn(base);
+    for (int t = 1; t < n; ++t) {
+        if (started[t]) pthread_join(tids[t], 0);
+        else fn(base + t * size);
+    }
+}
+
 int meft_adamw_rows(float *p, float *m, float *v, const float *g,
                     const int64_t *ids, const int64_t *gidx, int64_t n, int64_t rowlen,
                     float decay, float omb1, float omb2, float eps, float neg_step,
                     float gscale, int use_decay, int use_scale, int nthreads) {
     if (n <= 0) return 0;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    /* at least ~64K elements per thread, else threads cost more than they give */
-    int64_t most = (n * rowlen) / 65536;
-    if (most < 1) most = 1;
-    if (nthreads > most) nthreads = (int)most;
+    nthreads = thread_count(nthreads, n * rowlen, 65536);
     adam_job jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int t = 0; t < nthreads; ++t) {
         adam_job *j = &jobs[t];
         j->p = p; j->m = m; j->v = v; j->g = g; j->ids = ids; j->gidx = gidx;
         j->begin = n * t / nthreads; j->end = n * (t + 1) / nthreads; j->rowlen = rowlen;
         j->decay = decay; j->omb1 = omb1; j->omb2 = omb2; j->eps = eps; j->neg_step = neg_step;
         j->gscale = gscale; j->use_decay = use_decay; j->use_scale = use_scale;
-        started[t] = 0;
     }
-    for (int t = 1; t < nthreads; ++t)
-        started[t] = pthread_create(&tids[t], 0, adam_worker, &jobs[t]) == 0;
-    adam_worker(&jobs[0]);
-    for (int t = 1; t < nthreads; ++t) {
-        if (started[t]) pthread_join(tids[t], 0);
-        else adam_worker(&jobs[t]);
-    }
+    run_jobs(nthreads, adam_worker, jobs, sizeof jobs[0]);
     return 0;
 }
 
@@ -163,28 +175,15 @@ static void *gather_worker(void *arg) {
 int meft_gather_rows(const char *src, int64_t src_stride, const int64_t *ids, int64_t n,
                      char *dst, int64_t dst_stride, int64_t nbytes, int nthreads) {
     if (n <= 0) return 0;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    int64_t most = (n * nbytes) / (256 * 1024);
-    if (most < 1) most = 1;
-    if (nthreads > most) nthreads = (int)most;
+    nthreads = thread_count(nthreads, n * nbytes, 256 * 1024);
     gather_job jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int t = 0; t < nthreads; ++t) {
         gather_job *j = &jobs[t];
         j->src = src; j->dst = dst; j->ids = ids;
         j->begin = n * t / nthreads; j->end = n * (t + 1) / nthreads;
         j->src_stride = src_stride; j->dst_stride = dst_stride; j->nbytes = nbytes;
-        started[t] = 0;
     }
-    for (int t = 1; t < nthreads; ++t)
-        started[t] = pthread_create(&tids[t], 0, gather_worker, &jobs[t]) == 0;
-    gather_worker(&jobs[0]);
-    for (int t = 1; t < nthreads; ++t) {
-        if (started[t]) pthread_join(tids[t], 0);
-        else gather_worker(&jobs[t]);
-    }
+    run_jobs(nthreads, gather_worker, jobs, sizeof jobs[0]);
     return 0;
 }
 """
