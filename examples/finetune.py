@@ -1,28 +1,29 @@
-"""Fine-tune a causal LM on a synthetic knowledge task: MEFT vs LoRA vs a dense parallel adapter.
+"""Fine-tune a causal LM on a synthetic knowledge task: MEFT vs LoRA, a dense adapter, MEFT+IST, SMT.
 
 The task: ``--facts`` random facts "subject relation -> attribute", each a token sequence
 ``[BOS, subject, relation, ARROW, attribute]`` with the loss on the attribute token only. Fact
 accuracy is the share of facts whose attribute is the arg-max prediction after ARROW (the model
 is asked to store knowledge, MEFT's use case). Every method starts from the same frozen backbone
 (by default a small randomly initialised Llama-style model built locally, no download;
-``--model`` takes a local checkpoint or hub name) and trains about the same number of
-parameters: MEFT with a large N, LoRA (the peft library, all linear layers of the decoder) with
-the rank that matches, and a dense parallel adapter (d -> r -> d ReLU MLP beside every FFN) with
-the width that matches.
+``--model`` takes a local checkpoint or hub name) and trains the same number of parameters,
+MEFT's (so the same gradient and optimizer-state memory for the dense methods; the table also
+reports the peak memory measured):
 
-Two more rows on request (``--methods all``): ``meft+ist`` is the same MEFT adapter trained
-with IST layer selection (meft_triton.ist: each step only ``--ist-ratio`` of the layers'
-adapters train, chosen by learned importance scores; the scoring passes run every
-``--ist-interval`` steps on the step's batch); ``smt`` is Sparse Matrix Tuning
-(meft_triton.smt): a ``--smt-warmup``-step gradient warm-up that updates no weights (its steps
-count toward ``--steps``), then training only the top ``b x b`` blocks of the q/k/v/gate/up/down
-projections, as many blocks as MEFT's budget buys. When that budget exceeds every candidate
-block (it does at the example's scales: MEFT's adapter is larger than the toy backbone's
-projections) SMT trains all of them and the row says so.
+* ``meft``: the MEFT adapter beside every FFN;
+* ``lora``: LoRA (the peft library, all linear layers of the decoder) with the rank that matches;
+* ``dense``: a dense parallel adapter (d -> r -> d ReLU MLP beside every FFN) of matching width;
+* ``meft+ist``: the same MEFT adapter trained with IST layer selection (meft_triton.ist: each
+  step only ``--ist-ratio`` of the layers' adapters train, chosen by learned importance scores;
+  the scoring passes run every ``--ist-interval`` steps on the step's batch);
+* ``smt``: Sparse Matrix Tuning (meft_triton.smt): a ``--smt-warmup``-step gradient warm-up
+  that updates no weights (its steps count toward ``--steps``), then training only the top
+  ``b x b`` blocks of the q/k/v/gate/up/down projections, as many blocks as MEFT's budget buys.
+  The example's scales keep that budget below the candidate blocks; where it is not (a large
+  ``--neurons`` on a small backbone) SMT trains every block and the row says so.
 
-    python examples/finetune.py                 # default scale (a few minutes on 2 CPU cores)
+    python examples/finetune.py                 # default scale (minutes on 2 CPU cores)
     python examples/finetune.py --tiny          # CI scale, seconds
-    python examples/finetune.py --tiny --methods all   # + meft+ist and smt rows
+    python examples/finetune.py --methods meft,lora
     python examples/finetune.py --device cuda --steps 2000 --facts 20000
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during training minus the allocation
@@ -56,8 +57,7 @@ from meft_triton.integration import (  # noqa: E402
     mlp_hidden_size,
 )
 
-DEFAULT_METHODS = ("meft", "lora", "dense")
-METHODS = DEFAULT_METHODS + ("meft+ist", "smt")
+METHODS = ("meft", "lora", "dense", "meft+ist", "smt")
 
 
 # ------------------------------------------------------------------------------------ task
@@ -427,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CI scale: a few seconds on 2 CPU cores")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated from {', '.join(METHODS)}, or 'all'")
     p.add_argument("--hidden", type=int, default=None, help="hidden size of the random model")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the random model")
@@ -454,9 +454,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
     scale = dict(steps=100, facts=256, hidden=64, layers=2, attributes=32, batch_size=64,
-                 neurons=512, experts=32, experts_per_token=4, topk=16, smt_warmup=10) if args.tiny else \
+                 neurons=256, experts=16, experts_per_token=4, topk=16, smt_warmup=10) if args.tiny else \
         dict(steps=400, facts=1024, hidden=128, layers=4, attributes=128, batch_size=64,
-             neurons=2048, experts=128, experts_per_token=8, topk=32, smt_warmup=20)
+             neurons=512, experts=32, experts_per_token=4, topk=16, smt_warmup=20)
     for key, value in scale.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

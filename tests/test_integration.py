@@ -551,7 +551,8 @@ def test_hf_trainer_trains_only_adapters(tmp_path):
 
 
 def test_finetune_example_tiny(capsys):
-    """examples/finetune.py --tiny runs in-process: every method's loss falls, MEFT learns facts."""
+    """examples/finetune.py --tiny runs in-process: all five methods train MEFT's parameter
+    count (SMT's blocks included), every loss falls, MEFT learns facts."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("finetune_example", ROOT / "examples" / "finetune.py")
@@ -568,7 +569,8 @@ def test_finetune_example_tiny(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| method" in out and "fact acc" in out
-    assert [r["method"] for r in rows] == ["meft", "lora", "dense"]
+    assert [r["method"] for r in rows] == ["meft", "lora", "dense", "meft+ist", "smt"]
+    assert "all taken" not in rows[-1]["config"], rows[-1]
     budget = rows[0]["trainable params"]
     for r in rows:
         assert r["loss last"] < r["loss first"] - 0.5, r
