@@ -516,8 +516,10 @@ def timed_row_updates():
         SparseRowAdamW._apply = real_apply
 
 
-def measure(use_ist: bool, steps: int, ratio: float = 0.25, layers: int = 4, seed: int = 0) -> dict:
-    """Placement "cpu", OffloadedAdamW, tiny Llama: per step, the device->host bytes (mean),
+def measure(use_ist: bool, steps: int, ratio: float = 0.25, layers: int = 4, seed: int = 0,
+            reuse_bytes: int = 1 << 30) -> dict:
+    """Placement "cpu", OffloadedAdamW, tiny Llama: per step, the device->host bytes (mean), the
+    host->device bytes (mean; with IST it includes the scoring passes every 10 steps),
     the optimizer step (``opt.step()`` plus waiting for the row-sparse updates; median), the
     row-sparse updates alone (sum over layers; median) and the whole step (median and mean; a
     step includes the scoring passes when it runs them). Medians resist other processes on a
@@ -530,7 +532,8 @@ def measure(use_ist: bool, steps: int, ratio: float = 0.25, layers: int = 4, see
     opt = create_meft_optimizer(model, lr=1e-3)
     adapters = list(meft_adapters(model).values())
     runtime = adapters[0].offload.runtime
-    sched = ISTScheduler(model, ISTConfig(ratio=ratio, interval=10, seed=seed)) if use_ist else None
+    sched = (ISTScheduler(model, ISTConfig(ratio=ratio, interval=10, seed=seed, reuse_bytes=reuse_bytes))
+             if use_ist else None)
     host_bytes, opt_times, update_times, step_times = 0, [], [], []
     with timed_row_updates() as durations:
         for step in range(steps):
@@ -551,7 +554,8 @@ def measure(use_ist: bool, steps: int, ratio: float = 0.25, layers: int = 4, see
             step_times.append(time.perf_counter() - start)
     runtime.close()
     ms = lambda values: 1e3 * statistics.median(values)  # noqa: E731
-    return dict(bytes_to_host=host_bytes / steps, optimizer_ms=ms(opt_times), row_update_ms=ms(update_times),
+    return dict(bytes_to_host=host_bytes / steps, bytes_to_device=runtime.bytes_to_device / steps,
+                optimizer_ms=ms(opt_times), row_update_ms=ms(update_times),
                 step_ms=ms(step_times), mean_step_ms=1e3 * statistics.fmean(step_times))
 
 
@@ -570,15 +574,16 @@ if __name__ == "__main__":
 
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     torch.set_num_threads(1)
-    rows = {"all layers": measure(False, steps), "IST rho=0.25": measure(True, steps)}
+    rows = {"all layers": measure(False, steps), "IST rho=0.25": measure(True, steps),
+            "IST rho=0.25, no scoring reuse": measure(True, steps, reuse_bytes=0)}
     print(f"placement cpu, tiny Llama d=32 x 4 layers, N=4096 E=64 P=4 K=16, 8x16 tokens, "
           f"{steps} steps, torch {torch.__version__}, 1 thread")
-    print("| run | device->host bytes/step (mean) | optimizer step ms (median) | of which row-sparse "
-          "updates ms (median) | step ms (median) | step ms (mean) |")
-    print("|---|---|---|---|---|---|")
+    print("| run | device->host bytes/step (mean) | host->device bytes/step (mean) | optimizer step ms "
+          "(median) | of which row-sparse updates ms (median) | step ms (median) | step ms (mean) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['bytes_to_host']:,.0f} | {r['optimizer_ms']:.2f} | {r['row_update_ms']:.2f} | "
-              f"{r['step_ms']:.1f} | {r['mean_step_ms']:.1f} |")
+        print(f"| {name} | {r['bytes_to_host']:,.0f} | {r['bytes_to_device']:,.0f} | {r['optimizer_ms']:.2f} | "
+              f"{r['row_update_ms']:.2f} | {r['step_ms']:.1f} | {r['mean_step_ms']:.1f} |")
     full, ist = rows["all layers"], rows["IST rho=0.25"]
     print(f"IST / all: bytes {ist['bytes_to_host'] / full['bytes_to_host']:.3f}, optimizer step "
           f"{ist['optimizer_ms'] / full['optimizer_ms']:.3f}, row-sparse updates "
