@@ -79,20 +79,21 @@ def _score_grads_kernel(
 class SparseKVGrads(NamedTuple):
     """Gradients of one adapter call. Key/value gradients are row-sparse: ``row_ids`` [U] (sorted,
     distinct) with ``key_rows``/``value_rows`` [U, d] fp32; ``keys``/``values`` are the same
-    scattered into dense tensors of the parameters' dtype, when asked for."""
+    scattered into dense tensors of the parameters' dtype, when asked for. Without parameter
+    gradients (``param_grads=False``) only ``hidden`` is set, the rest is None."""
 
     hidden: torch.Tensor
-    router_weight: torch.Tensor
-    row_ids: torch.Tensor
-    key_rows: torch.Tensor
-    value_rows: torch.Tensor
+    router_weight: Optional[torch.Tensor]
+    row_ids: Optional[torch.Tensor]
+    key_rows: Optional[torch.Tensor]
+    value_rows: Optional[torch.Tensor]
     keys: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
 
 
 def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, gate_weights,
                        neuron_ids, activations, gate: str = "logit", dense: bool = True,
-                       check_ids: bool = True, value_ids=None) -> SparseKVGrads:
+                       check_ids: bool = True, value_ids=None, param_grads: bool = True) -> SparseKVGrads:
     """Backward of the MEFT adapter for saved selections.
 
     ``expert_ids`` [T, P], ``gate_weights`` [T, P] fp32, ``neuron_ids`` [T, K] and
@@ -103,6 +104,9 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     ``values`` may instead hold only some rows [U, d] (a prefetch slot) with ``value_ids``
     [T, K] giving each pick's row in it; keys stay the whole [N, d] table. ``dense=True``
     then needs the whole table and is refused.
+
+    ``param_grads=False`` computes only ``dh`` (a frozen layer still passes the gradient on):
+    the segmented reductions for dK, dV and dG are skipped.
     """
     check_tensor("grad_y", grad_y, 2, FLOAT_DTYPES)
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
@@ -167,6 +171,9 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
         )
     grad_hidden = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=device)
     row_gather_sum(grad_hidden, grad_raw, neuron_ids, keys, grad_gate, expert_ids, router_weight)
+
+    if not param_grads:
+        return SparseKVGrads(grad_hidden, None, None, None, None, None, None)
 
     row_ids, order, offsets = unique_row_segments(neuron_ids)
     key_rows, value_rows = segment_sum(order, offsets, topk, grad_raw, hidden, activations, grad_y)

@@ -60,12 +60,12 @@ class TritonStages:
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
-                 activations, local_ids, gate):
+                 activations, local_ids, gate, param_grads=True):
         from kernels import sparse_kv_backward
 
         grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights,
                                    neuron_ids, activations, gate, dense=False, check_ids=False,
-                                   value_ids=local_ids)
+                                   value_ids=local_ids, param_grads=param_grads)
         return grads.hidden, grads.router_weight, grads.row_ids, grads.key_rows, grads.value_rows
 
 
@@ -92,7 +92,7 @@ class TorchStages:
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
-                 activations, local_ids, gate):
+                 activations, local_ids, gate, param_grads=True):
         active = torch.unique(neuron_ids.long(), sorted=True)
         num_experts = router_weight.shape[0]
         neurons_per_expert = keys.shape[0] // num_experts
@@ -105,6 +105,8 @@ class TorchStages:
             match = (owner[:, :, None] == expert_ids.long()[:, None, :]).to(weights.dtype)
             scores = (match * weights[:, None, :]).sum(-1) * torch.einsum("td,tkd->tk", h, key_rows[local_ids])
             y = torch.einsum("tk,tkd->td", torch.relu(scores), value_rows[local_ids])
+            if not param_grads:
+                return torch.autograd.grad(y, h, grad_y)[0], None, None, None, None
             dh, dg, dk, dv = torch.autograd.grad(y, (h, g, key_rows, value_rows), grad_y)
         return dh, dg, active, dk.float(), dv.float()
 
@@ -380,19 +382,20 @@ class _OffloadedValues(torch.autograd.Function):
         # backward would have replaced the layer's saved ids.
         ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids)
         slot = prefetcher.acquire(ticket)
+        # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step) computes
+        # only dh, moves no gradient rows and gives its optimizer nothing to do.
+        trained = router_weight.requires_grad
         try:
             stages = stages_for(hidden.device, cfg.backend)
             grad_hidden, grad_router, row_ids, key_rows, value_rows = stages.backward(
                 grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache,
                 slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
-                routed.local_ids, cfg.gate)
+                routed.local_ids, cfg.gate, param_grads=trained)
         finally:
             prefetcher.release(ticket)
         if not runtime.keep_rows:
             runtime.bytes_to_device += slot.numel() * slot.element_size()
-        if not router_weight.requires_grad:
-            # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step)
-            # passes dh on but moves no gradient rows and gives its optimizer nothing to do.
+        if not trained:
             return grad_hidden, None, None, None
         grad_rows = torch.cat([key_rows, value_rows], dim=1)
         runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8

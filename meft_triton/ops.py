@@ -41,20 +41,25 @@ def _adapter_forward_fake(hidden, router_weight, keys, values, experts_per_token
 @torch.library.custom_op("meft_triton::adapter_backward", mutates_args=())
 def adapter_backward(grad_y: Tensor, hidden: Tensor, router_weight: Tensor, keys: Tensor,
                      values: Tensor, expert_ids: Tensor, gate_weights: Tensor,
-                     neuron_ids: Tensor, activations: Tensor, gate: str
+                     neuron_ids: Tensor, activations: Tensor, gate: str, param_grads: bool
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Dense gradients ``(d hidden, d router_weight, d keys, d values)``."""
+    """Dense gradients ``(d hidden, d router_weight, d keys, d values)``; with ``param_grads``
+    False (a frozen adapter) the last three are empty and never computed."""
     from kernels import sparse_kv_backward
 
     grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids,
-                               gate_weights, neuron_ids, activations, gate, dense=True,
-                               check_ids=False)
+                               gate_weights, neuron_ids, activations, gate, dense=param_grads,
+                               check_ids=False, param_grads=param_grads)
+    if not param_grads:
+        return grads.hidden, *(hidden.new_empty(0) for _ in range(3))
     return grads.hidden, grads.router_weight, grads.keys, grads.values
 
 
 @adapter_backward.register_fake
 def _adapter_backward_fake(grad_y, hidden, router_weight, keys, values, expert_ids,
-                           gate_weights, neuron_ids, activations, gate):
+                           gate_weights, neuron_ids, activations, gate, param_grads):
+    if not param_grads:
+        return torch.empty_like(hidden), *(hidden.new_empty(0) for _ in range(3))
     return (torch.empty_like(hidden), torch.empty_like(router_weight), torch.empty_like(keys),
             torch.empty_like(values))
 
@@ -69,8 +74,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, *unused_grads):
     saved = ctx.saved_tensors
-    grads = torch.ops.meft_triton.adapter_backward(grad_y.contiguous(), *saved, ctx.gate)
-    return (*grads, None, None, None)
+    param_grads = any(ctx.needs_input_grad[1:4])
+    grad_hidden, *param = torch.ops.meft_triton.adapter_backward(grad_y.contiguous(), *saved, ctx.gate,
+                                                                 param_grads)
+    if not param_grads:
+        param = [None, None, None]
+    return (grad_hidden, *param, None, None, None)
 
 
 adapter_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -77,6 +77,27 @@ def test_triton_backend_matches_reference(seed, device, shape, gate):
         assert rel_err(a, want) < 1e-4, name
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_frozen_triton_adapter_passes_only_dh(seed, device, compiled):
+    """A frozen adapter (IST's unselected layers) returns the same dh and no parameter grads."""
+    d = 19
+    adapter = make_adapter(d, device=device, num_neurons=36, num_experts=6, experts_per_token=2,
+                           topk=5, gate="softmax", backend="triton")
+    hidden = torch.randn(21, d, device=device)
+    grad_y = torch.randn(21, d, device=device)
+    trained_input = hidden.clone().requires_grad_()
+    adapter(trained_input).backward(grad_y)
+    adapter.requires_grad_(False)
+    frozen_input = hidden.clone().requires_grad_()
+    call = torch.compile(adapter, fullgraph=True, backend="aot_eager") if compiled else adapter
+    call(frozen_input).backward(grad_y)
+    assert torch.equal(frozen_input.grad, trained_input.grad)
+    expert_ids, neuron_ids = kernel_selection(adapter, hidden)
+    _, grads = float64_grads(hidden, adapter.router.weight, adapter.keys, adapter.values, 2, 5, "softmax",
+                             grad_y, expert_ids, neuron_ids)
+    assert rel_err(frozen_input.grad, grads[0]) < 1e-4
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_valid_config_matches_reference(data):

@@ -64,6 +64,21 @@ def test_sparse_only_skips_dense(device):
     assert grads.keys is None and grads.values is None and grads.key_rows.shape[1] == 16
 
 
+def test_hidden_gradient_only(seed, device, poison_outputs):
+    """param_grads=False (a frozen layer): dh as with every gradient, nothing else computed."""
+    shape = (31, 20, 6, 5, 2, 4)
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), full = run_kernels(shape, torch.float32, device, "softmax")
+    gate_logits, _ = router_topk(hidden, router, 2)
+    gate_weights = gate_logits.softmax(-1)
+    _, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, 6, 4)[1:]
+    grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_weights, neuron_ids,
+                               activations, "softmax", dense=False, param_grads=False)
+    assert torch.equal(grads.hidden, full.hidden)
+    _, expected = float64_grads(hidden, router, keys, values, 2, 4, "softmax", grad_y, expert_ids, neuron_ids)
+    assert rel_err(grads.hidden, expected[0]) < TOLERANCE[torch.float32]
+    assert all(g is None for g in grads[1:])
+
+
 def test_empty_tokens(device):
     d, E, N = 8, 2, 6
     empty_ids = torch.zeros(0, 1, dtype=torch.int32, device=device)
