@@ -261,32 +261,3 @@ def test_forward_scatters_packed_values_changed_outside_the_optimizer():
     y = layer(x)
     assert (layer.weight[4:8, 0:4] == 2.0).all()
     assert torch.equal(y, x @ layer.weight.t())
-
-
-def test_finetune_example_smt_and_ist_rows(capsys):
-    """examples/finetune.py --tiny with the two new rows: both learn; MEFT+IST has MEFT's
-    parameter count, SMT at most the budget (capped by its candidate blocks)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("finetune_example_smt", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    threads = torch.get_num_threads()
-    try:
-        rows = module.main(["--tiny", "--threads", "1", "--methods", "meft+ist,smt", "--steps", "60"])
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert "| meft+ist" in out and "| smt" in out
-    ist, smt = rows
-    assert "IST rho=0.25" in ist["config"] and ist["trainable params"] == 135_168
-    assert "blocks" in smt["config"] and 0 < smt["trainable params"] <= 135_168
-    for r in rows:
-        assert r["loss last"] < r["loss first"] - 0.5, r
