@@ -21,9 +21,10 @@ weights of the layers still left), the same as ``torch.multinomial(..., replacem
 Rounding is half-up (``round(0.5) = 1``).
 
 A layer that is not selected gets ``requires_grad_(False)`` and its gradients are set to
-``None``: ``torch.optim.AdamW`` then skips its parameters (moments and step count unchanged),
-and under placement "cpu" its backward passes ``dh`` on but moves no gradient rows to the host,
-and :class:`~meft_triton.integration.OffloadedAdamW` runs no optimizer work for it (nor
+``None``: ``torch.optim.AdamW`` then skips its parameters (moments and step count unchanged).
+Its backward computes only ``dh`` (the key/value/router gradient reductions are skipped, on the
+Triton kernels and the reference alike); under placement "cpu" it moves no gradient rows to the
+host, and :class:`~meft_triton.integration.OffloadedAdamW` runs no optimizer work for it (nor
 advances its step count). Layers below the lowest selected layer build no autograd graph at
 all (nothing upstream of them needs a gradient).
 
