@@ -24,7 +24,12 @@ reports the peak memory measured):
     python examples/finetune.py                 # default scale (minutes on 2 CPU cores)
     python examples/finetune.py --tiny          # CI scale, seconds
     python examples/finetune.py --methods meft,lora
+    python examples/finetune.py --placement cpu   # MEFT's rows in CPU memory; bytes moved per step
     python examples/finetune.py --device cuda --steps 2000 --facts 20000
+
+MEFT's rows train with what ``create_meft_optimizer`` returns (AdamW with non-finite checks;
+with ``--placement cpu`` the row-sparse CPU AdamW, and the table adds the value/gradient rows
+moved host->device and device->host per step), the other methods with torch AdamW.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during training minus the allocation
 before it; on CPU the peak resident set size during training (kernel high-water mark, reset
@@ -48,11 +53,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from meft_triton import MEFTConfig, adapter_parameter_count  # noqa: E402
+from meft_triton import MEFTConfig, adapter_parameter_count, create_meft_optimizer  # noqa: E402
 from meft_triton.integration import (  # noqa: E402
     attach_meft,
     find_decoder_layers,
     find_mlp,
+    meft_adapters,
     meft_parameters,
     mlp_hidden_size,
 )
@@ -192,7 +198,7 @@ def setup_method(method: str, model, args, budget: int):
 def meft_config(args) -> MEFTConfig:
     return MEFTConfig(num_neurons=args.neurons, num_experts=args.experts,
                       experts_per_token=args.experts_per_token, topk=args.topk,
-                      backend=args.meft_backend)
+                      backend=args.meft_backend, placement=args.placement)
 
 
 def ist_config(args):
@@ -326,7 +332,16 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
     trainable = check_frozen()
     lr = {"meft": args.lr_meft, "meft+ist": args.lr_meft, "lora": args.lr_lora,
           "dense": args.lr_dense, "smt": args.lr_smt}[method]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
+    runtime = None
+    if method.startswith("meft"):
+        opt = create_meft_optimizer(model, lr=lr, weight_decay=0.0)
+        layers = meft_adapters(model)
+        trainable = len(layers) * adapter_parameter_count(
+            mlp_hidden_size(find_mlp(find_decoder_layers(model)[1][0])[1], model), meft_config(args))
+        first = next(iter(layers.values()))
+        runtime = first.offload.runtime if first.offload is not None else None
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     gen = torch.Generator().manual_seed(args.seed + 2)
     inputs, labels = task.inputs.to(device), task.labels.to(device)
     losses, tokens = [], 0
@@ -378,6 +393,7 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+    moved = (runtime.bytes_to_device, runtime.bytes_to_host) if runtime is not None else (0, 0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_mem
         mem_label = "peak GPU MiB"
@@ -392,6 +408,10 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
         "fact acc": accuracy, "loss first": first, "loss last": last,
         mem_label: peak / 2**20, "tokens/s": tokens / elapsed, "train s": elapsed,
     }
+    if args.placement == "cpu":  # rows moved per training step (incl. IST's scoring passes)
+        result["H2D MiB/step"], result["D2H MiB/step"] = (b / len(losses) / 2**20 for b in moved)
+    if runtime is not None:
+        runtime.close()
     del model, opt, params
     gc.collect()
     return result
@@ -439,6 +459,8 @@ def parse_args(argv=None):
     p.add_argument("--experts-per-token", type=int, default=None, help="MEFT P")
     p.add_argument("--topk", type=int, default=None, help="MEFT K_top")
     p.add_argument("--meft-backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--placement", default="gpu", choices=("gpu", "cpu"),
+                   help='MEFT placement: "cpu" keeps the rows in CPU memory (meft_triton.offload)')
     p.add_argument("--lr-meft", type=float, default=1e-3)
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--lr-dense", type=float, default=1e-3)
@@ -494,7 +516,7 @@ def main(argv=None) -> list[dict]:
           f"{args.attributes} attributes (chance {1 / args.attributes:.3f}); "
           f"backbone {args.model or 'random Llama-style'} d={hidden} layers={len(layers)} "
           f"params={backbone:,} (frozen), base fact acc {base_acc:.3f}")
-    print(f"# {args.steps} steps x batch {args.batch_size} on {args.device} "
+    print(f"# MEFT placement {args.placement!r}; {args.steps} steps x batch {args.batch_size} on {args.device} "
           f"({torch.get_num_threads()} threads), seed {args.seed}, bf16={args.bf16}, "
           f"trainable budget {budget:,} (MEFT's)")
     rows = []

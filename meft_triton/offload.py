@@ -209,6 +209,7 @@ class OffloadRuntime:
             return self.prefetcher
         max_rows = max(rows_needed, 2 * (self.prefetcher.max_rows if self.prefetcher else 0))
         if self.prefetcher is not None:
+            self.prefetcher.cancel_lookahead()
             if self.prefetcher.free_slots() < self.num_slots:
                 raise RuntimeError(
                     f"a layer needs {rows_needed} active rows but the prefetch slots hold "
@@ -328,10 +329,13 @@ class OffloadedRows:
                             ticket, hidden.dtype, hidden.shape, cached, cache)
 
     def finish_values(self, routed: RoutedTokens) -> Tensor:
+        router_weight = self.adapter.router.weight
         if routed.cache is not None:
             y = self._values_from_cache(routed)
         else:
-            y = _OffloadedValues.apply(routed.hidden, self.adapter.router.weight, self, routed)
+            # autograd records this call only if something upstream needs a gradient
+            needs_backward = torch.is_grad_enabled() and (routed.hidden.requires_grad or router_weight.requires_grad)
+            y = _OffloadedValues.apply(routed.hidden, router_weight, self, routed, needs_backward)
         return y.to(routed.output_dtype).reshape(routed.output_shape)
 
     def _values_from_cache(self, routed: RoutedTokens) -> Tensor:
@@ -344,7 +348,7 @@ class OffloadedRows:
             try:
                 fresh_ids, fresh = routed.ticket.row_ids.to(fresh.device), fresh.clone()
             finally:
-                prefetcher.release(routed.ticket)
+                prefetcher.release(routed.ticket, for_backward=False)
             if ids is None:
                 ids, rows = fresh_ids, fresh
             else:
@@ -360,14 +364,14 @@ class _OffloadedValues(torch.autograd.Function):
     """y from the slot rows; backward refetches them and ships key/value gradient rows home."""
 
     @staticmethod
-    def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens):
+    def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens, needs_backward: bool):
         prefetcher = rows.runtime.prefetcher
         slot = prefetcher.acquire(routed.ticket)
         try:
             stages = stages_for(hidden.device, rows.adapter.config.backend)
             y = stages.values(routed.activations, routed.local_ids, slot)
         finally:
-            prefetcher.release(routed.ticket)
+            prefetcher.release(routed.ticket, for_backward=needs_backward)
         ctx.rows, ctx.routed = rows, routed
         ctx.save_for_backward(hidden, router_weight)
         return y
@@ -396,8 +400,8 @@ class _OffloadedValues(torch.autograd.Function):
         if not runtime.keep_rows:
             runtime.bytes_to_device += slot.numel() * slot.element_size()
         if not trained:
-            return grad_hidden, None, None, None
+            return grad_hidden, None, None, None, None
         grad_rows = torch.cat([key_rows, value_rows], dim=1)
         runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
         rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows))
-        return grad_hidden, grad_router.to(router_weight.dtype), None, None
+        return grad_hidden, grad_router.to(router_weight.dtype), None, None, None

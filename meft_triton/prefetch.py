@@ -1449,6 +1449,10 @@ class Prefetcher:
     # -- the slot pool ---------------------------------------------------------------------
     def _take_slot(self, timeout: float | None, what: str) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._free and self._lookahead:
+            # lookahead prefetches are speculative: real work takes their slots, the layer
+            # used last (the lowest) first
+            self._cancel_locked(self._lookahead[min(self._lookahead)])
         while not self._free:
             self._check_open()
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -1490,6 +1494,9 @@ class Prefetcher:
             ids = torch.sort(ids).values
         with self._cond:
             self._check_open()
+            if phase == "forward" and layer_idx in self._lookahead:
+                # a new forward of the layer: a lookahead made with its older ids is stale
+                self._cancel_locked(self._lookahead[layer_idx])
             index = self._take_slot(timeout, f"layer {layer_idx} ({phase})")
             slot = self._slots[index]
             prior = self._fences[index]
@@ -1536,9 +1543,13 @@ class Prefetcher:
             ticket.state = "acquired"
             return ticket.rows
 
-    def release(self, ticket: Ticket) -> None:
+    def release(self, ticket: Ticket, *, for_backward: bool = True) -> None:
         """The consumer has issued its last read of ``ticket.rows``: record the reader-done marker
-        and give the slot back. A pending ticket is cancelled; releasing twice is a no-op."""
+        and give the slot back. A pending ticket is cancelled; releasing twice is a no-op.
+
+        A forward ticket's ids (or, with ``keep_resident``, its rows) are kept for the layer's
+        backward; ``for_backward=False`` says no backward will follow (a no-grad or frozen
+        forward), so nothing is kept and no backward lookahead will copy its rows."""
         if not isinstance(ticket, Ticket):
             raise TypeError(f"ticket must be a Ticket, got {type(ticket).__name__}")
         with self._cond:
@@ -1553,12 +1564,12 @@ class Prefetcher:
                 self._saved_ids.pop(ticket.layer_idx, None)
                 return
             if ticket.phase == "forward":
-                if self.keep_resident:
+                if for_backward and self.keep_resident:
                     rows = ticket.rows
                     kept = torch.empty_like(rows)
                     self.engine.compute(lambda: kept.copy_(rows), reads=ticket.reads)
                     self._resident[ticket.layer_idx] = (ticket.row_ids, kept)
-                else:
+                elif for_backward:
                     self._saved_ids[ticket.layer_idx] = ticket.row_ids
             else:
                 self._saved_ids.pop(ticket.layer_idx, None)
@@ -1622,13 +1633,18 @@ class Prefetcher:
             self._lookahead[nxt] = self.prefetch(nxt, self._saved_ids[nxt], phase="backward")
             budget -= 1
 
-    def reset_backward(self) -> None:
-        """Forget saved ids and resident rows; cancel lookahead prefetches (e.g. after a step
-        whose backward did not visit every layer)."""
+    def cancel_lookahead(self) -> None:
+        """Cancel the backward lookahead prefetches in flight (their slots go back to the pool)."""
         with self._cond:
             for ticket in list(self._lookahead.values()):
                 self._cancel_locked(ticket)
             self._lookahead.clear()
+
+    def reset_backward(self) -> None:
+        """Forget saved ids and resident rows; cancel lookahead prefetches (e.g. after a step
+        whose backward did not visit every layer)."""
+        with self._cond:
+            self.cancel_lookahead()
             self._saved_ids.clear()
             self._resident.clear()
 

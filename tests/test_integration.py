@@ -550,9 +550,8 @@ def test_hf_trainer_trains_only_adapters(tmp_path):
 # ---------------------------------------------------------------------------------- example
 
 
-def test_finetune_example_tiny(capsys):
-    """examples/finetune.py --tiny runs in-process: all five methods train MEFT's parameter
-    count (SMT's blocks included), every loss falls, MEFT learns facts."""
+def run_finetune_example(*argv: str) -> list[dict]:
+    """examples/finetune.py's main, in-process, on one thread."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("finetune_example", ROOT / "examples" / "finetune.py")
@@ -564,9 +563,15 @@ def test_finetune_example_tiny(capsys):
         sys.modules.pop(spec.name, None)
     threads = torch.get_num_threads()
     try:
-        rows = module.main(["--tiny", "--threads", "1"])
+        return module.main(["--tiny", "--threads", "1", *argv])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_finetune_example_tiny(capsys):
+    """examples/finetune.py --tiny runs in-process: all five methods train MEFT's parameter
+    count (SMT's blocks included), every loss falls, MEFT learns facts."""
+    rows = run_finetune_example()
     out = capsys.readouterr().out
     assert "| method" in out and "fact acc" in out
     assert [r["method"] for r in rows] == ["meft", "lora", "dense", "meft+ist", "smt"]
@@ -576,6 +581,15 @@ def test_finetune_example_tiny(capsys):
         assert r["loss last"] < r["loss first"] - 0.5, r
         assert abs(r["trainable params"] - budget) / budget < 0.02, r
     assert rows[0]["fact acc"] > 0.5, rows[0]
+
+
+def test_finetune_example_cpu_placement_reports_rows_moved():
+    """--placement cpu: MEFT trains through the row store; IST on 1 of 2 layers per step sends
+    about half the gradient rows home."""
+    meft, ist = run_finetune_example("--placement", "cpu", "--methods", "meft,meft+ist", "--steps", "40")
+    assert meft["loss last"] < meft["loss first"] - 0.5, meft
+    assert meft["H2D MiB/step"] > 0 and meft["D2H MiB/step"] > 0
+    assert 0.35 < ist["D2H MiB/step"] / meft["D2H MiB/step"] < 0.65, (meft, ist)
 
 
 # ---------------------------------------------------------------------------- placement "cpu"

@@ -125,6 +125,46 @@ def test_frozen_layer_passes_dh_but_moves_no_rows(seed):
     assert on_cpu.offload.pending_grads == [] and on_cpu.offload.runtime.bytes_to_host == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("growing", [False, True])
+def test_layers_frozen_in_turn_get_their_own_rows_in_backward(seed, device, growing):
+    """IST's pattern: a layer below every trained one runs no backward; when it trains in a
+    later step, its backward must read its own forward's rows, never a lookahead prefetch made
+    with an earlier step's ids. Two stacked layers share one runtime; each step's key/value
+    gradient rows are compared with placement "gpu". ``growing``: more tokens each step, so the
+    slots must grow while a stale lookahead would hold one."""
+    from meft_triton.offload import OffloadRuntime
+
+    cfg = MEFTConfig(**{**BASE, "backend": "auto"})
+    runtime = OffloadRuntime(device, torch.float32, 12)
+    on_gpu = [MEFTAdapter(12, cfg, device=device) for _ in range(2)]
+    on_cpu = [MEFTAdapter(12, cfg.replace(placement="cpu"), device=device, runtime=runtime) for _ in range(2)]
+    for a, b in zip(on_gpu, on_cpu):
+        b.load_state_dict(a.state_dict())
+
+    def stack(layers, hidden):
+        for layer in layers:
+            hidden = hidden + layer(hidden)
+        return hidden.square().sum()
+
+    for step, trained in enumerate([1, 0, 1, 0, 0, 1]):
+        for layers in (on_gpu, on_cpu):
+            for i, layer in enumerate(layers):
+                layer.requires_grad_(i == trained)
+                layer.zero_grad()
+        hidden = torch.randn(7 + step * growing, 12, device=device)  # other rows each step
+        stack(on_gpu, hidden).backward()
+        stack(on_cpu, hidden).backward()
+        rows = on_cpu[trained].offload
+        grads = [f.result() for f in rows.pending_grads]
+        rows.pending_grads.clear()
+        assert len(grads) == 1, step
+        ids = grads[0].row_ids.to(device)
+        want = torch.cat([on_gpu[trained].keys.grad[ids], on_gpu[trained].values.grad[ids]], dim=1)
+        assert rel_err(grads[0].rows.to(device), want) < 1e-5, step
+    runtime.close()
+
+
 @pytest.mark.gpu
 def test_gpu_memory_stays_at_key_cache_plus_slots_over_100_steps(seed):
     """LLaMA-7B-shaped layers (d = 4096, N = 65536) under placement "cpu": what the device holds

@@ -71,7 +71,7 @@ class Consumer:
     def expected(self, ticket) -> torch.Tensor:
         return self.host[ticket.layer_idx][ticket.row_ids.long()].to(self.pf.dtype)
 
-    def read(self, ticket, requested: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, ticket, requested: torch.Tensor | None = None, for_backward: bool = True) -> torch.Tensor:
         if requested is not None:
             assert torch.equal(ticket.row_ids.long(), torch.sort(requested.long()).values)
         rows = self.pf.acquire(ticket)
@@ -83,7 +83,7 @@ class Consumer:
                 raise AssertionError(f"layer {layer} {phase}: the slot does not hold the requested rows")
 
         self.engine.compute(check, reads=ticket.reads)
-        self.pf.release(ticket)
+        self.pf.release(ticket, for_backward=for_backward)
         self.reads += 1
         return expected
 
@@ -284,6 +284,46 @@ def test_backward_refetches_with_lookahead_in_reverse_order():
             pf.backward_ticket(2)  # its saved ids were consumed
         explicit = pf.backward_ticket(2, torch.tensor([1, 2]))
         consumer.read(explicit)
+
+
+@pytest.mark.parametrize("keep_resident", [False, True])
+def test_lookahead_never_serves_an_older_forward_and_yields_its_slot(keep_resident):
+    """A layer whose backward did not run (frozen below every trained layer) keeps no ids from a
+    forward released with for_backward=False; a lookahead made from an older forward is
+    cancelled by the layer's next forward; real work takes a lookahead's slot."""
+    host = host_layers(3, 30, 3)
+    engine = FakeCopyEngine(seed=3)
+    with Prefetcher(engine, host, max_rows=8, num_slots=2, keep_resident=keep_resident) as pf:
+        consumer = Consumer(pf, engine, host)
+        consumer.read(pf.prefetch(0, torch.tensor([1, 2])), for_backward=False)
+        consumer.read(pf.prefetch(1, torch.tensor([3, 4])))
+        with pytest.raises(PrefetchError, match="no row ids for layer 0"):
+            pf.backward_ticket(0)
+        consumer.read(pf.backward_ticket(1))
+        assert not pf._lookahead  # nothing saved for layer 0: nothing copied ahead for it
+
+        consumer.read(pf.prefetch(0, torch.tensor([5, 6])))
+        consumer.read(pf.prefetch(1, torch.tensor([7])))
+        consumer.read(pf.backward_ticket(1))
+        if not keep_resident:
+            assert list(pf._lookahead) == [0]  # layer 0's rows [5, 6] on their way
+        # layer 0's backward never comes; its next forward has other ids
+        consumer.read(pf.prefetch(0, torch.tensor([8, 9, 10])))
+        assert not pf._lookahead
+        ticket = pf.backward_ticket(0)
+        assert ticket.row_ids.tolist() == [8, 9, 10]
+        consumer.read(ticket)
+
+        consumer.read(pf.prefetch(1, torch.tensor([11])))
+        consumer.read(pf.prefetch(2, torch.tensor([12])))
+        held = pf.backward_ticket(2)  # lookahead of layer 1 takes the other slot
+        if not keep_resident:
+            assert pf.free_slots() == 0 and list(pf._lookahead) == [1]
+        other = pf.prefetch(0, torch.tensor([13]))  # real work: the lookahead yields its slot
+        for t in (held, other):
+            consumer.read(t)
+        flush(engine)
+        engine.check()
 
 
 def test_keep_resident_backward_makes_no_second_transfer():
