@@ -98,9 +98,12 @@ def random_ids(rng: random.Random, num_rows: int, max_rows: int) -> torch.Tensor
 
 def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
     """One random training schedule: micro-batches of a forward over layers 0..L-1 (with a random
-    prefetch window) and a backward over L-1..0 (lookahead, resident rows or neither), random
-    cancels and gradient offloads, on a fake engine with random timing. Raises on any
-    violation or wrong data."""
+    prefetch window) and a backward over L-1..lowest (lookahead, resident rows or neither; the
+    layers below ``lowest`` are released with for_backward=False, as frozen layers below every
+    trained one are; the backward asks for its forward's ids or the saved ones; sometimes it
+    stops early, leaving lookahead copies of older ids behind), random cancels
+    and gradient offloads, on a fake engine with random timing. Raises on any violation or
+    wrong data, including a backward served rows of another forward."""
     rng = random.Random(seed)
     num_layers, num_slots = rng.randint(1, 6), rng.randint(1, 4)
     num_rows, width = rng.randint(1, 40), rng.choice([1, 3, 8])
@@ -123,10 +126,13 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
     )
     consumer = Consumer(pf, engine, host)
     grads = []
+    stopped_early = False
     try:
         for _ in range(rng.randint(1, 3)):
             window = rng.randint(1, num_slots)
+            lowest = 0 if rng.random() < 0.6 else rng.randint(0, num_layers)
             outstanding: deque = deque()
+            forward_ids = {}
             for layer in range(num_layers):
                 ids = random_ids(rng, num_rows, max_rows)
                 if rng.random() < 0.1:  # a prefetch that is dropped again (cancel or early release)
@@ -134,7 +140,9 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
                     if dropped is not None:
                         (pf.cancel if rng.random() < 0.5 else pf.release)(dropped)
                         assert dropped.state == "cancelled"
-                outstanding.append((pf.prefetch(layer, ids), ids))
+                ticket = pf.prefetch(layer, ids)
+                forward_ids[layer] = ticket.row_ids
+                outstanding.append((ticket, ids, layer >= lowest))
                 while len(outstanding) >= window or (outstanding and rng.random() < 0.3):
                     consumer.read(*outstanding.popleft())
             while outstanding:
@@ -142,9 +150,13 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
             if rng.random() < 0.1:
                 pf.reset_backward()
                 continue
-            for layer in reversed(range(num_layers)):
-                ticket = pf.backward_ticket(layer)
-                expected = consumer.read(ticket)
+            # sometimes the backward never reaches the lowest layers that kept ids for it (a
+            # forward whose loss was dropped): their lookahead copies go stale
+            stop = lowest if rng.random() < 0.85 else rng.randint(lowest, num_layers)
+            stopped_early |= stop > lowest
+            for layer in reversed(range(stop, num_layers)):
+                ticket = pf.backward_ticket(layer, forward_ids[layer] if rng.random() < 0.5 else None)
+                expected = consumer.read(ticket, forward_ids[layer])
                 if rng.random() < 0.5:  # gradient rows produced on the compute side, then offloaded
                     produced = torch.full_like(expected, float("nan"))
                     engine.compute(lambda p=produced, e=expected: p.copy_(e * 2))
@@ -153,6 +165,8 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
             got = future.result(WAIT)
             assert isinstance(got, GradRows) and got.layer_idx == layer
             assert torch.equal(got.rows, want), f"gradient rows of layer {layer} copied before they were produced"
+        if stopped_early:  # lookahead copies no backward will use hold slots until real work needs them
+            pf.cancel_lookahead()
         flush(engine)
         engine.check()
         assert pf.free_slots() == num_slots
