@@ -621,6 +621,62 @@ def test_cpu_placement_matches_gpu_placement_and_trains():
     assert not any(p.requires_grad for n, p in on_cpu.named_parameters() if "adapter" not in n)
 
 
+@pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, checkpointing, accumulation):
+    """IST's traffic pattern on a 3-layer model: each step trains a random subset of layers,
+    after a no-grad scoring forward, with gradient checkpointing and accumulation; every trained
+    layer's key/value gradient rows and router gradient equal placement "gpu"'s."""
+    import random
+
+    def model(placement):
+        torch.manual_seed(0)
+        config = tiny_config("llama")
+        config.num_hidden_layers = 3
+        m = attach_meft(transformers.AutoModelForCausalLM.from_config(config),
+                        CPU_CFG.replace(placement=placement, backward_rows=backward_rows))
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return m.train()
+
+    on_gpu, on_cpu = model("gpu"), model("cpu")
+    gpu_layers, cpu_layers = list(meft_adapters(on_gpu).values()), list(meft_adapters(on_cpu).values())
+    for a, b in zip(gpu_layers, cpu_layers):
+        b.load_state_dict(a.state_dict())
+    rng = random.Random(0)
+    for step in range(6):
+        trained = [i for i in range(3) if rng.random() < 0.4] or [rng.randrange(3)]
+        for layers in (gpu_layers, cpu_layers):
+            for i, layer in enumerate(layers):
+                layer.requires_grad_(i in trained)
+                layer.zero_grad()
+        with torch.no_grad():
+            probe = batch(seed=100 + step, rows=2, length=5 + rng.randrange(6))
+            on_gpu(probe), on_cpu(probe)
+        for micro in range(accumulation):
+            ids = batch(seed=step * 10 + micro, rows=2, length=5 + rng.randrange(6))
+            on_gpu(ids, labels=ids).loss.backward()
+            on_cpu(ids, labels=ids).loss.backward()
+        for i in trained:
+            rows = cpu_layers[i].offload
+            summed: dict[int, torch.Tensor] = {}
+            for future in rows.pending_grads:
+                grad = future.result()
+                for row_id, row in zip(grad.row_ids.tolist(), grad.rows):
+                    summed[row_id] = summed.get(row_id, 0) + row
+            rows.pending_grads.clear()
+            ids_ = torch.tensor(sorted(summed))
+            want = torch.cat([gpu_layers[i].keys.grad[ids_], gpu_layers[i].values.grad[ids_]], dim=1)
+            torch.testing.assert_close(torch.stack([summed[k] for k in sorted(summed)]), want,
+                                       rtol=1e-4, atol=1e-6, msg=f"step {step} layer {i}")
+            untouched = gpu_layers[i].keys.grad.clone()
+            untouched[ids_] = 0
+            assert (untouched == 0).all(), f"step {step} layer {i}: rows missing from the CPU side"
+            torch.testing.assert_close(cpu_layers[i].router.weight.grad, gpu_layers[i].router.weight.grad,
+                                       rtol=1e-4, atol=1e-6)
+
+
 def test_cpu_placement_save_load_round_trip(tmp_path):
     model = attach_meft(tiny_model("qwen2"), CPU_CFG)
     ids = batch()
