@@ -153,9 +153,11 @@ class MEFTAdapter(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.offload is not None:
+            # contiguous copies: the master rows are strided views of the [N, 2, d] row store, and
+            # savers (safetensors, transformers' save_pretrained) need whole contiguous tensors
             keys, values = self.master_rows()
-            destination[prefix + "keys"] = keys
-            destination[prefix + "values"] = values
+            destination[prefix + "keys"] = keys.contiguous()
+            destination[prefix + "values"] = values.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -547,6 +547,34 @@ def test_hf_trainer_trains_only_adapters(tmp_path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_hf_trainer_checkpoints_resume_exactly(tmp_path, placement):
+    """Trainer checkpoints (save_strategy="steps") hold the adapters, for placement "cpu" the
+    master rows of the row store, and the optimizer; resuming from step 3 of 6 ends bitwise
+    where the uninterrupted run ends."""
+    pytest.importorskip("accelerate")
+    ids = batch(rows=8)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+
+    def run(resume=None):
+        model = attach_meft(tiny_model("llama"), CPU_CFG.replace(placement=placement))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+            report_to=[], save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True,
+            dataloader_num_workers=0, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                       optimizers=(create_meft_optimizer(model, args), None))
+        trainer.train(resume_from_checkpoint=resume)
+        return [t for a in meft_adapters(model).values() for t in (a.router.weight, *a.master_rows())]
+
+    full = run()
+    resumed = run(str(tmp_path / "checkpoint-3"))
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+    fresh = [t for a in meft_adapters(attach_meft(tiny_model("llama"), CPU_CFG.replace(placement=placement))).values()
+             for t in (a.router.weight, *a.master_rows())]
+    assert not any(torch.equal(a, b) for a, b in zip(full, fresh)), "training changed every tensor"
+
+
 # ---------------------------------------------------------------------------------- example
 
 
