@@ -445,10 +445,23 @@ def _register_input_grad_hook(model: nn.Module) -> tuple[nn.Module, int] | None:
 def detach_meft(model: nn.Module) -> nn.Module:
     """Undo :func:`attach_meft`: put the original MLP modules back, restore every parameter's
     previous ``requires_grad`` flag and remove the input-grad hook. Returns the model; the
-    adapters are dropped (save them first)."""
+    adapters are dropped (save them first). Placement "cpu": in-flight copies and optimizer
+    updates finish first, then the copy engine, the slots and the optimizer threads are released
+    (an optimizer created for these adapters cannot step any more)."""
     state = _state(model)
     if state is None:
         raise ValueError(f"detach_meft: {type(model).__name__} has no MEFT adapters attached")
+    runtimes, failures = {}, []
+    for slot in state.slots:
+        rows = slot.wrapper.adapter.offload
+        if rows is not None:
+            runtimes[id(rows.runtime)] = rows.runtime
+            try:
+                rows.close()
+            except Exception as exc:  # a failed background update: detach anyway, then report it
+                failures.append((slot.layer, exc))
+    for runtime in runtimes.values():
+        runtime.close()
     for slot in state.slots:
         setattr(slot.parent, slot.attr, slot.wrapper.base)
     for param, flag in state.requires_grad:
@@ -457,6 +470,10 @@ def detach_meft(model: nn.Module) -> nn.Module:
         module, hook_id = state.embed_hook
         module._forward_hooks.pop(hook_id, None)
     del model.__dict__[STATE_ATTR]
+    if failures:
+        layer, exc = failures[0]
+        raise RuntimeError(f"detach_meft: the model is detached, but layer {layer}'s last background "
+                           f"work had failed ({len(failures)} layer(s)): {exc}") from exc
     return model
 
 

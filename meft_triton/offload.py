@@ -301,6 +301,17 @@ class OffloadedRows:
             fresh = self.store.keys()[touched].to(self.key_cache.device, self.key_cache.dtype)
             self.key_cache[touched.to(self.key_cache.device)] = fresh
 
+    def close(self) -> None:
+        """The adapter is being dropped: let in-flight gradient copies and the optimizer update
+        finish, then stop the optimizer's worker thread (the runtime is closed by its owner)."""
+        pending, self.pending_grads = self.pending_grads, []
+        wait_futures(pending)
+        try:
+            self.wait_for_update()
+        finally:
+            if self.optimizer is not None:
+                self.optimizer.close()
+
     def refresh_key_cache(self) -> None:
         self.key_cache.copy_(self.store.keys().to(self.key_cache.device, self.key_cache.dtype))
 

@@ -258,6 +258,37 @@ def test_detach_restores_original_model():
         detach_meft(model)
 
 
+def test_detach_cpu_placement_releases_threads_and_reports_a_failed_update(monkeypatch):
+    """Placement "cpu": detach waits for the in-flight updates, then stops the copy engine and the
+    optimizer workers; a failed background update still detaches, then raises naming the layer."""
+    import threading
+
+    from meft_triton import _cpu_rowops
+
+    threads = threading.active_count()
+    ids = batch()
+    before = logits(tiny_model("llama"), ids)
+    for fail in (False, True):
+        model = attach_meft(tiny_model("llama"), CPU_CFG)
+        opt = create_meft_optimizer(model, lr=1e-2)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        if fail:
+            def boom(*args, **kwargs):
+                raise RuntimeError("injected failure in the row update")
+
+            monkeypatch.setattr(_cpu_rowops, "adamw_rows", boom)
+        opt.step()
+        if fail:
+            with pytest.raises(RuntimeError, match="detached, but layer 0's last background work had failed"):
+                detach_meft(model)
+            monkeypatch.undo()
+        else:
+            detach_meft(model)
+        assert meft_adapters(model) == {} and torch.equal(logits(model.eval(), ids), before)
+        assert threading.active_count() <= threads, "engine or optimizer threads left running"
+
+
 # ---------------------------------------------------------------------------------- save / load
 
 
