@@ -681,7 +681,7 @@ def test_cpu_placement_matches_gpu_placement_and_trains():
 
 
 @pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, checkpointing, accumulation):
     """IST's traffic pattern on a 3-layer model: each step trains a random subset of layers,
@@ -696,7 +696,8 @@ def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, che
         m = attach_meft(transformers.AutoModelForCausalLM.from_config(config),
                         CPU_CFG.replace(placement=placement, backward_rows=backward_rows))
         if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
         return m.train()
 
     on_gpu, on_cpu = model("gpu"), model("cpu")
