@@ -181,11 +181,10 @@ def test_scoring_through_the_model_wrapper_cpu_placement():
     assert all(loss != base for loss in sched.last_round.losses)
 
 
-def scoring_round(reuse_bytes: int, passes: int = 3, device: str = "cpu"):
+def scoring_round(reuse_bytes: int, passes: int = 3, device: str = "cpu", backend: str = "auto"):
     """One scoring round over a tiny placement-"cpu" Llama; returns the round, the bytes it
-    copied host->device and the rows it reused. On CUDA the adapters run the Triton kernels
-    and the CUDA copy engine."""
-    backend = "torch" if device == "cpu" else "auto"
+    copied host->device and the rows it reused. backend "auto": the reference on CPU, the
+    Triton kernels and the CUDA copy engine on CUDA."""
     model = attach_meft(tiny_model(3).to(device), CFG.replace(placement="cpu", backend=backend))
     runtime = next(iter(meft_adapters(model).values())).offload.runtime
     ids = batch(rows=8, length=16).to(device)
@@ -197,11 +196,13 @@ def scoring_round(reuse_bytes: int, passes: int = 3, device: str = "cpu"):
     return sched.last_round, copied, reused
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_scoring_passes_reuse_rows_already_on_the_device(device):
-    """Placement "cpu": a round's later passes copy only the rows they add, with the same losses."""
-    off, copied_off, reused_off = scoring_round(reuse_bytes=0, device=device)
-    on, copied_on, reused_on = scoring_round(reuse_bytes=1 << 30, device=device)
+@pytest.mark.parametrize("device,backend", [("cpu", "auto"), ("cpu", "triton"),
+                                            pytest.param("cuda", "auto", marks=pytest.mark.gpu)])
+def test_scoring_passes_reuse_rows_already_on_the_device(device, backend):
+    """Placement "cpu": a round's later passes copy only the rows they add, with the same losses
+    (on CPU also through the Triton kernels, under the interpreter)."""
+    off, copied_off, reused_off = scoring_round(reuse_bytes=0, device=device, backend=backend)
+    on, copied_on, reused_on = scoring_round(reuse_bytes=1 << 30, device=device, backend=backend)
     assert reused_off == 0 and reused_on > 0
     assert on.losses == off.losses and on.sets == off.sets
     # three passes over one batch: everything after the first pass is mostly reuse
@@ -209,7 +210,7 @@ def test_scoring_passes_reuse_rows_already_on_the_device(device):
     row_bytes = 32 * 4  # d = 32, float32
     assert copied_off - copied_on == reused_on * row_bytes
     # a budget too small for any layer's rows: nothing is kept, every pass copies everything
-    _, copied_tiny, reused_tiny = scoring_round(reuse_bytes=row_bytes, device=device)
+    _, copied_tiny, reused_tiny = scoring_round(reuse_bytes=row_bytes, device=device, backend=backend)
     assert (copied_tiny, reused_tiny) == (copied_off, 0)
 
 

@@ -126,8 +126,9 @@ def test_frozen_layer_passes_dh_but_moves_no_rows(seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("growing", [False, True])
-def test_layers_frozen_in_turn_get_their_own_rows_in_backward(seed, device, growing):
+def test_layers_frozen_in_turn_get_their_own_rows_in_backward(seed, device, backend, growing):
     """IST's pattern: a layer below every trained one runs no backward; when it trains in a
     later step, its backward must read its own forward's rows, never a lookahead prefetch made
     with an earlier step's ids. Two stacked layers share one runtime; each step's key/value
@@ -135,7 +136,7 @@ def test_layers_frozen_in_turn_get_their_own_rows_in_backward(seed, device, grow
     slots must grow while a stale lookahead would hold one."""
     from meft_triton.offload import OffloadRuntime
 
-    cfg = MEFTConfig(**{**BASE, "backend": "auto"})
+    cfg = MEFTConfig(**{**BASE, "backend": backend})
     runtime = OffloadRuntime(device, torch.float32, 12)
     on_gpu = [MEFTAdapter(12, cfg, device=device) for _ in range(2)]
     on_cpu = [MEFTAdapter(12, cfg.replace(placement="cpu"), device=device, runtime=runtime) for _ in range(2)]
