@@ -408,7 +408,7 @@ class _OffloadedValues(torch.autograd.Function):
                 routed.local_ids, cfg.gate, param_grads=trained)
         finally:
             prefetcher.release(ticket)
-        if not runtime.keep_rows:
+        if ticket.slot is not None:  # copied again (not rows kept from the forward)
             runtime.bytes_to_device += slot.numel() * slot.element_size()
         if not trained:
             return grad_hidden, None, None, None, None

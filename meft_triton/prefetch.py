@@ -87,6 +87,8 @@ __all__ = [
 
 ID_DTYPES = (torch.int32, torch.int64)
 PHASES = ("forward", "backward")
+#: forwards of one layer whose rows ``keep_resident`` keeps for their backwards (older: refetched)
+RESIDENT_PER_LAYER = 4
 _MiB = 1024 * 1024
 
 
@@ -1303,7 +1305,10 @@ class Prefetcher:
     by the forward's ``release``) and prefetches up to ``backward_lookahead`` of the next
     layers (l-1, l-2, ...) into free slots. With ``keep_resident=True`` the forward's rows are
     instead kept on the device (a copy made on the compute side at ``release``) and handed
-    back by ``backward_ticket`` without a transfer.
+    back by ``backward_ticket`` without a transfer. A layer may run several forwards before
+    their backwards (two losses, e.g. chosen and rejected answers): each backward gets its own
+    forward's rows, matched by the forward ticket's ``row_ids`` object; the last
+    ``RESIDENT_PER_LAYER`` forwards of a layer are kept, an older one is refetched.
 
     Thread-safe (autograd runs backward on its own thread). ``close()`` (or ``with``) cancels
     copies that have not started and stops the engine; it is also called at interpreter exit.
@@ -1363,7 +1368,7 @@ class Prefetcher:
         self._free: deque[int] = deque(range(num_slots))
         self._holder: dict[int, Ticket] = {}
         self._saved_ids: dict[int, Tensor] = {}
-        self._resident: dict[int, tuple[Tensor, Tensor]] = {}
+        self._resident: dict[int, deque[tuple[Tensor, Tensor]]] = {}
         self._lookahead: dict[int, Ticket] = {}
         self._grad_futures: set[Future] = set()
         _LIVE.add(self)
@@ -1568,7 +1573,8 @@ class Prefetcher:
                     rows = ticket.rows
                     kept = torch.empty_like(rows)
                     self.engine.compute(lambda: kept.copy_(rows), reads=ticket.reads)
-                    self._resident[ticket.layer_idx] = (ticket.row_ids, kept)
+                    kept_rows = self._resident.setdefault(ticket.layer_idx, deque(maxlen=RESIDENT_PER_LAYER))
+                    kept_rows.append((ticket.row_ids, kept))
                 elif for_backward:
                     self._saved_ids[ticket.layer_idx] = ticket.row_ids
             else:
@@ -1601,8 +1607,9 @@ class Prefetcher:
         layer_idx = self._check_layer(layer_idx)
         with self._cond:
             self._check_open()
-            if layer_idx in self._resident:
-                ids, rows = self._resident.pop(layer_idx)
+            resident = self._take_resident(layer_idx, row_ids)
+            if resident is not None:
+                ids, rows = resident
                 return Ticket(layer_idx=layer_idx, phase="backward", row_ids=ids, num_rows=ids.numel(), slot=None,
                               rows=rows)
             for other in [l for l in self._lookahead if l >= layer_idx]:  # stale or this layer's
@@ -1622,6 +1629,20 @@ class Prefetcher:
                 ticket = self.prefetch(layer_idx, ids, phase="backward", timeout=timeout)
             self._prefetch_ahead(layer_idx)
             return ticket
+
+    def _take_resident(self, layer_idx: int, row_ids: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Under the lock: the kept rows of the forward whose ticket had ``row_ids`` (the latest
+        forward's when None), removed from the store; None when they are not kept."""
+        kept = self._resident.get(layer_idx)
+        if not kept:
+            return None
+        if row_ids is None:
+            return kept.pop()
+        for index, (ids, rows) in enumerate(kept):
+            if ids is row_ids:
+                del kept[index]
+                return ids, rows
+        return None
 
     def _prefetch_ahead(self, layer_idx: int) -> None:
         budget = self.backward_lookahead - len(self._lookahead)

@@ -126,6 +126,28 @@ def test_frozen_layer_passes_dh_but_moves_no_rows(seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
+def test_several_forwards_before_their_backwards(seed, device, backward_rows):
+    """Two losses over one layer (e.g. chosen and rejected answers), or more forwards than the
+    prefetcher keeps rows for: each backward, in any order, gets its own forward's rows."""
+    on_gpu, on_cpu = pair("auto", device, backward_rows=backward_rows)
+    inputs = [torch.randn(3 + 2 * i, 12, device=device) for i in range(6)]
+    for layer in (on_gpu, on_cpu):
+        losses = [(i + 1) * layer(h).square().sum() for i, h in enumerate(inputs)]
+        for i in (0, 5, 2, 1, 4, 3):  # first forward first: the one a single kept slot would lose
+            losses[i].backward()
+    summed: dict[int, torch.Tensor] = {}
+    for future in on_cpu.offload.pending_grads:
+        grad = future.result()
+        for row_id, row in zip(grad.row_ids.tolist(), grad.rows):
+            summed[row_id] = summed.get(row_id, 0) + row
+    ids = torch.tensor(sorted(summed), device=device)
+    want = torch.cat([on_gpu.keys.grad[ids], on_gpu.values.grad[ids]], dim=1)
+    assert rel_err(torch.stack([summed[k] for k in sorted(summed)]).to(device), want) < 1e-5
+    assert rel_err(on_cpu.router.weight.grad, on_gpu.router.weight.grad) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("growing", [False, True])
 def test_layers_frozen_in_turn_get_their_own_rows_in_backward(seed, device, backend, growing):

@@ -358,6 +358,33 @@ def test_keep_resident_backward_makes_no_second_transfer():
         engine.check()
 
 
+def test_keep_resident_serves_each_forward_its_own_rows():
+    """Several forwards of a layer before their backwards: each backward asking with its forward
+    ticket's ids gets that forward's kept rows; past RESIDENT_PER_LAYER the oldest is refetched."""
+    from meft_triton.prefetch import RESIDENT_PER_LAYER
+
+    host = host_layers(1, 40, 3)
+    engine = FakeCopyEngine(seed=4)
+    with Prefetcher(engine, host, max_rows=8, keep_resident=True) as pf:
+        consumer = Consumer(pf, engine, host)
+        forwards = []
+        for i in range(RESIDENT_PER_LAYER + 1):
+            ticket = pf.prefetch(0, torch.tensor([i, i + 10, i + 20][: 1 + i % 3]))
+            forwards.append(ticket.row_ids)
+            consumer.read(ticket)
+        copies = engine.stats["copies_in"]
+        for ids in forwards[1:]:  # oldest-kept first
+            ticket = pf.backward_ticket(0, ids)
+            assert ticket.slot is None and ticket.row_ids is ids
+            consumer.read(ticket, ids)
+        assert engine.stats["copies_in"] == copies  # no transfer for kept rows
+        ticket = pf.backward_ticket(0, forwards[0])  # dropped from the store: copied again
+        assert ticket.slot is not None
+        consumer.read(ticket, forwards[0])
+        flush(engine)
+        engine.check()
+
+
 def test_slots_exhausted_raises_instead_of_deadlocking_and_waits_for_another_thread():
     host = host_layers(3, 10, 2)
     with Prefetcher(FakeCopyEngine(), host, max_rows=4, num_slots=2) as pf:
