@@ -128,6 +128,12 @@ class MEFTAdapter(nn.Module):
         self._require_cpu_placement("finish_values")
         return self.offload.finish_values(routed)
 
+    def abandon_routing(self, routed) -> None:
+        """Placement "cpu": give back a ``start_routing`` whose ``finish_values`` will not run
+        (the code between them raised); its copy is cancelled and its slot freed."""
+        self._require_cpu_placement("abandon_routing")
+        self.offload.abandon(routed)
+
     def configure_optimizer(self, **hyper):
         """Placement "cpu": the row-sparse AdamW (meft_triton.optim.SparseRowAdamW keywords)
         that trains this layer's keys and values; the router is trained by your optimizer."""

@@ -120,15 +120,26 @@ class MEFTMLP(nn.Module):
             return self.adapter.finish_values(pending)
         return self.adapter(pending)
 
+    def cancel_adapter(self, pending: Any) -> None:
+        """Give back a :meth:`start_adapter` whose :meth:`finish_adapter` will not run (the FFN
+        between them raised, e.g. out of memory): its copy slot returns to the pool."""
+        if self.adapter.offload is not None:
+            self.adapter.abandon_routing(pending)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = mlp_input(args, kwargs)
         pending = self.start_adapter(hidden)
-        out = self.base(*args, **kwargs)
+        try:
+            out = self.base(*args, **kwargs)
+        except BaseException:
+            self.cancel_adapter(pending)
+            raise
         if isinstance(out, Tensor):
             return out + self.finish_adapter(pending).to(out.dtype)
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
             first = out[0] + self.finish_adapter(pending).to(out[0].dtype)
             return (first, *out[1:])
+        self.cancel_adapter(pending)
         raise TypeError(
             f"MEFTMLP: the wrapped {type(self.base).__name__} returned {type(out).__name__}; "
             "expected a tensor or a tuple whose first element is a tensor"

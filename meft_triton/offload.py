@@ -339,6 +339,11 @@ class OffloadedRows:
         return RoutedTokens(flat, expert_ids, gate_weights, neuron_ids, activations, local_ids,
                             ticket, hidden.dtype, hidden.shape, cached, cache)
 
+    def abandon(self, routed: RoutedTokens) -> None:
+        """``finish_values`` will not run for ``routed``: cancel its copy, free its slot."""
+        if routed.ticket is not None and self.runtime.prefetcher is not None:
+            self.runtime.prefetcher.release(routed.ticket)
+
     def finish_values(self, routed: RoutedTokens) -> Tensor:
         router_weight = self.adapter.router.weight
         if routed.cache is not None:

@@ -737,6 +737,29 @@ def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, che
                                        rtol=1e-4, atol=1e-6)
 
 
+def test_cpu_placement_recovers_from_an_ffn_that_raises(monkeypatch):
+    """An exception in the backbone FFN between the adapter's two stages (out of memory, say)
+    gives the copy slot back: after any number of them training goes on, no slot is leaked."""
+    model = attach_meft(tiny_model("llama"), CPU_CFG).train()
+    opt = create_meft_optimizer(model, lr=1e-2)
+    ids = batch()
+    mlp = model.model.layers[1].mlp
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    for _ in range(3):  # more failures than slots
+        monkeypatch.setattr(mlp.base, "forward", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            model(ids, labels=ids)
+        monkeypatch.undo()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    runtime = meft_adapters(model)[0].offload.runtime
+    assert runtime.prefetcher.free_slots() == runtime.num_slots
+
+
 def test_cpu_placement_save_load_round_trip(tmp_path):
     model = attach_meft(tiny_model("qwen2"), CPU_CFG)
     ids = batch()
