@@ -586,9 +586,8 @@ class OffloadedAdamW(torch.optim.AdamW):
         except BaseException:
             # a failed gradient copy (CopyFailedError): the step is abandoned as a whole, with
             # no half-collected gradients left behind for the next one
-            for adapter, sparse in zip(self.adapters, self.sparse):
-                adapter.offload.pending_grads.clear()
-                sparse.zero_grad()
+            for adapter in self.adapters:
+                adapter.offload.discard_grads()
             raise
         report = self.nonfinite_report()
         if report:
@@ -611,6 +610,13 @@ class OffloadedAdamW(torch.optim.AdamW):
                 continue
             adapter.sparse_step()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The routers' ``.grad`` as torch does, and every layer's gradient rows not yet stepped
+        (so ``backward(); zero_grad()`` discards a batch, as it does under placement "gpu")."""
+        super().zero_grad(set_to_none)
+        for adapter in self.adapters:
+            adapter.offload.discard_grads()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -280,6 +280,14 @@ class OffloadedRows:
             grad = future.result()
             self.optimizer.accumulate(grad.row_ids, grad.rows[:, :d], grad.rows[:, d:])
 
+    def discard_grads(self) -> None:
+        """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),
+        as ``zero_grad`` drops a parameter's ``.grad``."""
+        pending, self.pending_grads = self.pending_grads, []
+        wait_futures(pending)  # their copies land before the pinned buffers are forgotten
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+
     def step(self) -> Future:
         """Start this layer's optimizer step on its worker thread; the next forward waits for it."""
         self.collect_grads()

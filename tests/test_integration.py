@@ -760,6 +760,23 @@ def test_cpu_placement_recovers_from_an_ffn_that_raises(monkeypatch):
     assert runtime.prefetcher.free_slots() == runtime.num_slots
 
 
+def test_offloaded_zero_grad_discards_a_batch():
+    """``backward(); opt.zero_grad()`` leaves no trace under placement "cpu", as under "gpu":
+    the gradient rows in flight or collected are dropped with the routers' .grad."""
+    def train(discard_first: bool):
+        model = attach_meft(tiny_model("llama"), CPU_CFG).train()
+        opt = create_meft_optimizer(model, lr=1e-2)
+        if discard_first:
+            model(batch(seed=5), labels=batch(seed=5)).loss.backward()
+            opt.zero_grad()
+        ids = batch(seed=6)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        return [t for a in meft_adapters(model).values() for t in (a.router.weight, *a.master_rows())]
+
+    assert all(torch.equal(a, b) for a, b in zip(train(False), train(True)))
+
+
 def test_cpu_placement_save_load_round_trip(tmp_path):
     model = attach_meft(tiny_model("qwen2"), CPU_CFG)
     ids = batch()
