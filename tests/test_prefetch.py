@@ -131,36 +131,41 @@ def run_schedule(seed: int, *, wrap_engine=None) -> FakeCopyEngine:
         for _ in range(rng.randint(1, 3)):
             window = rng.randint(1, num_slots)
             lowest = 0 if rng.random() < 0.6 else rng.randint(0, num_layers)
-            outstanding: deque = deque()
-            forward_ids = {}
-            for layer in range(num_layers):
-                ids = random_ids(rng, num_rows, max_rows)
-                if rng.random() < 0.1:  # a prefetch that is dropped again (cancel or early release)
-                    dropped = pf.prefetch(layer, ids) if outstanding.__len__() < num_slots else None
-                    if dropped is not None:
-                        (pf.cancel if rng.random() < 0.5 else pf.release)(dropped)
-                        assert dropped.state == "cancelled"
-                ticket = pf.prefetch(layer, ids)
-                forward_ids[layer] = ticket.row_ids
-                outstanding.append((ticket, ids, layer >= lowest))
-                while len(outstanding) >= window or (outstanding and rng.random() < 0.3):
+            # sometimes two forwards before their backwards (two losses): those ask by ids
+            passes = [{} for _ in range(1 if rng.random() < 0.8 else 2)]
+            for forward_ids in passes:
+                outstanding: deque = deque()
+                for layer in range(num_layers):
+                    ids = random_ids(rng, num_rows, max_rows)
+                    if rng.random() < 0.1:  # a prefetch that is dropped again (cancel or early release)
+                        dropped = pf.prefetch(layer, ids) if outstanding.__len__() < num_slots else None
+                        if dropped is not None:
+                            (pf.cancel if rng.random() < 0.5 else pf.release)(dropped)
+                            assert dropped.state == "cancelled"
+                    ticket = pf.prefetch(layer, ids)
+                    forward_ids[layer] = ticket.row_ids
+                    outstanding.append((ticket, ids, layer >= lowest))
+                    while len(outstanding) >= window or (outstanding and rng.random() < 0.3):
+                        consumer.read(*outstanding.popleft())
+                while outstanding:
                     consumer.read(*outstanding.popleft())
-            while outstanding:
-                consumer.read(*outstanding.popleft())
             if rng.random() < 0.1:
                 pf.reset_backward()
                 continue
-            # sometimes the backward never reaches the lowest layers that kept ids for it (a
-            # forward whose loss was dropped): their lookahead copies go stale
-            stop = lowest if rng.random() < 0.85 else rng.randint(lowest, num_layers)
-            stopped_early |= stop > lowest
-            for layer in reversed(range(stop, num_layers)):
-                ticket = pf.backward_ticket(layer, forward_ids[layer] if rng.random() < 0.5 else None)
-                expected = consumer.read(ticket, forward_ids[layer])
-                if rng.random() < 0.5:  # gradient rows produced on the compute side, then offloaded
-                    produced = torch.full_like(expected, float("nan"))
-                    engine.compute(lambda p=produced, e=expected: p.copy_(e * 2))
-                    grads.append((pf.offload_grads(layer, ticket.row_ids, produced), layer, expected * 2))
+            rng.shuffle(passes)
+            for forward_ids in passes:
+                # sometimes the backward never reaches the lowest layers that kept ids for it (a
+                # forward whose loss was dropped): their lookahead copies go stale
+                stop = lowest if rng.random() < 0.85 else rng.randint(lowest, num_layers)
+                stopped_early |= stop > lowest
+                for layer in reversed(range(stop, num_layers)):
+                    by_ids = len(passes) > 1 or rng.random() < 0.5
+                    ticket = pf.backward_ticket(layer, forward_ids[layer] if by_ids else None)
+                    expected = consumer.read(ticket, forward_ids[layer])
+                    if rng.random() < 0.5:  # gradient rows produced on the compute side, then offloaded
+                        produced = torch.full_like(expected, float("nan"))
+                        engine.compute(lambda p=produced, e=expected: p.copy_(e * 2))
+                        grads.append((pf.offload_grads(layer, ticket.row_ids, produced), layer, expected * 2))
         for future, layer, want in grads:
             got = future.result(WAIT)
             assert isinstance(got, GradRows) and got.layer_idx == layer
