@@ -335,10 +335,8 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
     runtime = None
     if method.startswith("meft"):
         opt = create_meft_optimizer(model, lr=lr, weight_decay=0.0)
-        layers = meft_adapters(model)
-        trainable = len(layers) * adapter_parameter_count(
-            mlp_hidden_size(find_mlp(find_decoder_layers(model)[1][0])[1], model), meft_config(args))
-        first = next(iter(layers.values()))
+        trainable = budget  # MEFT's parameter count (under placement "cpu" keys/values are no nn.Parameters)
+        first = next(iter(meft_adapters(model).values()))
         runtime = first.offload.runtime if first.offload is not None else None
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
