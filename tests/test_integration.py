@@ -651,6 +651,17 @@ def test_finetune_example_cpu_placement_reports_rows_moved():
     assert 0.35 < ist["D2H MiB/step"] / meft["D2H MiB/step"] < 0.65, (meft, ist)
 
 
+@pytest.mark.gpu
+def test_finetune_example_on_cuda_end_to_end():
+    """The example on a GPU: MEFT + IST under placement "cpu" (Triton kernels, CUDA copy engine,
+    bf16 autocast) and SMT (its Triton block-gradient kernel) train; IST halves the rows sent home."""
+    meft, ist, smt = run_finetune_example("--device", "cuda", "--bf16", "--placement", "cpu",
+                                          "--methods", "meft,meft+ist,smt", "--steps", "30")
+    for row in (meft, ist, smt):
+        assert row["loss last"] < row["loss first"], row
+    assert 0.35 < ist["D2H MiB/step"] / meft["D2H MiB/step"] < 0.65, (meft, ist)
+
+
 # ---------------------------------------------------------------------------- placement "cpu"
 
 CPU_CFG = CFG.replace(placement="cpu", value_init_std=0.05)
