@@ -32,9 +32,10 @@ class MEFTAdapter(nn.Module):
 
     Parameters: ``router.weight`` [E, d], ``keys`` [N, d], ``values`` [N, d]. ``forward(h)``
     takes ``h [..., d]`` (the FFN's input) and returns ``y [..., d]`` to add to the FFN's
-    output. Under placement "cpu" keys and values live in a CPU row store, not in parameters,
-    and ``router.weight.requires_grad`` switches the whole layer's training (rows included). The computation runs in ``h``'s dtype: parameters of another dtype are cast (so
-    fp32 masters under bf16 autocast work).
+    output. The computation runs in ``h``'s dtype: parameters of another dtype are cast (so
+    fp32 masters under bf16 autocast work). Under placement "cpu" keys and values live in a CPU
+    row store, not in parameters, and ``router.weight.requires_grad`` switches the whole layer's
+    training (rows included).
     """
 
     def __init__(self, hidden_size: int, config: MEFTConfig, device=None, dtype=None,

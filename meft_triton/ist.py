@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import MEFTAdapter
+from .checkpoint import _write_file
 from .config import check_choice, check_float, check_int
 
 MODES = ("importance", "uniform")
@@ -426,16 +427,7 @@ STATE_FILE = "ist_scheduler.pt"
 
 def save_scheduler_state(scheduler: ISTScheduler, path: str | os.PathLike) -> None:
     """Write ``scheduler.state_dict()`` to ``path`` atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as f:
-            torch.save(scheduler.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    _write_file(Path(path), lambda f: torch.save(scheduler.state_dict(), f))
 
 
 def _make_callback_class():

@@ -312,8 +312,7 @@ class OffloadedRows:
     def close(self) -> None:
         """The adapter is being dropped: let in-flight gradient copies and the optimizer update
         finish, then stop the optimizer's worker thread (the runtime is closed by its owner)."""
-        pending, self.pending_grads = self.pending_grads, []
-        wait_futures(pending)
+        self.discard_grads()
         try:
             self.wait_for_update()
         finally:
@@ -358,7 +357,8 @@ class OffloadedRows:
             y = self._values_from_cache(routed)
         else:
             # autograd records this call only if something upstream needs a gradient
-            needs_backward = torch.is_grad_enabled() and (routed.hidden.requires_grad or router_weight.requires_grad)
+            needs_backward = torch.is_grad_enabled() and (
+                routed.hidden.requires_grad or router_weight.requires_grad)
             y = _OffloadedValues.apply(routed.hidden, router_weight, self, routed, needs_backward)
         return y.to(routed.output_dtype).reshape(routed.output_shape)
 
