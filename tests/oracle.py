@@ -69,3 +69,22 @@ def assert_placements_agree(on_gpu, on_cpu, hidden, y_tol: float = 1e-5):
     assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[rows]) < 1e-5
     assert rel_err(grads.rows[:, d:], on_gpu.values.grad[rows]) < 1e-5
     return grads
+
+
+def take_grad_rows(offloaded) -> tuple[torch.Tensor, torch.Tensor]:
+    """A placement-"cpu" layer's gradient rows sent home since the last step, summed per row
+    and taken off the layer: ``(row_ids [U] sorted, rows [U, 2d] = [dK | dV])``, on the CPU."""
+    summed: dict[int, torch.Tensor] = {}
+    for future in offloaded.pending_grads:
+        grad = future.result()
+        for row_id, row in zip(grad.row_ids.tolist(), grad.rows):
+            summed[row_id] = summed.get(row_id, 0) + row
+    offloaded.pending_grads.clear()
+    ids = sorted(summed)
+    return torch.tensor(ids, dtype=torch.int64), torch.stack([summed[i] for i in ids])
+
+
+def adapter_tensors(adapters) -> list[torch.Tensor]:
+    """Every trained tensor of some adapters: router, keys, values (placement "cpu": the master
+    rows, after any in-flight update)."""
+    return [t for a in adapters for t in (a.router.weight, *a.master_rows())]

@@ -31,6 +31,8 @@ from meft_triton.integration import (  # noqa: E402
     save_adapter,
 )
 
+from oracle import adapter_tensors, take_grad_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
 CFG = MEFTConfig(num_neurons=256, num_experts=16, experts_per_token=4, topk=8, backend="torch")
@@ -596,13 +598,13 @@ def test_hf_trainer_checkpoints_resume_exactly(tmp_path, placement):
         trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
                                        optimizers=(create_meft_optimizer(model, args), None))
         trainer.train(resume_from_checkpoint=resume)
-        return [t for a in meft_adapters(model).values() for t in (a.router.weight, *a.master_rows())]
+        return adapter_tensors(meft_adapters(model).values())
 
     full = run()
     resumed = run(str(tmp_path / "checkpoint-3"))
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
-    fresh = [t for a in meft_adapters(attach_meft(tiny_model("llama"), CPU_CFG.replace(placement=placement))).values()
-             for t in (a.router.weight, *a.master_rows())]
+    untrained = attach_meft(tiny_model("llama"), CPU_CFG.replace(placement=placement))
+    fresh = adapter_tensors(meft_adapters(untrained).values())
     assert not any(torch.equal(a, b) for a, b in zip(full, fresh)), "training changed every tensor"
 
 
@@ -730,17 +732,9 @@ def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, che
             on_gpu(ids, labels=ids).loss.backward()
             on_cpu(ids, labels=ids).loss.backward()
         for i in trained:
-            rows = cpu_layers[i].offload
-            summed: dict[int, torch.Tensor] = {}
-            for future in rows.pending_grads:
-                grad = future.result()
-                for row_id, row in zip(grad.row_ids.tolist(), grad.rows):
-                    summed[row_id] = summed.get(row_id, 0) + row
-            rows.pending_grads.clear()
-            ids_ = torch.tensor(sorted(summed))
+            ids_, rows = take_grad_rows(cpu_layers[i].offload)
             want = torch.cat([gpu_layers[i].keys.grad[ids_], gpu_layers[i].values.grad[ids_]], dim=1)
-            torch.testing.assert_close(torch.stack([summed[k] for k in sorted(summed)]), want,
-                                       rtol=1e-4, atol=1e-6, msg=f"step {step} layer {i}")
+            torch.testing.assert_close(rows, want, rtol=1e-4, atol=1e-6, msg=f"step {step} layer {i}")
             untouched = gpu_layers[i].keys.grad.clone()
             untouched[ids_] = 0
             assert (untouched == 0).all(), f"step {step} layer {i}: rows missing from the CPU side"
@@ -783,7 +777,7 @@ def test_offloaded_zero_grad_discards_a_batch():
         ids = batch(seed=6)
         model(ids, labels=ids).loss.backward()
         opt.step()
-        return [t for a in meft_adapters(model).values() for t in (a.router.weight, *a.master_rows())]
+        return adapter_tensors(meft_adapters(model).values())
 
     assert all(torch.equal(a, b) for a, b in zip(train(False), train(True)))
 

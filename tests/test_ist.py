@@ -28,6 +28,7 @@ from meft_triton.integration import (  # noqa: E402
     meft_parameters,
 )
 from meft_triton.ist import ISTConfig, ISTScheduler, OutputScale, scaled_adapter_outputs  # noqa: E402
+from oracle import adapter_tensors  # noqa: E402
 
 VOCAB = 100
 CFG = MEFTConfig(num_neurons=256, num_experts=16, experts_per_token=4, topk=8, backend="torch",
@@ -511,7 +512,7 @@ def test_cpu_placement_ist_run_resumes_bitwise(tmp_path):
             opt.zero_grad()
 
     def tensors(model):
-        return [t for a in meft_adapters(model).values() for t in (a.router.weight, *a.master_rows())]
+        return adapter_tensors(meft_adapters(model).values())
 
     model, opt, sched = make()
     train(model, opt, sched, range(5))
