@@ -53,7 +53,7 @@ def _segment_sum_kernel(
 def segment_sum(order, offsets, group, coef, x, coef2=None, x2=None):
     """Rows [U, d] fp32 with out[u] = sum_{i in run u} coef[i] x[i // group] (and a second
     output for ``coef2``/``x2`` sharing the same runs). Internal launcher: ``coef``/``coef2``
-    are contiguous fp32 [T, group] tables, ``order``/``offsets`` from kernels.grouping."""
+    are contiguous fp32 [T, group] tables, ``order``/``offsets`` from meft_triton.kernels.grouping."""
     num_rows = offsets.numel() - 1
     hidden_size = x.shape[1]
     has_second = coef2 is not None

@@ -41,27 +41,27 @@ class TritonStages:
 
     @staticmethod
     def route(hidden, router_weight, experts_per_token, gate):
-        from kernels import router_topk
+        from meft_triton.kernels import router_topk
 
         gate_logits, expert_ids = router_topk(hidden, router_weight, experts_per_token)
         return expert_ids, (gate_logits.softmax(-1) if gate == "softmax" else gate_logits)
 
     @staticmethod
     def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
-        from kernels import sparse_kv_select
+        from meft_triton.kernels import sparse_kv_select
 
         return sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts, topk, check_ids=False)
 
     @staticmethod
     def values(activations, local_ids, rows):
-        from kernels import sparse_kv_values
+        from meft_triton.kernels import sparse_kv_values
 
         return sparse_kv_values(activations, local_ids, rows, check_ids=False)
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
                  activations, local_ids, gate, param_grads=True):
-        from kernels import sparse_kv_backward
+        from meft_triton.kernels import sparse_kv_backward
 
         grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights,
                                    neuron_ids, activations, gate, dense=False, check_ids=False,

@@ -16,7 +16,7 @@ def adapter_forward(hidden: Tensor, router_weight: Tensor, keys: Tensor, values:
                     experts_per_token: int, topk: int, gate: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, expert_ids, gate_weights, neuron_ids, activations)``."""
-    from kernels import router_topk, sparse_kv_forward
+    from meft_triton.kernels import router_topk, sparse_kv_forward
 
     gate_logits, expert_ids = router_topk(hidden, router_weight, experts_per_token)
     gate_weights = torch.softmax(gate_logits, dim=-1) if gate == "softmax" else gate_logits
@@ -45,7 +45,7 @@ def adapter_backward(grad_y: Tensor, hidden: Tensor, router_weight: Tensor, keys
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Dense gradients ``(d hidden, d router_weight, d keys, d values)``; with ``param_grads``
     False (a frozen adapter) the last three are empty and never computed."""
-    from kernels import sparse_kv_backward
+    from meft_triton.kernels import sparse_kv_backward
 
     grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids,
                                gate_weights, neuron_ids, activations, gate, dense=param_grads,

@@ -421,7 +421,7 @@ def _gather_chunk(host_rows: Tensor, ids: Tensor, out: Tensor, a: int, b: int) -
 
 #: Where :func:`zero_copy_gather` finds its Triton launcher: ``module.function(host_rows, ids,
 #: out)``. The kernel owner provides it in ``kernels/``; the contract is zero_copy_gather's.
-ZERO_COPY_KERNEL = ("kernels.zero_copy_gather", "zero_copy_gather_rows")
+ZERO_COPY_KERNEL = ("meft_triton.kernels.zero_copy_gather", "zero_copy_gather_rows")
 _zero_copy_launcher: Callable[..., Any] | None = None
 
 

@@ -330,7 +330,7 @@ def block_grad(grad_out: Tensor, x: Tensor, row_start: Tensor, row_end: Tensor, 
                out_dtype: torch.dtype | None = None) -> Tensor:
     """Dispatch to the Triton kernel ("triton", or "auto" on CUDA) or the torch reference."""
     if backend == "triton" or (backend == "auto" and grad_out.is_cuda):
-        from kernels.smt_block_grad import smt_block_grad
+        from meft_triton.kernels.smt_block_grad import smt_block_grad
 
         return smt_block_grad(grad_out, x, row_start, row_end, col_start, col_end, block_size,
                               out_dtype=out_dtype, check_blocks=False)

@@ -238,7 +238,7 @@ def _capture(cmd: list[str]) -> str | None:
 def machine_record() -> dict:
     import torch
 
-    from profiling.environment import describe_machine, device_name
+    from .environment import describe_machine, device_name
 
     info = dict(describe_machine())
     info.update(
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
               f"nothing to check. Run it on a machine with a GPU; the CPU gate is `python -m profiling.perf_gate`.")
         return EXIT_NO_CUDA if args.require_cuda else EXIT_OK
 
-    from profiling import perf_gate
-    from profiling.environment import device_name, results_dir
+    from . import perf_gate
+    from .environment import device_name, results_dir
 
     device = device_name()
     folder = results_dir("gpu-check")

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from meft_triton import MEFTConfig, reference
-from profiling.environment import describe_machine, results_dir
+from .environment import describe_machine, results_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -68,7 +68,7 @@ def adapter_problem(tokens: int, hidden_size: int, num_neurons: int, num_experts
 def triton_passes(problem: dict[str, torch.Tensor], experts_per_token: int, topk: int):
     """``(forward, step)`` closures of the Triton path on ``problem``: router top-k + sparse
     forward, and the same + sparse backward (row-sparse grads)."""
-    from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+    from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
 
     hidden, router, keys, values = (problem[k] for k in ("hidden", "router", "keys", "values"))
     num_experts = router.shape[0]

@@ -73,8 +73,8 @@ from meft_triton import prefetch
 from meft_triton import _cpu_rowops
 from meft_triton.optim import perf_slowdown
 from meft_triton.row_store import CPURowStore
-from profiling import optim_bench as ob
-from profiling.environment import describe_machine, device_name
+from . import optim_bench as ob
+from .environment import describe_machine, device_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -284,9 +284,9 @@ def _pair(name: str, ours: list[float], yardstick: list[float], detail: str) -> 
 
 
 def _kernel_checks(profile: Profile, only) -> list[Check]:
-    from kernels import router_topk
+    from meft_triton.kernels import router_topk
     from meft_triton import reference
-    from profiling.kernel_bench import adapter_problem, triton_passes
+    from .kernel_bench import adapter_problem, triton_passes
 
     T, d, N, E, P, K = profile.cuda_shape
     problem = adapter_problem(T, d, N, E, torch.bfloat16)

@@ -157,10 +157,10 @@ import torch
 
 from meft_triton import MEFTConfig, reference
 from meft_triton.config import BACKWARD_ROWS, PLACEMENTS, TRANSFERS
-from profiling import metrics
-from profiling.environment import describe_machine, results_dir
-from profiling.metrics import NAN, Clock, Notes
-from profiling.presets import DEFAULT_NEURONS_PER_EXPERT, PRESETS, sweep_defaults
+from . import metrics
+from .environment import describe_machine, results_dir
+from .metrics import NAN, Clock, Notes
+from .presets import DEFAULT_NEURONS_PER_EXPERT, PRESETS, sweep_defaults
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BASELINES = ("reference", "meft-original", "dense", "lora")
@@ -1315,7 +1315,7 @@ def write_outputs(df, meta: dict, folder: Path, plots: bool) -> list[Path]:
     written[3].write_text(summary_markdown(df) + "\n")
     if plots:
         try:
-            from profiling import plots as plotting
+            from . import plots as plotting
         except ImportError as exc:  # matplotlib is an optional dependency (extra "plots")
             print(f"no plots: {exc} (pip install '.[plots]')", file=sys.stderr)
             return written

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels.validation
+import meft_triton.kernels.validation as kernel_validation
 from meft_triton import MEFTAdapter, MEFTConfig, reference
 from oracle import float64_grads, rel_err
 
@@ -179,7 +179,7 @@ def test_compiles_with_inductor(seed, device):
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(kernels.validation, "INTERPRETED", False)
+    monkeypatch.setattr(kernel_validation, "INTERPRETED", False)
     adapter = make_adapter(8, num_neurons=16, num_experts=4, experts_per_token=2, topk=3, backend="triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         adapter(torch.randn(2, 8))

@@ -6,7 +6,7 @@ All marked ``gpu``: skipped without CUDA, run by ``python -m profiling.gpu_check
 import pytest
 import torch
 
-from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
 from meft_triton import MEFTAdapter, MEFTConfig
 from oracle import assert_topk_choice, candidate_scores64, float64_grads, rel_err
 

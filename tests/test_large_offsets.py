@@ -8,7 +8,7 @@ never touched except for the rows the test writes, so they cost almost no physic
 import pytest
 import torch
 
-from kernels import sparse_kv_backward, sparse_kv_forward
+from meft_triton.kernels import sparse_kv_backward, sparse_kv_forward
 from oracle import float64_grads, rel_err
 
 D, E, S = 128, 4096, 4097  # N * d = 2^31 + 2^19 elements

@@ -675,7 +675,7 @@ def _pinned_records(num_rows: int, width: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_engine_data_forward_backward_and_grads(strategy, dtype):
     if strategy == "zero_copy":
-        pytest.importorskip("kernels.zero_copy_gather", reason="the zero-copy kernel is not written yet")
+        pytest.importorskip("meft_triton.kernels.zero_copy_gather", reason="the zero-copy kernel is not written yet")
     num_layers, num_rows, width = 4, 4096, 256
     stores = [_pinned_records(num_rows, width, seed) for seed in range(num_layers)]
     host = [s[:, 1] for s in stores]  # value halves, row stride 2 * width

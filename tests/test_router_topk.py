@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import router_topk
+from meft_triton.kernels import router_topk
 from oracle import assert_topk_choice, rel_err
 
 SHAPES = [  # T, d, E, k

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.smt_block_grad import smt_block_grad
+from meft_triton.kernels.smt_block_grad import smt_block_grad
 from meft_triton.smt import SMTLinear, block_grad_reference
 from oracle import rel_err
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
 from oracle import float64_grads, rel_err
 
 SHAPES = [  # T, d, E, S, P, K_top

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import router_topk, sparse_kv_forward, sparse_kv_values
+from meft_triton.kernels import router_topk, sparse_kv_forward, sparse_kv_values
 from meft_triton import reference
 from oracle import assert_topk_choice, candidate_scores64, rel_err
 

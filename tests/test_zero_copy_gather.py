@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.zero_copy_gather import zero_copy_gather_rows
+from meft_triton.kernels.zero_copy_gather import zero_copy_gather_rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 casts: GPU only

@@ -161,7 +161,7 @@ def gpu_problem():
 
 @pytest.mark.gpu
 def test_router_topk_triton_gpu(benchmark, gpu_problem):
-    from kernels import router_topk
+    from meft_triton.kernels import router_topk
 
     hidden, router, *_ = gpu_problem
     _bench(benchmark, f"router top-k [triton] {GPU_SHAPE.label(torch.bfloat16)}",
@@ -170,7 +170,7 @@ def test_router_topk_triton_gpu(benchmark, gpu_problem):
 
 @pytest.mark.gpu
 def test_sparse_kv_forward_triton_gpu(benchmark, gpu_problem):
-    from kernels import router_topk, sparse_kv_forward
+    from meft_triton.kernels import router_topk, sparse_kv_forward
 
     hidden, router, keys, values, _ = gpu_problem
     s = GPU_SHAPE
@@ -182,7 +182,7 @@ def test_sparse_kv_forward_triton_gpu(benchmark, gpu_problem):
 
 @pytest.mark.gpu
 def test_sparse_kv_backward_triton_gpu(benchmark, gpu_problem):
-    from kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+    from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
 
     hidden, router, keys, values, grad_y = gpu_problem
     s = GPU_SHAPE
