@@ -54,14 +54,9 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from meft_triton import MEFTConfig, adapter_parameter_count, create_meft_optimizer  # noqa: E402
-from meft_triton.integration import (  # noqa: E402
-    attach_meft,
-    find_decoder_layers,
-    find_mlp,
-    meft_adapters,
-    meft_parameters,
-    mlp_hidden_size,
-)
+from meft_triton import attach_meft, meft_adapters, meft_parameters
+from meft_triton.integration import find_decoder_layers, find_mlp
+from meft_triton.integration.discovery import mlp_hidden_size
 
 METHODS = ("meft", "lora", "dense", "meft+ist", "smt")
 
@@ -202,7 +197,7 @@ def meft_config(args) -> MEFTConfig:
 
 
 def ist_config(args):
-    from meft_triton.ist import ISTConfig
+    from meft_triton import ISTConfig
 
     return ISTConfig(ratio=args.ist_ratio, interval=args.ist_interval, mode=args.ist_mode,
                      seed=args.seed)
@@ -212,7 +207,8 @@ def setup_smt(model, args, budget: int, next_batch, autocast):
     """SMT: the warm-up (``args.smt_warmup`` forward+backward passes, no weight update), then
     the top blocks within ``budget`` trainable weights. Returns (params, description, warm-up
     losses, trainable weight entries)."""
-    from meft_triton.smt import SMTConfig, SMTWarmup, apply_smt, smt_num_trainable, smt_parameters
+    from meft_triton import SMTConfig, SMTWarmup, apply_smt
+    from meft_triton.addons.smt import smt_num_trainable, smt_parameters
 
     block = args.smt_block or max(8, mlp_hidden_size(find_mlp(find_decoder_layers(model)[1][0])[1], model) // 16)
     config = SMTConfig(block_size=block, score=args.smt_score, targets=tuple(args.smt_targets.split(",")),
@@ -352,7 +348,7 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
 
     scheduler = None
     if method == "meft+ist":
-        from meft_triton.ist import ISTScheduler
+        from meft_triton import ISTScheduler
 
         scheduler = ISTScheduler(model, ist_config(args))
     if device.type == "cuda":
@@ -365,7 +361,7 @@ def train_method(method: str, args, task: Task, vocab_size: int, budget: int) ->
         start = time.perf_counter()
         train_steps = args.steps
         if method == "smt":
-            from meft_triton.smt import create_smt_optimizer
+            from meft_triton import create_smt_optimizer
 
             params, desc, warm_losses, trainable = setup_smt(model, args, budget, next_batch, autocast)
             check_frozen()  # (its count would include the zero padding of partial edge blocks)

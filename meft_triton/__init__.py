@@ -11,15 +11,15 @@ error :class:`NonFiniteGradientError`, IST layer selection (:class:`ISTConfig`,
 """
 
 from . import reference
-from .adapter import MEFTAdapter, adapter_parameter_count
+from .addons.ist import ISTConfig, ISTScheduler
+from .addons.smt import SMTConfig, SMTWarmup, apply_smt, create_smt_optimizer
 from .config import MEFTConfig
-from .integration import (OffloadedAdamW, attach_meft, create_meft_optimizer, detach_meft,
-                          load_adapter, meft_adapters, meft_parameters, save_adapter)
-from .optim import SparseRowAdamW
-from .checkpoint import load_training_state, read_training_state, save_training_state
-from .nonfinite import MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning
-from .ist import ISTConfig, ISTScheduler
-from .smt import SMTConfig, SMTWarmup, apply_smt, create_smt_optimizer
+from .integration import attach_meft, detach_meft, meft_adapters, meft_parameters
+from .io import load_adapter, load_training_state, read_training_state, save_adapter, save_training_state
+from .layer import MEFTAdapter, adapter_parameter_count
+from .optimizers import (MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning, OffloadedAdamW,
+                         SparseRowAdamW)
+from .optimizers.factory import create_meft_optimizer
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ def __getattr__(name: str):
     # ISTCallback subclasses transformers.TrainerCallback: importing meft_triton does not import
     # transformers until it is asked for.
     if name == "ISTCallback":
-        from . import ist
+        from .addons import ist
 
         return ist.ISTCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

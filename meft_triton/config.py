@@ -6,34 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .validation import check_choice, check_float, check_int
+
 GATES = ("logit", "softmax")
 BACKENDS = ("auto", "triton", "torch")
 PLACEMENTS = ("gpu", "cpu")
 TRANSFERS = ("cpu_gather", "zero_copy")
 BACKWARD_ROWS = ("refetch", "keep")
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum``; otherwise raise an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def check_float(name: str, value: Any, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= {minimum}, got {type(value).__name__} {value!r}")
-    if not value >= minimum or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
-    return float(value)
 
 
 @dataclass(frozen=True)

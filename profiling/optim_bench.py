@@ -38,9 +38,9 @@ from typing import Callable
 
 import torch
 
-from meft_triton import _cpu_rowops
-from meft_triton.optim import SparseRowAdamW
-from meft_triton.row_store import CPURowStore
+from meft_triton.offload import cpu_rowops
+from meft_triton import SparseRowAdamW
+from meft_triton.offload import CPURowStore
 
 BUDGET_VS_DENSE = 10.0  # ours at least 10x faster than fused dense AdamW
 BUDGET_VS_SPARSE_ADAM = 10.0  # ours at least 10x faster than torch.optim.SparseAdam
@@ -98,7 +98,7 @@ def ours(p: Problem, gen: torch.Generator, backend: str = "auto") -> Contender:
     store.records.normal_(0.0, 0.02, generator=gen)
     opt = SparseRowAdamW(store, lr=1e-3, backend=backend)
     ids, gk, gv = _sparse_grads(p, gen)
-    label = _cpu_rowops.backend_name() if backend == "auto" else backend
+    label = cpu_rowops.backend_name() if backend == "auto" else backend
     return Contender(f"ours: SparseRowAdamW.step [{label}]", op=opt.step,
                      setup=lambda: opt.accumulate(ids, gk, gv))
 
@@ -195,7 +195,7 @@ def run(num_rows: int = 65536, hidden_size: int = 1024, touched: float = 0.05, r
                     "touched_fraction": p.touched_neurons / p.num_rows, "rows": p.rows,
                     "floor_bytes": p.floor_bytes},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                "processor": _cpu_name(), "threads": torch.get_num_threads(), "backend": _cpu_rowops.backend_name(),
+                "processor": _cpu_name(), "threads": torch.get_num_threads(), "backend": cpu_rowops.backend_name(),
                 "repeats": repeats},
         "memcpy_bandwidth_GBps": {"best": bw_best / 1e9, "median": bw_median / 1e9},
         "floor_ms": {"best": floor_best * 1e3, "median": floor_median * 1e3},

@@ -22,7 +22,7 @@ thresholds were set, and how they were chosen). The checks:
   memcpy bandwidth measured in the same rounds);
 * ``store_gather_vs_memcpy``: ``CPURowStore.gather`` of value rows (sorted ids) into a staging
   buffer vs a plain memcpy (``Tensor.copy_``) of the same bytes;
-* ``cpu_gather_vs_memcpy``: ``prefetch.cpu_gather`` (the prefetcher's CPU engine) likewise;
+* ``cpu_gather_vs_memcpy``: ``gather.cpu_gather`` (the prefetcher's CPU engine) likewise;
 * with CUDA also ``triton_router_vs_reference``, ``triton_forward_vs_reference``,
   ``triton_step_vs_reference`` (Triton kernels vs ``meft_triton.reference`` on the GPU, forward
   and forward+backward), ``h2d_gather_vs_pinned_memcpy`` and ``zero_copy_vs_pinned_memcpy``
@@ -41,7 +41,7 @@ stalled half, one thread keeps its own core. A check over its threshold is measu
 ``MEFT_PERF_SLOWDOWN`` (``1``/``all``, or a comma list of ``optim``, ``gather``) makes a
 deliberately slowed build: ``SparseRowAdamW.step`` makes needless extra passes over its touched
 rows (``meft_triton/optim.py``; the step takes about 4x as long) and, for ``gather``, this gate
-wraps the host row copy behind ``CPURowStore.gather`` and ``prefetch.cpu_gather`` so that it
+wraps the host row copy behind ``CPURowStore.gather`` and ``gather.cpu_gather`` so that it
 copies every row three times (about 2.5-3x). ``tests/perf/test_gate.py`` proves with it that
 the gate fails; results never change. (The thresholds are set so that 2x already fails, see
 ``profiling/baselines/perf_gate.json``; the switch is stronger so that its test never flakes.)
@@ -69,10 +69,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from meft_triton import prefetch
-from meft_triton import _cpu_rowops
-from meft_triton.optim import perf_slowdown
-from meft_triton.row_store import CPURowStore
+from meft_triton.offload import CudaCopyEngine, gather
+from meft_triton.offload import cpu_rowops
+from meft_triton.optimizers.sparse_adamw import perf_slowdown
+from meft_triton.offload import CPURowStore
 from . import optim_bench as ob
 from .environment import describe_machine, device_name
 
@@ -153,28 +153,23 @@ class Check:
 
 @contextmanager
 def slowed_gather() -> Iterator[bool]:
-    """With ``MEFT_PERF_SLOWDOWN`` naming ``gather``: every host row copy of
-    ``CPURowStore.gather`` / ``prefetch.cpu_gather`` is done three times (same result)."""
+    """With ``MEFT_PERF_SLOWDOWN`` naming ``gather``: every host row copy
+    (``gather.cpu_gather``, behind ``CPURowStore.gather`` too) is done three times (same result)."""
     if not perf_slowdown("gather"):
         yield False
         return
-    real_rows, real_chunk = _cpu_rowops.gather_rows, prefetch._gather_chunk
-
-    def gather_rows_thrice(*args, **kwargs):
-        real_rows(*args, **kwargs)
-        real_rows(*args, **kwargs)
-        return real_rows(*args, **kwargs)
+    real_chunk = gather._gather_chunk
 
     def gather_chunk_thrice(*args, **kwargs):
         real_chunk(*args, **kwargs)
         real_chunk(*args, **kwargs)
         return real_chunk(*args, **kwargs)
 
-    _cpu_rowops.gather_rows, prefetch._gather_chunk = gather_rows_thrice, gather_chunk_thrice
+    gather._gather_chunk = gather_chunk_thrice
     try:
         yield True
     finally:
-        _cpu_rowops.gather_rows, prefetch._gather_chunk = real_rows, real_chunk
+        gather._gather_chunk = real_chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ def measure_cpu(profile: Profile, seed: int = 0, only: set[str] | None = None) -
                 host_values = store.values()
                 staging = store.staging_buffer(u, "values")
                 contenders["cpu_gather"] = ob.Contender(
-                    "prefetch.cpu_gather", op=lambda: prefetch.cpu_gather(host_values, ids, staging))
+                    "gather.cpu_gather", op=lambda: gather.cpu_gather(host_values, ids, staging))
             contenders["memcpy"] = ob.memcpy(nbytes)
         gc.collect()
         ob.measure(list(contenders.values()), profile.rounds)
@@ -334,7 +329,7 @@ def _h2d_checks(profile: Profile, only) -> list[Check]:
                            ("zero_copy", "zero_copy_vs_pinned_memcpy")):
         if only is not None and name not in only:
             continue
-        engine = prefetch.CudaCopyEngine(strategy=strategy)
+        engine = CudaCopyEngine(strategy=strategy)
         slot = engine.new_slot(0, U, d, dt)
         engines[name] = engine
 
@@ -562,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     slowed = [p for p in ("optim", "gather") if perf_slowdown(p)]
     header = (f"perf gate: profile {profile.name}, {profile.rounds} interleaved rounds, {args.threads} CPU thread(s), "
-              f"row loop {_cpu_rowops.backend_name()}, device {device_name()} (torch {machine['torch']}, "
+              f"row loop {cpu_rowops.backend_name()}, device {device_name()} (torch {machine['torch']}, "
               f"cuda {machine['cuda']}, driver {machine['driver']})"
               + (f"\nSLOWED BUILD (MEFT_PERF_SLOWDOWN): {', '.join(slowed)}" if slowed else ""))
     t0 = time.perf_counter()

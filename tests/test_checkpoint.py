@@ -10,8 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from meft_triton import MEFTConfig  # noqa: E402
-from meft_triton.integration import (attach_meft, load_adapter, meft_adapters,  # noqa: E402
-                                     save_adapter)
+from meft_triton import attach_meft, load_adapter, meft_adapters, save_adapter
 
 VOCAB = 100
 CFG = MEFTConfig(num_neurons=64, num_experts=8, experts_per_token=2, topk=4, backend="torch",
@@ -63,10 +62,10 @@ import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 
-from meft_triton import checkpoint as ckpt  # noqa: E402
-from meft_triton.checkpoint import (load_training_state, read_training_state,  # noqa: E402
-                                    save_training_state)
-from meft_triton.integration import create_meft_optimizer, meft_state_tensors  # noqa: E402
+from meft_triton.io import training_state as ckpt  # noqa: E402
+from meft_triton import load_training_state, read_training_state, save_training_state
+from meft_triton import create_meft_optimizer
+from meft_triton.integration import meft_state_tensors  # noqa: E402
 
 
 def setup_run(placement: str, model_seed: int = 0, adapter_seed: int = 7):
@@ -259,7 +258,7 @@ def test_resume_and_nonfinite_on_cuda(tmp_path, placement):
     """On a GPU: resume gives the next step of an uninterrupted run (CUDA reductions may use
     atomics: compared at 1e-6, not bitwise), and a NaN gradient is refused without touching the
     adapters (placement "cpu": the CPU master behind a CUDA key cache)."""
-    from meft_triton.nonfinite import NonFiniteGradientError
+    from meft_triton import NonFiniteGradientError
 
     def build(adapter_seed):
         model = attach_meft(tiny_model(0).to("cuda"), CFG.replace(placement=placement, backend="auto"))

@@ -18,18 +18,10 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from meft_triton import MEFTAdapter, MEFTConfig  # noqa: E402
-from meft_triton import integration as integ  # noqa: E402
-from meft_triton.integration import (  # noqa: E402
-    MEFTMLP,
-    OffloadedAdamW,
-    attach_meft,
-    create_meft_optimizer,
-    detach_meft,
-    load_adapter,
-    meft_adapters,
-    meft_parameters,
-    save_adapter,
-)
+from meft_triton import integration as integ
+from meft_triton.io import adapter_files  # noqa: E402
+from meft_triton.integration import MEFTMLP
+from meft_triton import (OffloadedAdamW, attach_meft, create_meft_optimizer, detach_meft, load_adapter, meft_adapters, meft_parameters, save_adapter)
 
 from oracle import adapter_tensors, take_grad_rows  # noqa: E402
 
@@ -265,7 +257,7 @@ def test_detach_cpu_placement_releases_threads_and_reports_a_failed_update(monke
     optimizer workers; a failed background update still detaches, then raises naming the layer."""
     import threading
 
-    from meft_triton import _cpu_rowops
+    from meft_triton.offload import cpu_rowops
 
     threads = threading.active_count()
     ids = batch()
@@ -279,7 +271,7 @@ def test_detach_cpu_placement_releases_threads_and_reports_a_failed_update(monke
             def boom(*args, **kwargs):
                 raise RuntimeError("injected failure in the row update")
 
-            monkeypatch.setattr(_cpu_rowops, "adamw_rows", boom)
+            monkeypatch.setattr(cpu_rowops, "adamw_rows", boom)
         opt.step()
         if fail:
             with pytest.raises(RuntimeError, match="detached, but layer 0's last background work had failed"):
@@ -413,10 +405,10 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
         calls.append(dst)
         raise OSError("disk full at rename")
 
-    monkeypatch.setattr(integ.os, "replace", crash_on_replace)
+    monkeypatch.setattr(adapter_files.os, "replace", crash_on_replace)
     with pytest.raises(OSError):
         save_adapter(second, tmp_path)
-    monkeypatch.setattr(integ.os, "replace", real_replace)
+    monkeypatch.setattr(adapter_files.os, "replace", real_replace)
     assert len(calls) == 1
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "meft_config.json"]
     assert torch.equal(logits(load_adapter(tiny_model("llama"), tmp_path), ids), expected)
@@ -427,10 +419,10 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
             raise OSError("killed before the second rename")
         real_replace(src, dst)
 
-    monkeypatch.setattr(integ.os, "replace", crash_on_second)
+    monkeypatch.setattr(adapter_files.os, "replace", crash_on_second)
     with pytest.raises(OSError):
         save_adapter(second, tmp_path)
-    monkeypatch.setattr(integ.os, "replace", real_replace)
+    monkeypatch.setattr(adapter_files.os, "replace", real_replace)
     with pytest.warns(UserWarning, match="does not describe"):
         loaded = load_adapter(tiny_model("llama"), tmp_path)
     assert torch.equal(logits(loaded, ids), logits(second, ids))

@@ -20,14 +20,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from meft_triton import MEFTAdapter, MEFTConfig  # noqa: E402
-from meft_triton.integration import (  # noqa: E402
-    OffloadedAdamW,
-    attach_meft,
-    create_meft_optimizer,
-    meft_adapters,
-    meft_parameters,
-)
-from meft_triton.ist import ISTConfig, ISTScheduler, OutputScale, scaled_adapter_outputs  # noqa: E402
+from meft_triton import OffloadedAdamW, attach_meft, create_meft_optimizer, meft_adapters, meft_parameters
+from meft_triton import ISTConfig, ISTScheduler
+from meft_triton.addons.ist import OutputScale, scaled_adapter_outputs  # noqa: E402
 from oracle import adapter_tensors  # noqa: E402
 
 VOCAB = 100
@@ -417,7 +412,7 @@ def test_unselected_layers_bit_identical_cpu_placement_offloaded_adamw():
 
 def test_hf_trainer_callback(tmp_path):
     pytest.importorskip("accelerate")
-    from meft_triton.ist import ISTCallback
+    from meft_triton import ISTCallback
 
     model = attach_meft(tiny_model(4), CFG)
     ids = batch(rows=8)
@@ -531,7 +526,7 @@ def test_cpu_placement_ist_run_resumes_bitwise(tmp_path):
 @contextlib.contextmanager
 def timed_row_updates():
     """Record the duration of every SparseRowAdamW row update (it runs on worker threads)."""
-    from meft_triton.optim import SparseRowAdamW
+    from meft_triton import SparseRowAdamW
 
     real_apply, durations = SparseRowAdamW._apply, []
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from meft_triton import MEFTAdapter, MEFTConfig, reference
-from meft_triton.optim import SparseRowAdamW
-from meft_triton.row_store import CPURowStore
+from meft_triton import SparseRowAdamW
+from meft_triton.offload import CPURowStore
 from oracle import assert_placements_agree, rel_err, take_grad_rows
 
 BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
@@ -76,7 +76,7 @@ def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate, device):
     torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
     assert not torch.equal(values, torch.zeros_like(values))
-    torch.testing.assert_close(on_cpu.offload.key_cache.cpu(), keys)
+    torch.testing.assert_close(on_cpu.offload.key_cache.tensor.cpu(), keys)
 
 
 def test_transfer_accounting(seed):

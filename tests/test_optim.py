@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from meft_triton import _cpu_rowops
-from meft_triton.optim import SparseRowAdamW, clip_grad_norm_
-from meft_triton.row_store import CPURowStore
+from meft_triton.offload import cpu_rowops
+from meft_triton import SparseRowAdamW
+from meft_triton.optimizers import clip_grad_norm_
+from meft_triton.offload import CPURowStore
 
-HAS_C = _cpu_rowops.backend_name() == "c"
+HAS_C = cpu_rowops.backend_name() == "c"
 BACKENDS = [pytest.param("c", marks=pytest.mark.skipif(not HAS_C, reason="no C compiler")), "torch"]
 
 # The C loop rounds every operation exactly (IEEE sqrt and division); torch's vectorised sqrt
@@ -129,7 +130,7 @@ def test_compiled_loop_equals_torch_fallback(seed):
     out = {}
     for backend in ("c", "torch"):
         p, m, v = (t.clone() for t in base)
-        _cpu_rowops.adamw_rows(p, m, v, grad, ids, gidx, decay=0.999, one_minus_beta1=0.1,
+        cpu_rowops.adamw_rows(p, m, v, grad, ids, gidx, decay=0.999, one_minus_beta1=0.1,
                                one_minus_beta2=0.001, eps=1e-8, neg_step_size=-1e-2,
                                grad_scale=0.37, num_threads=3, backend=backend)
         out[backend] = (p, m, v)
@@ -348,20 +349,20 @@ def test_step_async_equals_step_and_overlaps_accumulate(seed):
 def test_worker_exception_surfaces_at_next_call(seed, monkeypatch, surface):
     store = random_store(20, 4)
     opt = SparseRowAdamW(store)
-    real = _cpu_rowops.adamw_rows
+    real = cpu_rowops.adamw_rows
     started = threading.Event()
 
     def boom(*args, **kwargs):
         started.set()
         raise RuntimeError("boom in the worker")
 
-    monkeypatch.setattr(_cpu_rowops, "adamw_rows", boom)
+    monkeypatch.setattr(cpu_rowops, "adamw_rows", boom)
     opt.accumulate(*random_grads(20, 4, 5))
     fut = opt.step_async()
     with pytest.raises(RuntimeError, match="boom"):
         fut.result()  # the future carries it ...
     assert started.is_set()
-    monkeypatch.setattr(_cpu_rowops, "adamw_rows", real)
+    monkeypatch.setattr(cpu_rowops, "adamw_rows", real)
     opt.accumulate(*random_grads(20, 4, 5))
     with pytest.raises(RuntimeError, match="boom"):  # ... and so does the next call
         getattr(opt, surface)()
@@ -431,13 +432,13 @@ def test_bad_accumulate_arguments_name_the_argument():
 
 
 def test_without_a_compiler_the_torch_path_is_used(seed, monkeypatch):
-    monkeypatch.setattr(_cpu_rowops, "_tried", False)
-    monkeypatch.setattr(_cpu_rowops, "_lib", None)
-    monkeypatch.setattr(_cpu_rowops, "_lib_error", None)
-    monkeypatch.setattr(_cpu_rowops, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_rowops, "_tried", False)
+    monkeypatch.setattr(cpu_rowops, "_lib", None)
+    monkeypatch.setattr(cpu_rowops, "_lib_error", None)
+    monkeypatch.setattr(cpu_rowops, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert _cpu_rowops.backend_name() == "torch"
-    assert "no C compiler" in _cpu_rowops.backend_error()
+        assert cpu_rowops.backend_name() == "torch"
+    assert "no C compiler" in cpu_rowops.backend_error()
     store = random_store(20, 4)
     opt = SparseRowAdamW(store)
     ids, gk, gv = random_grads(20, 4, 6)

@@ -17,25 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from meft_triton.prefetch import (
-    GATHER_STRATEGIES,
-    CopyCancelledError,
-    CopyEngine,
-    CopyFailedError,
-    CopyTimeoutError,
-    CudaCopyEngine,
-    EngineWorkerError,
-    FakeCopyEngine,
-    GradRows,
-    PrefetchError,
-    Prefetcher,
-    PrefetcherClosedError,
-    SlotAllocationError,
-    SlotsExhaustedError,
-    _DaemonPool,
-    cpu_gather,
-    zero_copy_gather,
-)
+from meft_triton.offload import (GATHER_STRATEGIES, CopyCancelledError, CopyEngine, CopyFailedError, CopyTimeoutError, CudaCopyEngine, EngineWorkerError, GradRows, PrefetchError, Prefetcher, PrefetcherClosedError, SlotAllocationError, SlotsExhaustedError, cpu_gather, zero_copy_gather)
+
+from fake_copy_engine import FakeCopyEngine
+
+from meft_triton.offload.gather import DaemonPool
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -366,7 +352,7 @@ def test_keep_resident_backward_makes_no_second_transfer():
 def test_keep_resident_serves_each_forward_its_own_rows():
     """Several forwards of a layer before their backwards: each backward asking with its forward
     ticket's ids gets that forward's kept rows; past RESIDENT_PER_LAYER the oldest is refetched."""
-    from meft_triton.prefetch import RESIDENT_PER_LAYER
+    from meft_triton.offload.prefetcher import RESIDENT_PER_LAYER
 
     host = host_layers(1, 40, 3)
     engine = FakeCopyEngine(seed=4)
@@ -457,7 +443,7 @@ def test_bad_constructor_arguments_are_named(kwargs, error, match):
 
 
 def test_cpu_gather_matches_index_select_with_threads_casts_and_strides():
-    pool = _DaemonPool(3, "test-gather")
+    pool = DaemonPool(3, "test-gather")
     try:
         records = torch.randn(3000, 2, 16)
         src = records[:, 1]  # row stride 32, width 16
@@ -641,7 +627,8 @@ def test_interpreter_exit_with_copies_in_flight_does_not_hang():
     script = textwrap.dedent(
         """
         import torch
-        from meft_triton.prefetch import FakeCopyEngine, Prefetcher
+        from fake_copy_engine import FakeCopyEngine
+        from meft_triton.offload import Prefetcher
         engine = FakeCopyEngine(workers=2)
         pf = Prefetcher(engine, [torch.zeros(10, 3)], max_rows=4)
         engine.pause()                      # copies stay in flight
@@ -651,7 +638,7 @@ def test_interpreter_exit_with_copies_in_flight_does_not_hang():
         print("exiting", flush=True)        # no close(): atexit and daemon threads must cope
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr

@@ -26,14 +26,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meft_triton import MEFTAdapter, MEFTConfig, _cpu_rowops
-from meft_triton.integration import OffloadedAdamW
-from meft_triton.nonfinite import (MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning,
-                                   NonFiniteRows)
+from meft_triton import MEFTAdapter, MEFTConfig
+from meft_triton.offload import cpu_rowops
+from meft_triton import OffloadedAdamW
+from meft_triton import MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning
+from meft_triton.optimizers import NonFiniteRows
 from meft_triton.offload import OffloadRuntime
-from meft_triton.optim import SparseRowAdamW, clip_grad_norm_
-from meft_triton.prefetch import CopyFailedError, FakeCopyEngine
-from meft_triton.row_store import CPURowStore
+from meft_triton import SparseRowAdamW
+from meft_triton.optimizers import clip_grad_norm_
+from meft_triton.offload import CopyFailedError
+from fake_copy_engine import FakeCopyEngine
+from meft_triton.offload import CPURowStore
 from oracle import assert_placements_agree, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +194,7 @@ def test_global_clip_with_a_nan_layer_skips_every_layer(seed):
 def test_gpu_placement_optimizer_refuses_non_finite_gradients(seed, mode):
     """create_meft_optimizer's placement-"gpu" optimizer (MEFTAdamW): same contract."""
     transformers = pytest.importorskip("transformers")
-    from meft_triton.integration import attach_meft, create_meft_optimizer, meft_parameters
+    from meft_triton import attach_meft, create_meft_optimizer, meft_parameters
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -259,7 +262,7 @@ def test_background_update_error_surfaces_once_at_the_next_forward(seed, monkeyp
     hidden = torch.randn(6, D)
     poisoned_backward(adapters, hidden, bad_token=None)
     before = state_of(adapters)
-    real = _cpu_rowops.adamw_rows
+    real = cpu_rowops.adamw_rows
 
     calls = threading.Semaphore(0)
 
@@ -267,11 +270,11 @@ def test_background_update_error_surfaces_once_at_the_next_forward(seed, monkeyp
         calls.release()
         raise RuntimeError("injected failure in the row update")
 
-    monkeypatch.setattr(_cpu_rowops, "adamw_rows", boom)
+    monkeypatch.setattr(cpu_rowops, "adamw_rows", boom)
     opt.step()  # the routers step; each layer's update starts on its worker and fails there
     opt.zero_grad()
     assert calls.acquire(timeout=30) and calls.acquire(timeout=30)  # both workers ran into it
-    monkeypatch.setattr(_cpu_rowops, "adamw_rows", real)
+    monkeypatch.setattr(cpu_rowops, "adamw_rows", real)
     with pytest.raises(RuntimeError, match="injected failure in the row update"):
         adapters[0](hidden)
     with pytest.raises(RuntimeError, match="injected failure in the row update"):
@@ -288,13 +291,13 @@ def test_background_update_error_surfaces_once_at_the_next_forward(seed, monkeyp
 
 
 def test_failed_copies_surface_where_their_rows_are_needed(seed):
-    """Through the adapter's own runtime engine (FakeCopyEngine on CPU): a failed host->device
-    copy raises CopyFailedError naming the layer at the forward, a failed refetch at the
-    backward, a failed gradient copy at the optimizer step; none writes anything, and the next
-    call works (the slot went back to the pool)."""
-    adapters, runtime = cpu_stack()
+    """Through a runtime on a fault-injecting engine: a failed host->device copy raises
+    CopyFailedError naming the layer at the forward, a failed refetch at the backward, a failed
+    gradient copy at the optimizer step; none writes anything, and the next call works (the slot
+    went back to the pool)."""
+    engine = FakeCopyEngine(max_delay=0.0, async_compute=False, workers=1)
+    adapters, runtime = cpu_stack(runtime=OffloadRuntime("cpu", torch.float32, D, engine=engine))
     opt = OffloadedAdamW(adapters, lr=1e-2)
-    engine = runtime.engine
     hidden = torch.randn(6, D)
     expected = [a(hidden) for a in adapters]
     before = state_of(adapters, opt)
@@ -378,15 +381,16 @@ def test_exit_with_copies_and_updates_in_flight_does_not_hang():
     script = textwrap.dedent(
         """
         import time, torch
-        from meft_triton import MEFTAdapter, MEFTConfig, _cpu_rowops
+        from meft_triton import MEFTAdapter, MEFTConfig
+        from meft_triton.offload import cpu_rowops
         from meft_triton.offload import OffloadRuntime
-        from meft_triton.prefetch import FakeCopyEngine
+        from fake_copy_engine import FakeCopyEngine
 
-        real = _cpu_rowops.adamw_rows
+        real = cpu_rowops.adamw_rows
         def slow(*a, **k):
             time.sleep(0.5)
             return real(*a, **k)
-        _cpu_rowops.adamw_rows = slow
+        cpu_rowops.adamw_rows = slow
         cfg = MEFTConfig(num_neurons=48, num_experts=6, experts_per_token=2, topk=5,
                          backend="torch", placement="cpu")
         engine = FakeCopyEngine(workers=2, async_compute=False)
@@ -400,7 +404,7 @@ def test_exit_with_copies_and_updates_in_flight_does_not_hang():
         print("exiting", flush=True)           # no close(): atexit, daemon threads must cope
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == 0, done.stderr
@@ -461,8 +465,8 @@ def test_save_load_forward_identical_both_placements_property(tiny_llama, tmp_pa
     """Random configs, layer subsets and placements, adapters drawn from a random seed and
     trained one step: save -> load into a fresh model (whose own init differs) -> forward is
     bitwise identical, and so are the master rows."""
-    from meft_triton.integration import (attach_meft, create_meft_optimizer, load_adapter,
-                                         meft_state_tensors, save_adapter)
+    from meft_triton import attach_meft, create_meft_optimizer, load_adapter, save_adapter
+    from meft_triton.integration import meft_state_tensors
 
     ids = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(0))
 

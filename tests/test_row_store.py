@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from meft_triton import _cpu_rowops
-from meft_triton.row_store import CPURowStore
+from meft_triton.offload import cpu_rowops
+from meft_triton.offload import CPURowStore
 
-HAS_C = _cpu_rowops.backend_name() == "c"
+HAS_C = cpu_rowops.backend_name() == "c"
 
 
 def random_dense(n: int, d: int):
@@ -95,8 +95,8 @@ def test_compiled_gather_equals_torch_gather(seed):
     for src in (store.values(), store.keys(), store.records.view(n, 2 * d)):
         a = torch.empty(300, src.shape[1])
         b = torch.empty(300, src.shape[1])
-        _cpu_rowops.gather_rows(src, ids, a, num_threads=3, backend="c")
-        _cpu_rowops.gather_rows(src, ids, b, backend="torch")
+        cpu_rowops.gather_rows(src, ids, a, num_threads=3, backend="c")
+        cpu_rowops.gather_rows(src, ids, b, backend="torch")
         assert torch.equal(a, b) and torch.equal(a, src[ids])
 
 
@@ -178,8 +178,8 @@ def test_bad_arguments_name_the_argument():
 
 def test_huge_page_advice_is_harmless():
     small = torch.zeros(10)
-    assert _cpu_rowops.advise_huge_pages(small) is False  # below 4 MiB: nothing to advise
-    big = _cpu_rowops.empty_rows((3, 1 << 20))
+    assert cpu_rowops.advise_huge_pages(small) is False  # below 4 MiB: nothing to advise
+    big = cpu_rowops.empty_rows((3, 1 << 20))
     assert big.shape == (3, 1 << 20) and big.dtype == torch.float32
     big.fill_(1.0)
     assert float(big.sum()) == 3 * (1 << 20)

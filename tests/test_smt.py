@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from meft_triton.smt import (SMTConfig, SMTLinear, SMTWarmup, apply_smt, block_sums,
-                             create_smt_optimizer, find_smt_candidates, remove_smt, select_blocks,
-                             smt_num_trainable, smt_parameters)
+from meft_triton import SMTConfig, SMTWarmup, apply_smt, create_smt_optimizer
+
+from meft_triton.addons.smt import (SMTLinear, block_sums, find_smt_candidates, remove_smt, select_blocks, smt_num_trainable, smt_parameters)
 from oracle import rel_err
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meft_triton.kernels.smt_block_grad import smt_block_grad
-from meft_triton.smt import SMTLinear, block_grad_reference
+from meft_triton.addons.smt import SMTLinear, block_grad_reference
 from oracle import rel_err
 
 

@@ -14,9 +14,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from meft_triton import MEFTConfig  # noqa: E402
-from meft_triton.checkpoint import load_training_state, save_training_state  # noqa: E402
-from meft_triton.integration import (attach_meft, create_meft_optimizer, meft_adapters,  # noqa: E402
-                                     meft_state_tensors)
+from meft_triton import load_training_state, save_training_state  # noqa: E402
+from meft_triton import attach_meft, create_meft_optimizer, meft_adapters
+from meft_triton.integration import meft_state_tensors
 
 STEPS, EVERY, CRASH_AFTER = 300, 50, 170  # the resume starts from the checkpoint of step 150
 VOCAB = 64

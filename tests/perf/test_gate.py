@@ -15,8 +15,10 @@ import sys
 import pytest
 import torch
 
-from meft_triton.optim import SparseRowAdamW, perf_slowdown
-from meft_triton.row_store import CPURowStore
+from meft_triton import SparseRowAdamW
+
+from meft_triton.optimizers.sparse_adamw import perf_slowdown
+from meft_triton.offload import CPURowStore
 from profiling import perf_gate
 
 OPTIM = {"optim_vs_dense_adamw", "optim_vs_byte_floor"}
@@ -90,9 +92,8 @@ def test_slowed_build_computes_the_same(monkeypatch):
         with perf_gate.slowed_gather() as slowed:
             assert slowed == (flag == "1")
             rows = store.gather(ids).rows
-            staged = perf_gate.prefetch.cpu_gather(store.values(), ids, torch.empty(5, 16))
+            staged = perf_gate.gather.cpu_gather(store.values(), ids, torch.empty(5, 16))
         results.append((store.records.clone(), store.exp_avg.clone(), store.exp_avg_sq.clone(), rows, staged))
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    assert perf_gate._cpu_rowops.gather_rows.__name__ == "gather_rows"  # the patches were undone
-    assert perf_gate.prefetch._gather_chunk.__name__ == "_gather_chunk"
+    assert perf_gate.gather._gather_chunk.__name__ == "_gather_chunk"  # the patch was undone

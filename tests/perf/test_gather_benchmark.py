@@ -3,7 +3,7 @@
     pytest tests/perf/test_gather_benchmark.py --benchmark-enable
 
 CPU: ``CPURowStore.gather`` (compiled row loop; value rows, whole records, and gather + round to
-bf16) and ``prefetch.cpu_gather`` (the prefetcher's CPU engine), vs ``Tensor.copy_`` of the
+bf16) and ``gather.cpu_gather`` (the prefetcher's CPU engine), vs ``Tensor.copy_`` of the
 same payload. CUDA (``gpu``): active value rows to the device through the prefetcher's two
 engines (CPU gather into pinned staging + async copy; zero-copy gather kernel) vs a pinned
 host->device memcpy of the same bytes. The ratio of each pair is gated by
@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meft_triton import prefetch
-from meft_triton.row_store import CPURowStore
+from meft_triton.offload import CudaCopyEngine, gather
+from meft_triton.offload import CPURowStore
 
 # CPU: CI-sized (a 16 MiB store, 2048 rows of 1 KiB gathered)
 N, D, ROWS = 8192, 256, 2048
@@ -63,7 +63,7 @@ def test_prefetch_cpu_gather(benchmark, store):
     ids = _ids(N, ROWS)
     out = torch.empty(ROWS, D)
     host_values = store.values()
-    _bench(benchmark, lambda: prefetch.cpu_gather(host_values, ids, out), "prefetch.cpu_gather", out.numel() * 4)
+    _bench(benchmark, lambda: gather.cpu_gather(host_values, ids, out), "gather.cpu_gather", out.numel() * 4)
     torch.testing.assert_close(out, host_values[ids], rtol=0, atol=0)
 
 
@@ -103,7 +103,7 @@ def _bench_gpu(benchmark, fn, what: str):
 @pytest.mark.parametrize("strategy", ["cpu_gather", "zero_copy"])
 def test_h2d_active_rows(benchmark, pinned_rows, strategy):
     ids = _ids(GPU_N, GPU_ROWS)
-    engine = prefetch.CudaCopyEngine(strategy=strategy)
+    engine = CudaCopyEngine(strategy=strategy)
     try:
         slot = engine.new_slot(0, GPU_ROWS, GPU_D, torch.bfloat16)
         _bench_gpu(benchmark, lambda: engine.consume(engine.copy_in(slot, pinned_rows, ids)),

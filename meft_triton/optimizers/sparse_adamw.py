@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
@@ -37,9 +36,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from . import _cpu_rowops
+from ..offload import cpu_rowops
+from ..offload.row_store import CPURowStore, check_row_ids
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, nonfinite_rows
-from .row_store import CPURowStore, check_row_ids
 
 _FORMAT = "meft_triton.SparseRowAdamW/1"
 
@@ -129,7 +128,7 @@ class _RowGradAccumulator:
         if need <= cap:
             return
         new_cap = min(self.num_rows, max(need, 2 * cap))
-        buf = _cpu_rowops.empty_rows((new_cap, 2, self.hidden_size))
+        buf = cpu_rowops.empty_rows((new_cap, 2, self.hidden_size))
         ids = torch.empty(new_cap, dtype=torch.int64)
         if self.count:
             buf[: self.count].copy_(self.buf[: self.count])
@@ -224,11 +223,11 @@ class SparseRowAdamW:
     backend: ``"auto"`` (compiled loop when available), ``"c"`` or ``"torch"``.
     nonfinite: what a step does when a gradient row holds NaN/Inf (checked as
         :meth:`accumulate` receives the rows, and a non-finite clip scale): ``"raise"``
-        (default) raises :class:`meft_triton.nonfinite.NonFiniteGradientError` from
+        (default) raises :class:`meft_triton.optimizers.nonfinite.NonFiniteGradientError` from
         :meth:`step` / :meth:`step_async`, ``"skip"`` warns; either way the step is not applied
         (master rows, moments and step count untouched: it never writes NaN) and the
         accumulated gradients are dropped. ``nonfinite_steps`` counts such steps,
-        ``last_nonfinite`` holds the last report (:class:`~meft_triton.nonfinite.NonFiniteRows`).
+        ``last_nonfinite`` holds the last report (:class:`~meft_triton.optimizers.nonfinite.NonFiniteRows`).
     name: how reports name this optimizer's layer (e.g. the decoder-layer index).
 
     Typical loop::
@@ -269,8 +268,8 @@ class SparseRowAdamW:
         self.num_threads = num_threads
         if backend not in ("auto", "c", "torch"):
             raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
-        if backend == "c" and _cpu_rowops.backend_name() != "c":
-            raise RuntimeError(f"backend='c' but the compiled row loop is unavailable: {_cpu_rowops.backend_error()}")
+        if backend == "c" and cpu_rowops.backend_name() != "c":
+            raise RuntimeError(f"backend='c' but the compiled row loop is unavailable: {cpu_rowops.backend_error()}")
         self.backend = backend
         self.nonfinite = check_nonfinite_mode(nonfinite)
         self.name = name
@@ -281,7 +280,6 @@ class SparseRowAdamW:
         self._spare: _RowGradAccumulator | None = None
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ hyperparameters
@@ -414,7 +412,7 @@ class SparseRowAdamW:
             if n:
                 s = self.store
                 w = s.row_width
-                _cpu_rowops.adamw_rows(
+                cpu_rowops.adamw_rows(
                     s.records.view(s.num_rows, w), s.exp_avg.view(s.num_rows, w),
                     s.exp_avg_sq.view(s.num_rows, w), acc.buf.view(acc.buf.shape[0], w),
                     sorted_ids, order,

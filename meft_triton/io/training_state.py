@@ -24,7 +24,7 @@ leaves them untouched.
 
 What "exact resume" needs and this saves: the adapters (placement "cpu": the CPU fp32 master
 rows), the optimizer state, the LR scheduler state (pass ``scheduler``), the IST layer
-scheduler's state (pass ``ist``, a :class:`~meft_triton.ist.ISTScheduler`), the step count, and
+scheduler's state (pass ``ist``, a :class:`~meft_triton.addons.ist.ISTScheduler`), the step count, and
 torch's / Python's / NumPy's RNG states (``rng=True``) for data order and dropout. Not saved:
 gradients accumulated for a step that has not run (save between steps), the frozen backbone
 (reload it from its source), the optimizer's constructor arguments (create it the same way).
@@ -46,7 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import integration as _integ
+from ..integration.attach import attached_state, meft_adapters
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_and_copy, read_adapter, save_adapter, saved_config
+from .atomic import file_sha256, fsync_dir, write_atomic
 
 MANIFEST_NAME = "training_state.json"
 FORMAT_NAME = "meft-triton-training-state"
@@ -71,7 +73,7 @@ class TrainingState:
 
 
 def _check_ist(ist: Any) -> None:
-    from .ist import ISTScheduler
+    from ..addons.ist import ISTScheduler
 
     if ist is not None and not isinstance(ist, ISTScheduler):
         raise TypeError(f"ist must be an ISTScheduler (or None), got {type(ist).__name__}")
@@ -86,23 +88,6 @@ def _check_step(step: Any) -> int:
 def _json_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _write_file(path: Path, write) -> None:
-    """``write(file)`` into ``path`` through a temp file, fsynced, renamed (never a partial
-    ``path``)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _torch_bytes(obj: Any, what: str) -> bytes:
@@ -171,18 +156,18 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     """Save the model's adapters, ``optimizer.state_dict()``, ``step`` and ``extra`` to the
     directory ``path`` (created if missing), atomically (module docstring); returns it.
 
-    ``optimizer``: what :func:`~meft_triton.integration.create_meft_optimizer` returned
+    ``optimizer``: what :func:`~meft_triton.optimizers.factory.create_meft_optimizer` returned
     (``MEFTAdamW`` / ``OffloadedAdamW``), any ``torch.optim.Optimizer``, or None. ``scheduler``:
     an LR scheduler (its ``state_dict``) or None. ``ist``: an
-    :class:`~meft_triton.ist.ISTScheduler` or None. ``extra``: plain Python values and tensors
+    :class:`~meft_triton.addons.ist.ISTScheduler` or None. ``extra``: plain Python values and tensors
     (e.g. the data loader's position), returned by :func:`read_training_state`. ``rng``: also
     save torch's (CPU and initialized CUDA), Python's and NumPy's RNG states. Call it between
     steps: in-flight CPU optimizer updates are waited for; gradients not yet stepped are not
     saved. Saving into an existing checkpoint replaces it only at the final rename.
     """
     step = _check_step(step)
-    state = _integ._state(model) if isinstance(model, nn.Module) else None
-    if state is None or not _integ.meft_adapters(model):
+    state = attached_state(model) if isinstance(model, nn.Module) else None
+    if state is None or not meft_adapters(model):
         raise ValueError(f"save_training_state: {type(model).__name__} has no MEFT adapters attached")
     if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
         raise TypeError(f"optimizer must have a state_dict() (or be None), got {type(optimizer).__name__}")
@@ -209,18 +194,18 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
         written.append(directory / optimizer_file)
     committed = False
     try:
-        _integ.save_adapter(model, directory / adapter_dir)
+        save_adapter(model, directory / adapter_dir)
         if optimizer is not None:
             # streamed (the CPU moments can be many GiB): torch.save reads the row store's own
             # arrays, which no update touches while this runs (state_dict() waited for them)
             opt_state = optimizer.state_dict()
-            _write_file(directory / optimizer_file, lambda f: torch.save(opt_state, f))
+            write_atomic(directory / optimizer_file, lambda f: torch.save(opt_state, f))
             del opt_state
-        _write_file(directory / trainer_file, lambda f: f.write(trainer_bytes))
-        files = [f"{adapter_dir}/{_integ.WEIGHTS_NAME}", f"{adapter_dir}/{_integ.CONFIG_NAME}", trainer_file]
+        write_atomic(directory / trainer_file, lambda f: f.write(trainer_bytes))
+        files = [f"{adapter_dir}/{WEIGHTS_NAME}", f"{adapter_dir}/{CONFIG_NAME}", trainer_file]
         if optimizer_file is not None:
             files.append(optimizer_file)
-        adapters = _integ.meft_adapters(model)
+        adapters = meft_adapters(model)
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -232,13 +217,13 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
             "placement": state.config.placement,
             "layers": list(adapters),
             "files": {name: {"bytes": (directory / name).stat().st_size,
-                             "sha256": _integ._file_sha256(directory / name)} for name in sorted(files)},
+                             "sha256": file_sha256(directory / name)} for name in sorted(files)},
         }
         manifest["manifest_sha256"] = _json_digest(manifest)
         text = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        _write_file(directory / MANIFEST_NAME, lambda f: f.write(text))  # the commit point
+        write_atomic(directory / MANIFEST_NAME, lambda f: f.write(text))  # the commit point
         committed = True
-        _integ._fsync_dir(directory)
+        fsync_dir(directory)
     finally:
         if not committed:
             for item in written:
@@ -282,7 +267,7 @@ def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
         if size != expect["bytes"]:
             raise ValueError(f"load_training_state: {file} is truncated or corrupt: {size} bytes, "
                              f"the manifest says {expect['bytes']}")
-        if _integ._file_sha256(file) != expect["sha256"]:
+        if file_sha256(file) != expect["sha256"]:
             raise ValueError(f"load_training_state: {file} is corrupt: its sha256 does not match the manifest")
 
 
@@ -356,14 +341,14 @@ def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     truncated or corrupt file, or a state that does not fit, it raises (``FileNotFoundError`` /
     ``ValueError``) and writes nothing. The next step then equals the step an uninterrupted run
     would have taken."""
-    if not isinstance(model, nn.Module) or _integ._state(model) is None:
+    if not isinstance(model, nn.Module) or attached_state(model) is None:
         raise ValueError(f"load_training_state: {type(model).__name__} has no MEFT adapters attached; "
                          "attach_meft with the checkpoint's config and create the optimizer first")
     _check_ist(ist)
     ckpt = read_training_state(path)
     manifest, directory = ckpt.manifest, ckpt.path
-    info, tensors = _integ.read_adapter(directory / manifest["adapter_dir"])
-    config, layers = _integ.saved_config(info, "load_training_state", directory)
+    info, tensors = read_adapter(directory / manifest["adapter_dir"])
+    config, layers = saved_config(info, "load_training_state", directory)
     saved_opt = None
     if optimizer is not None:
         if manifest.get("optimizer_file") is None:
@@ -380,7 +365,7 @@ def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
         except ValueError as exc:
             raise ValueError(f"load_training_state: {directory}: {exc}") from exc
     # checks every name, shape, dtype and the config before the first copy
-    _integ._check_and_copy(model, config, layers, tensors)
+    check_and_copy(model, config, layers, tensors)
     if optimizer is not None:
         optimizer.load_state_dict(saved_opt)
     if scheduler is not None:

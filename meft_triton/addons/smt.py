@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import check_choice, check_float, check_int
+from ..validation import check_choice, check_float, check_int
 
 SCORES = ("abs_mean", "mean_abs", "l1", "l2")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")

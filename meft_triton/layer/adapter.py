@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from .config import MEFTConfig, check_int
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+from .. import reference
+from ..config import MEFTConfig
+from ..validation import check_int
+from .backend import resolve_backend
 
 def check_hidden(hidden: Tensor, hidden_size: int, device: torch.device) -> None:
     """Reject inputs the adapter cannot compute on, naming the argument and what is allowed."""
@@ -53,7 +52,8 @@ class MEFTAdapter(nn.Module):
             self.values = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
             self.reset_parameters()
             return
-        from .offload import OffloadedRows, OffloadRuntime
+        from ..offload.rows import OffloadedRows
+        from ..offload.runtime import OffloadRuntime
 
         keys, values = self._initial_rows(torch.device("cpu"), torch.float32)
         with torch.no_grad():
@@ -92,10 +92,7 @@ class MEFTAdapter(nn.Module):
 
     def backend_for(self, hidden: Tensor) -> str:
         """The backend a call with ``hidden`` uses: "triton" or "torch"."""
-        backend = self.config.backend
-        if backend == "auto":
-            return "triton" if hidden.is_cuda and hidden.dtype in KERNEL_DTYPES else "torch"
-        return backend
+        return resolve_backend(self.config.backend, hidden)
 
     def forward(self, hidden: Tensor) -> Tensor:
         if self.offload is not None:
@@ -111,7 +108,7 @@ class MEFTAdapter(nn.Module):
             y = reference.meft_forward(flat, router_weight, keys, values,
                                        cfg.experts_per_token, cfg.topk, cfg.gate)
         else:
-            from .ops import sparse_adapter
+            from .autograd import sparse_adapter
 
             y = sparse_adapter(flat, router_weight, keys, values,
                                cfg.experts_per_token, cfg.topk, cfg.gate)
@@ -136,15 +133,20 @@ class MEFTAdapter(nn.Module):
         self.offload.abandon(routed)
 
     def configure_optimizer(self, **hyper):
-        """Placement "cpu": the row-sparse AdamW (meft_triton.optim.SparseRowAdamW keywords)
+        """Placement "cpu": the row-sparse AdamW (meft_triton.optimizers.SparseRowAdamW keywords)
         that trains this layer's keys and values; the router is trained by your optimizer."""
+        from ..optimizers.sparse_adamw import SparseRowAdamW
+
         self._require_cpu_placement("configure_optimizer")
-        return self.offload.configure_optimizer(**hyper)
+        optimizer = SparseRowAdamW(self.offload.store, **hyper)
+        self.offload.use_optimizer(optimizer)
+        return optimizer
 
     def sparse_step(self):
         """Placement "cpu": hand this step's gradient rows to the row-sparse AdamW and start its
         update on a worker thread (the next forward waits for it). Returns its Future."""
         self._require_cpu_placement("sparse_step")
+        self.offload.collect_grads()
         return self.offload.step()
 
     def master_rows(self) -> tuple[Tensor, Tensor]:

@@ -10,10 +10,10 @@ every later step. Every optimizer the package builds takes ``nonfinite``:
                        the offending gradients dropped), a :class:`NonFiniteGradientWarning`
                        names the rows, and training goes on with the next batch.
 
-What "the step" is: for :class:`meft_triton.integration.OffloadedAdamW` and :class:`MEFTAdamW`
+What "the step" is: for :class:`meft_triton.optimizers.OffloadedAdamW` and :class:`MEFTAdamW`
 the whole optimizer step over every layer (like ``torch.amp.GradScaler`` skipping a step on
 inf), so all layers keep one step count; for a standalone
-:class:`meft_triton.optim.SparseRowAdamW` its one layer. Either records the event in
+:class:`meft_triton.optimizers.SparseRowAdamW` its one layer. Either records the event in
 ``nonfinite_steps`` (a count) and ``last_nonfinite`` (the report).
 """
 
@@ -113,56 +113,7 @@ def dense_report(named_grads: Iterable[tuple[Any, str, Tensor | None]]) -> list[
     return report
 
 
-class MEFTAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` that refuses non-finite gradients (placement "gpu").
-
-    What :func:`meft_triton.integration.create_meft_optimizer` returns for placement "gpu".
-    Before each step it checks every gradient (one host synchronization per step); if any holds
-    NaN/Inf the whole step is skipped (``nonfinite="skip"``: warning, parameters, moments and
-    step counts untouched) or :class:`NonFiniteGradientError` is raised (``"raise"``), naming the
-    layer, the part and the rows. ``param_names`` maps each parameter to a name
-    ``"layers.{i}.{router.weight|keys|values}"`` (the names of ``save_adapter``) for the report.
-    """
-
-    def __init__(self, params, *, param_names: dict[int, str] | None = None, nonfinite: str = "raise",
-                 **adamw_kwargs: Any) -> None:
-        super().__init__(params, **adamw_kwargs)
-        self.nonfinite = check_nonfinite_mode(nonfinite)
-        self.param_names = dict(param_names or {})
-        self.nonfinite_steps = 0
-        self.last_nonfinite: tuple[NonFiniteRows, ...] | None = None
-
-    def _where(self, p: Tensor) -> tuple[Any, str]:
-        name = self.param_names.get(id(p))
-        if name is None:
-            return None, "parameter"
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[0] == "layers" and parts[1].isdigit():
-            return int(parts[1]), "router" if parts[2] == "router" else parts[2]
-        return None, name
-
-    def nonfinite_report(self) -> list[NonFiniteRows]:
-        """The non-finite rows of the current gradients (empty when all are finite)."""
-        return dense_report((*self._where(p), p.grad) for group in self.param_groups for p in group["params"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        report = self.nonfinite_report()
-        if report:
-            self.nonfinite_steps += 1
-            self.last_nonfinite = tuple(report)
-            act_on(report, self.nonfinite, "the optimizer step")
-            return loss
-        super().step()
-        return loss
-
-
 __all__ = [
-    "MEFTAdamW",
     "NONFINITE_MODES",
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",

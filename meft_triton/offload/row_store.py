@@ -3,7 +3,7 @@
 Placement "cpu" (DESIGN.md section 3) keeps every neuron's key row and value row in host
 memory, stored together: neuron ``i`` is one contiguous record ``records[i] = [key_i,
 value_i]`` of ``2 * hidden_size`` fp32 numbers, so fetching or updating a neuron is one
-sequential read. The AdamW moments of :class:`meft_triton.optim.SparseRowAdamW` live beside
+sequential read. The AdamW moments of :class:`meft_triton.optimizers.SparseRowAdamW` live beside
 it in the same ``[N, 2, d]`` layout (``exp_avg``, ``exp_avg_sq``), so the row-sparse update
 touches one record in each of four arrays per neuron.
 
@@ -23,19 +23,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _cpu_rowops
+from ..validation import check_int
+from . import cpu_rowops
+from .gather import cpu_gather
 
 PARTS = ("values", "keys", "both")
 GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PART_INDEX = {"keys": 0, "values": 1}
-
-
-def _check_size(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value}")
-    return value
 
 
 def check_row_ids(row_ids: Any, num_rows: int, name: str = "row_ids") -> Tensor:
@@ -76,8 +70,8 @@ def _alloc(shape: tuple[int, ...], pinned: bool, dtype: torch.dtype = torch.floa
                 return torch.empty(shape, dtype=dtype, pin_memory=True), None
             except RuntimeError as exc:  # out of page-locked memory, driver trouble, ...
                 err = f"pinned allocation failed: {exc}"
-        return _cpu_rowops.empty_rows(shape, dtype), err
-    return _cpu_rowops.empty_rows(shape, dtype), None
+        return cpu_rowops.empty_rows(shape, dtype), err
+    return cpu_rowops.empty_rows(shape, dtype), None
 
 
 class Gathered(NamedTuple):
@@ -103,10 +97,10 @@ class CPURowStore:
 
     def __init__(self, num_rows: int, hidden_size: int, pin_memory: bool | str = "auto",
                  *, num_threads: int | None = None) -> None:
-        self.num_rows = _check_size("num_rows", num_rows)
-        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.num_rows = check_int("num_rows", num_rows)
+        self.hidden_size = check_int("hidden_size", hidden_size)
         if num_threads is not None:
-            _check_size("num_threads", num_threads)
+            check_int("num_threads", num_threads)
         self.num_threads = num_threads
         want = _want_pinned(pin_memory)
         if pin_memory == "auto" and not want:
@@ -183,7 +177,7 @@ class CPURowStore:
         """An empty buffer for :meth:`gather` of up to ``max_rows`` rows, pinned when the store
         is: ``[max_rows, d]`` for ``"keys"``/``"values"``, ``[max_rows, 2, d]`` for ``"both"``.
         ``dtype``: float32 (exact copies) or bfloat16/float16 (rounded while gathering)."""
-        _check_size("max_rows", max_rows)
+        check_int("max_rows", max_rows)
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         if dtype not in GATHER_DTYPES:
@@ -202,7 +196,7 @@ class CPURowStore:
         ``out`` may have more rows than needed; the result is then its first ``U`` rows. A
         bfloat16/float16 ``out`` receives the rows rounded to that dtype.
         Returns ``Gathered(rows, row_ids)`` with the ids in the order of ``rows``.
-        Uses a multi-threaded compiled copy loop (torch ``index_select`` where none is built).
+        Copies through :func:`~meft_triton.offload.gather.cpu_gather`.
         """
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
@@ -235,10 +229,7 @@ class CPURowStore:
         else:
             src = self.records[:, _PART_INDEX[part]]
             dst = out
-        if dst.dtype == torch.float32:
-            _cpu_rowops.gather_rows(src, ids, dst, num_threads=self.num_threads)
-        else:  # gather and round to the compute dtype in one pass (fewer bytes to the GPU)
-            dst.copy_(src.index_select(0, ids))
+        cpu_gather(src, ids, dst, num_threads=self.num_threads)
         return Gathered(out, ids)
 
     # ------------------------------------------------------------------ checkpoints

@@ -24,7 +24,7 @@ A layer that is not selected gets ``requires_grad_(False)`` and its gradients ar
 ``None``: ``torch.optim.AdamW`` then skips its parameters (moments and step count unchanged).
 Its backward computes only ``dh`` (the key/value/router gradient reductions are skipped, on the
 Triton kernels and the reference alike); under placement "cpu" it moves no gradient rows to the
-host, and :class:`~meft_triton.integration.OffloadedAdamW` runs no optimizer work for it (nor
+host, and :class:`~meft_triton.optimizers.OffloadedAdamW` runs no optimizer work for it (nor
 advances its step count). Layers below the lowest selected layer build no autograd graph at
 all (nothing upstream of them needs a gradient).
 
@@ -62,9 +62,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapter import MEFTAdapter
-from .checkpoint import _write_file
-from .config import check_choice, check_float, check_int
+from ..io.atomic import write_atomic
+from ..layer.adapter import MEFTAdapter
+from ..validation import check_choice, check_float, check_int
 
 MODES = ("importance", "uniform")
 
@@ -194,7 +194,7 @@ def _resolve_adapters(target: Any) -> tuple[list[MEFTAdapter], list[int], nn.Mod
     if isinstance(target, MEFTAdapter):
         return [target], [0], None
     if isinstance(target, nn.Module):
-        from .integration import meft_adapters
+        from ..integration.attach import meft_adapters
 
         found = meft_adapters(target)
         if not found:
@@ -370,10 +370,6 @@ class ISTScheduler:
             adapter.requires_grad_(True)
         self.selected = list(range(self.num_layers))
 
-    def selected_layer_ids(self) -> list[int]:
-        """This step's selection as decoder-layer indices."""
-        return [self.layer_ids[i] for i in self.selected]
-
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"scores": self.scores.clone(), "generator": self.generator.get_state(),
@@ -427,7 +423,7 @@ STATE_FILE = "ist_scheduler.pt"
 
 def save_scheduler_state(scheduler: ISTScheduler, path: str | os.PathLike) -> None:
     """Write ``scheduler.state_dict()`` to ``path`` atomically (temp file, fsync, rename)."""
-    _write_file(Path(path), lambda f: torch.save(scheduler.state_dict(), f))
+    write_atomic(Path(path), lambda f: torch.save(scheduler.state_dict(), f))
 
 
 def _make_callback_class():

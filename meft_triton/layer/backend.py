@@ -1,0 +1,104 @@
+"""One backend dispatch for both placements: which implementation computes a call, and the
+stages (route, select, values, backward) the placement-"cpu" layer runs on it.
+
+``"triton"``: the fused kernels (CUDA tensors in fp16/bf16/fp32, or CPU tensors under Triton's
+interpreter). ``"torch"``: :mod:`meft_triton.reference`. ``"auto"`` picks the kernels for CUDA
+tensors of a kernel dtype and the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_backend(requested: str, hidden: Tensor) -> str:
+    """The backend a call with ``hidden`` runs on, "triton" or "torch", for the configured
+    ``requested`` ("auto", "triton" or "torch")."""
+    if requested == "auto":
+        return "triton" if hidden.is_cuda and hidden.dtype in KERNEL_DTYPES else "torch"
+    return requested
+
+
+class TritonStages:
+    """The offloaded layer's device work on the Triton kernels."""
+
+    @staticmethod
+    def route(hidden, router_weight, experts_per_token, gate):
+        from meft_triton.kernels import router_topk
+
+        gate_logits, expert_ids = router_topk(hidden, router_weight, experts_per_token)
+        return expert_ids, (gate_logits.softmax(-1) if gate == "softmax" else gate_logits)
+
+    @staticmethod
+    def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
+        from meft_triton.kernels import sparse_kv_select
+
+        return sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts, topk, check_ids=False)
+
+    @staticmethod
+    def values(activations, local_ids, rows):
+        from meft_triton.kernels import sparse_kv_values
+
+        return sparse_kv_values(activations, local_ids, rows, check_ids=False)
+
+    @staticmethod
+    def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
+                 activations, local_ids, gate, param_grads=True):
+        from meft_triton.kernels import sparse_kv_backward
+
+        grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights,
+                                   neuron_ids, activations, gate, dense=False, check_ids=False,
+                                   value_ids=local_ids, param_grads=param_grads)
+        return grads.hidden, grads.router_weight, grads.row_ids, grads.key_rows, grads.value_rows
+
+
+class TorchStages:
+    """The same work through meft_triton.reference (CPU tensors without Triton's interpreter)."""
+
+    @staticmethod
+    def route(hidden, router_weight, experts_per_token, gate):
+        _, expert_ids, gate_weights = reference.route(hidden, router_weight, experts_per_token, gate)
+        return expert_ids, gate_weights.float()
+
+    @staticmethod
+    def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
+        neurons_per_expert = keys.shape[0] // num_experts
+        weights = gate_weights.to(hidden.dtype)
+        scores = reference.candidate_scores(hidden, keys, expert_ids, weights, neurons_per_expert)
+        neuron_ids = reference.select_neurons(scores, reference.candidate_ids(expert_ids, neurons_per_expert), topk)
+        chosen = reference.selected_scores(hidden, keys, expert_ids, weights, neuron_ids, neurons_per_expert)
+        return neuron_ids, torch.relu(chosen).float()
+
+    @staticmethod
+    def values(activations, local_ids, rows):
+        return torch.einsum("tk,tkd->td", activations.to(rows.dtype), rows[local_ids])
+
+    @staticmethod
+    def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
+                 activations, local_ids, gate, param_grads=True):
+        active = torch.unique(neuron_ids.long(), sorted=True)
+        num_experts = router_weight.shape[0]
+        neurons_per_expert = keys.shape[0] // num_experts
+        with torch.enable_grad():
+            h, g = hidden.detach().requires_grad_(), router_weight.detach().requires_grad_()
+            key_rows = keys[active].detach().requires_grad_()
+            value_rows = rows.detach().requires_grad_()
+            _, _, weights = reference.route(h, g, expert_ids.shape[1], gate, expert_ids)
+            owner = neuron_ids.long() // neurons_per_expert
+            match = (owner[:, :, None] == expert_ids.long()[:, None, :]).to(weights.dtype)
+            scores = (match * weights[:, None, :]).sum(-1) * torch.einsum("td,tkd->tk", h, key_rows[local_ids])
+            y = torch.einsum("tk,tkd->td", torch.relu(scores), value_rows[local_ids])
+            if not param_grads:
+                return torch.autograd.grad(y, h, grad_y)[0], None, None, None, None
+            dh, dg, dk, dv = torch.autograd.grad(y, (h, g, key_rows, value_rows), grad_y)
+        return dh, dg, active, dk.float(), dv.float()
+
+
+def stages_for(hidden: Tensor, backend: str):
+    """The stages a call with ``hidden`` runs (:func:`resolve_backend`)."""
+    return TritonStages if resolve_backend(backend, hidden) == "triton" else TorchStages

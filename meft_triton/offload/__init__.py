@@ -1,0 +1,28 @@
+"""Placement "cpu": the CPU row store, the copy engines, the prefetcher and the offloaded layer.
+
+Data path of one layer, in file order: :mod:`.row_store` (fp32 master rows + AdamW moments in
+pinned memory) -> :mod:`.gather` (host row gathers) -> :mod:`.engine` (the copy-engine
+interface; :mod:`.cuda_engine` on a GPU, :mod:`.sync_engine` on CPU) -> :mod:`.prefetcher`
+(slots, tickets, double buffering, gradient rows home) -> :mod:`.runtime` (what a model's
+layers share) -> :mod:`.rows` (one layer's two forward stages and its backward) ->
+:mod:`.key_cache` (updated key rows back to the device through the engine).
+"""
+
+from .cuda_engine import CudaCopyEngine
+from .engine import CopyEngine, CopyHandle, Fence, SlotBuffer
+from .errors import (CopyCancelledError, CopyFailedError, CopyTimeoutError, EngineWorkerError, PrefetchError,
+                     PrefetcherClosedError, SlotAllocationError, SlotsExhaustedError)
+from .gather import GATHER_STRATEGIES, cpu_gather, zero_copy_gather
+from .prefetcher import GradRows, Prefetcher, Ticket
+from .row_store import CPURowStore
+from .rows import OffloadedRows, RoutedTokens
+from .runtime import OffloadRuntime, RowCache
+from .sync_engine import SyncCopyEngine
+
+__all__ = [
+    "CPURowStore", "CopyCancelledError", "CopyEngine", "CopyFailedError", "CopyHandle", "CopyTimeoutError",
+    "CudaCopyEngine", "EngineWorkerError", "Fence", "GATHER_STRATEGIES", "GradRows", "OffloadRuntime",
+    "OffloadedRows", "PrefetchError", "Prefetcher", "PrefetcherClosedError", "RoutedTokens", "RowCache",
+    "SlotAllocationError", "SlotBuffer", "SlotsExhaustedError", "SyncCopyEngine", "Ticket", "cpu_gather",
+    "zero_copy_gather",
+]

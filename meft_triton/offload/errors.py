@@ -1,0 +1,40 @@
+"""Errors of the offload path: copies, slots, and the prefetcher."""
+
+from __future__ import annotations
+
+import torch
+
+class PrefetchError(RuntimeError):
+    """Base class of the prefetcher's errors."""
+
+
+class CopyFailedError(PrefetchError):
+    """A host->device or device->host copy failed; the original error is the ``__cause__``."""
+
+
+class CopyCancelledError(PrefetchError):
+    """The copy was cancelled (``Ticket``/``Prefetcher`` cancelled or closed) before it ran."""
+
+
+class CopyTimeoutError(PrefetchError):
+    """Waiting for a copy took longer than the timeout."""
+
+
+class SlotsExhaustedError(PrefetchError):
+    """Every slot is held by a ticket that was not released (or cancelled) yet."""
+
+
+class PrefetcherClosedError(PrefetchError):
+    """The prefetcher or its engine is closed."""
+
+
+class EngineWorkerError(PrefetchError):
+    """A background thread of a copy engine died; the original error is the ``__cause__``."""
+
+
+class SlotAllocationError(PrefetchError, torch.OutOfMemoryError):
+    """Not enough memory for the requested slots; the message says which sizes would fit.
+
+    Also a ``torch.OutOfMemoryError``, so code that already catches that keeps working."""
+
+

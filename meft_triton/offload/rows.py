@@ -1,0 +1,234 @@
+"""Placement "cpu": the adapter's master rows live in CPU memory, only active rows move.
+
+Per adapted layer (DESIGN.md section 3): the fp32 master keys and values and their AdamW
+moments sit in a :class:`~meft_triton.offload.row_store.CPURowStore`; the device keeps the router (a
+normal parameter), a compute-dtype cache of the keys (so routing and key scores stay on the
+device and exact) and shares a pool of value-row slots with the other layers through one
+:class:`OffloadRuntime`. A call runs in two stages so the value-row copy overlaps the
+backbone's FFN:
+
+``start_routing``  route, score and select on the device; the unique active ids go to the
+                   prefetcher, which starts copying their value rows into a free slot;
+(the FFN runs)
+``finish_values``  wait for the slot (an event, not a host sync), y = sum a_j V_j from it.
+
+Backward fetches the value rows again (or keeps them, ``backward_rows="keep"``), computes
+dh and d router on the device, and sends the row-sparse key/value gradients to pinned host
+memory; :meth:`OffloadedRows.step` hands them to the layer's row-sparse AdamW, which updates
+the CPU master on a worker thread. The layer's next ``start_routing`` waits for that update
+and writes the touched key rows into the device cache first.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..layer.backend import stages_for
+from .key_cache import KeyCache
+from .prefetcher import Ticket
+from .row_store import CPURowStore
+from .runtime import OffloadRuntime, RowCache
+
+
+@dataclass
+class RoutedTokens:
+    """What ``start_routing`` hands to ``finish_values``: the selection and the copy in flight."""
+
+    hidden: Tensor          # [T, d] in the compute dtype (what autograd differentiates)
+    expert_ids: Tensor      # [T, P]
+    gate_weights: Tensor    # [T, P] fp32
+    neuron_ids: Tensor      # [T, K]
+    activations: Tensor     # [T, K] fp32
+    local_ids: Tensor       # [T, K]: each pick's row in the slot
+    ticket: Ticket | None   # None: every row came from the row cache
+    output_dtype: torch.dtype
+    output_shape: torch.Size
+    cached: tuple[Tensor, Tensor] | None = None  # a RowCache entry this call extends
+    cache: RowCache | None = None
+
+
+class OffloadedRows:
+    """The CPU side of one adapter under placement "cpu": store, device key cache, optimizer."""
+
+    def __init__(self, adapter, runtime: OffloadRuntime, keys: Tensor, values: Tensor) -> None:
+        self.adapter = adapter
+        self.runtime = runtime
+        self.store = CPURowStore.from_dense(keys.detach().float().cpu(), values.detach().float().cpu())
+        self.key_cache = KeyCache(runtime, self.store.keys())
+        self.layer = runtime.register(self)
+        self.optimizer: Any = None  # the row-sparse AdamW over ``store`` (use_optimizer)
+        self.pending_grads: list[Future] = []
+        self.pending_step: Future | None = None
+
+    # -- training state ---------------------------------------------------------------------
+    def use_optimizer(self, optimizer: Any) -> None:
+        """Train this layer's rows with ``optimizer`` (a ``SparseRowAdamW`` over :attr:`store`),
+        replacing (and closing) the previous one once its update finished."""
+        self.wait_for_update()
+        if self.optimizer is not None:
+            self.optimizer.close()
+        self.optimizer = optimizer
+
+    def collect_grads(self) -> None:
+        """Move finished device->host gradient rows into the optimizer's accumulator."""
+        if self.optimizer is None:
+            raise RuntimeError("placement='cpu' trains keys and values with a row-sparse AdamW: call "
+                               "adapter.configure_optimizer(lr=...) before the first step")
+        d = self.store.hidden_size
+        pending, self.pending_grads = self.pending_grads, []
+        for future in pending:
+            grad = future.result()
+            self.optimizer.accumulate(grad.row_ids, grad.rows[:, :d], grad.rows[:, d:])
+
+    def discard_grads(self) -> None:
+        """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),
+        as ``zero_grad`` drops a parameter's ``.grad``."""
+        pending, self.pending_grads = self.pending_grads, []
+        wait_futures(pending)  # their copies land before the pinned buffers are forgotten
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+
+    def step(self) -> Future:
+        """Start this layer's optimizer step over the collected gradient rows (:meth:`collect_grads`)
+        on its worker thread; the next forward waits for it."""
+        self.wait_for_update()
+        self.pending_step = self.optimizer.step_async()
+        return self.pending_step
+
+    def wait_for_update(self) -> None:
+        """Finish an in-flight optimizer step and copy its updated key rows into the cache.
+        A failed background step raises its exception here (the layer's next forward), once:
+        the optimizer's own ``wait`` consumes it, so its next step does not raise it again."""
+        if self.pending_step is None:
+            return
+        future, self.pending_step = self.pending_step, None
+        if self.optimizer is not None and self.optimizer._pending is future:
+            self.optimizer.wait()  # raises a worker error once, and forgets it
+        self.key_cache.write_back(future.result())
+
+    def close(self) -> None:
+        """The adapter is being dropped: let in-flight gradient copies and the optimizer update
+        finish, then stop the optimizer's worker thread (the runtime is closed by its owner)."""
+        self.discard_grads()
+        try:
+            self.wait_for_update()
+        finally:
+            if self.optimizer is not None:
+                self.optimizer.close()
+
+    def refresh_key_cache(self) -> None:
+        self.key_cache.refresh()
+
+    # -- the two forward stages ---------------------------------------------------------------
+    def start_routing(self, hidden: Tensor) -> RoutedTokens:
+        cfg = self.adapter.config
+        self.wait_for_update()
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(self.runtime.dtype)
+        stages = stages_for(flat, cfg.backend)
+        with torch.no_grad():
+            router_weight = self.adapter.router.weight.to(flat.dtype)
+            expert_ids, gate_weights = stages.route(flat, router_weight, cfg.experts_per_token, cfg.gate)
+            neuron_ids, activations = stages.select(flat, self.key_cache.tensor, expert_ids, gate_weights,
+                                                    cfg.num_experts, cfg.topk)
+            active, local_ids = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
+        cache = self.runtime.row_cache if not torch.is_grad_enabled() else None
+        cached = cache.get(self.layer) if cache is not None else None
+        fetch = active if cached is None else active[~torch.isin(active, cached[0])]
+        ticket = None
+        if fetch.numel() or cache is None:
+            prefetcher = self.runtime.ensure_slots(max(1, fetch.numel()))
+            ticket = prefetcher.prefetch(self.layer, fetch)
+        self.runtime.bytes_to_device += fetch.numel() * self.runtime.hidden_size * flat.element_size()
+        self.runtime.rows_reused += active.numel() - fetch.numel()
+        return RoutedTokens(flat, expert_ids, gate_weights, neuron_ids, activations, local_ids,
+                            ticket, hidden.dtype, hidden.shape, cached, cache)
+
+    def abandon(self, routed: RoutedTokens) -> None:
+        """``finish_values`` will not run for ``routed``: cancel its copy, free its slot."""
+        if routed.ticket is not None and self.runtime.prefetcher is not None:
+            self.runtime.prefetcher.release(routed.ticket)
+
+    def finish_values(self, routed: RoutedTokens) -> Tensor:
+        router_weight = self.adapter.router.weight
+        if routed.cache is not None:
+            y = self._values_from_cache(routed)
+        else:
+            # autograd records this call only if something upstream needs a gradient
+            needs_backward = torch.is_grad_enabled() and (
+                routed.hidden.requires_grad or router_weight.requires_grad)
+            y = _OffloadedValues.apply(routed.hidden, router_weight, self, routed, needs_backward)
+        return y.to(routed.output_dtype).reshape(routed.output_shape)
+
+    def _values_from_cache(self, routed: RoutedTokens) -> Tensor:
+        """A no-grad call inside ``runtime.reusing_rows``: y from the cached rows plus the ones
+        this call fetched; the union goes back to the cache."""
+        ids, rows = routed.cached if routed.cached is not None else (None, None)
+        if routed.ticket is not None:
+            prefetcher = self.runtime.prefetcher
+            fresh = prefetcher.acquire(routed.ticket)
+            try:
+                fresh_ids, fresh = routed.ticket.row_ids.to(fresh.device), fresh.clone()
+            finally:
+                prefetcher.release(routed.ticket, for_backward=False)
+            if ids is None:
+                ids, rows = fresh_ids, fresh
+            else:
+                ids, order = torch.sort(torch.cat([ids, fresh_ids]))
+                rows = torch.cat([rows, fresh])[order]
+            routed.cache.offer(self.layer, ids, rows)
+        local_ids = torch.searchsorted(ids, routed.neuron_ids.long())
+        stages = stages_for(routed.hidden, self.adapter.config.backend)
+        return stages.values(routed.activations, local_ids, rows)
+
+
+class _OffloadedValues(torch.autograd.Function):
+    """y from the slot rows; backward refetches them and ships key/value gradient rows home."""
+
+    @staticmethod
+    def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens, needs_backward: bool):
+        prefetcher = rows.runtime.prefetcher
+        slot = prefetcher.acquire(routed.ticket)
+        try:
+            stages = stages_for(hidden, rows.adapter.config.backend)
+            y = stages.values(routed.activations, routed.local_ids, slot)
+        finally:
+            prefetcher.release(routed.ticket, for_backward=needs_backward)
+        ctx.rows, ctx.routed = rows, routed
+        ctx.save_for_backward(hidden, router_weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, routed = ctx.rows, ctx.routed
+        hidden, router_weight = ctx.saved_tensors
+        runtime, cfg = rows.runtime, rows.adapter.config
+        prefetcher = runtime.prefetcher
+        # The forward's own ids: a second forward (or a checkpoint's recompute) before this
+        # backward would have replaced the layer's saved ids.
+        ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids)
+        slot = prefetcher.acquire(ticket)
+        # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step) computes
+        # only dh, moves no gradient rows and gives its optimizer nothing to do.
+        trained = router_weight.requires_grad
+        try:
+            stages = stages_for(hidden, cfg.backend)
+            grad_hidden, grad_router, row_ids, key_rows, value_rows = stages.backward(
+                grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache.tensor,
+                slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
+                routed.local_ids, cfg.gate, param_grads=trained)
+        finally:
+            prefetcher.release(ticket)
+        if ticket.slot is not None:  # copied again (not rows kept from the forward)
+            runtime.bytes_to_device += slot.numel() * slot.element_size()
+        if not trained:
+            return grad_hidden, None, None, None, None
+        grad_rows = torch.cat([key_rows, value_rows], dim=1)
+        runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
+        rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows))
+        return grad_hidden, grad_router.to(router_weight.dtype), None, None, None

@@ -1,0 +1,129 @@
+"""The placement-"cpu" resources a model's adapters share: the copy engine, the value-row slot
+pool (through the prefetcher) and the transfer counters."""
+
+from __future__ import annotations
+
+from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .cuda_engine import CudaCopyEngine
+from .engine import CopyEngine
+from .prefetcher import Prefetcher
+from .sync_engine import SyncCopyEngine
+
+
+def default_engine(device: torch.device, transfer: str) -> CopyEngine:
+    """The copy engine for ``device``: CUDA streams and events on a GPU. On CPU compute (tests,
+    CPU-only profiling) rows still go through the same slot schedule, copied on a worker thread."""
+    if device.type == "cuda":
+        return CudaCopyEngine(device, strategy=transfer)
+    return SyncCopyEngine()
+
+
+class RowCache:
+    """Value rows kept on the device across forward-only passes (IST's scoring round).
+
+    Several no-grad passes over one batch route most tokens to the same rows: each layer keeps
+    the union of the rows it has fetched (sorted ids and their rows, compute dtype) and the
+    next pass copies only the rows it lacks. The cache never exceeds ``budget_bytes`` of device
+    memory: a layer whose grown union would not fit keeps what it had. The master rows cannot
+    change while it lives (no optimizer step runs inside a scoring round) and it is dropped at
+    the end of the round.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._layers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        return self._layers.get(layer)
+
+    def offer(self, layer: int, ids: Tensor, rows: Tensor) -> None:
+        old = self._layers.get(layer)
+        old_bytes = 0 if old is None else old[1].numel() * old[1].element_size()
+        used = self.used_bytes - old_bytes + rows.numel() * rows.element_size()
+        if used <= self.budget_bytes:
+            self._layers[layer] = (ids, rows)
+            self.used_bytes = used
+
+
+class OffloadRuntime:
+    """The copy engine and value-row slot pool shared by a model's CPU-placed adapters.
+
+    Layers register in forward order. The slots are sized for the most active rows one layer
+    needs in one call (``max_rows``), grown when a call needs more while nothing is in flight.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, hidden_size: int, *,
+                 transfer: str = "cpu_gather", keep_rows: bool = False, num_slots: int = 2,
+                 engine: CopyEngine | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.hidden_size = hidden_size
+        self.keep_rows = keep_rows
+        self.num_slots = num_slots
+        if engine is not None and getattr(engine, "async_compute", False):
+            # the layer's CPU work runs on the calling thread, not through engine.compute(): a
+            # "compute stream" thread would not order it after the copies (it would read slots
+            # before their rows land)
+            raise ValueError("engine: OffloadRuntime needs an engine whose compute runs on the calling "
+                             "thread (a test engine with async_compute=False)")
+        self.engine = engine if engine is not None else default_engine(self.device, transfer)
+        self.layers: list[Any] = []  # the OffloadedRows of each layer, in forward order
+        self.prefetcher: Prefetcher | None = None
+        self.bytes_to_device = 0
+        self.bytes_to_host = 0
+        self.rows_reused = 0
+        self.row_cache: RowCache | None = None
+
+    @contextmanager
+    def reusing_rows(self, budget_bytes: int) -> Iterator[RowCache]:
+        """Within the block, forward passes without autograd (``torch.no_grad``) copy only the
+        value rows that an earlier such pass of the block did not already bring to the device
+        (``rows_reused`` counts the others). Passes with autograd are unaffected."""
+        if self.row_cache is not None:
+            raise RuntimeError("reusing_rows blocks do not nest")
+        self.row_cache = RowCache(budget_bytes)
+        try:
+            yield self.row_cache
+        finally:
+            self.row_cache = None
+
+    def register(self, rows: Any) -> int:
+        if self.prefetcher is not None:
+            raise RuntimeError("register every layer before the first forward")
+        self.layers.append(rows)
+        return len(self.layers) - 1
+
+    def _host_values(self, layer: int) -> Tensor:
+        return self.layers[layer].store.values()
+
+    def ensure_slots(self, rows_needed: int) -> Prefetcher:
+        if self.prefetcher is not None and rows_needed <= self.prefetcher.max_rows:
+            return self.prefetcher
+        max_rows = max(rows_needed, 2 * (self.prefetcher.max_rows if self.prefetcher else 0))
+        if self.prefetcher is not None:
+            self.prefetcher.cancel_lookahead()
+            if self.prefetcher.free_slots() < self.num_slots:
+                raise RuntimeError(
+                    f"a layer needs {rows_needed} active rows but the prefetch slots hold "
+                    f"{self.prefetcher.max_rows} and are in use; run a first call with the largest "
+                    "micro-batch, or create the runtime with bigger slots")
+            # Gradient rows still on their way to the host were started by the old prefetcher,
+            # whose close() would cancel them (losing a micro-batch's gradients): let them land.
+            wait_futures([f for layer in self.layers for f in layer.pending_grads])
+            self.prefetcher.close()
+        self.prefetcher = Prefetcher(self.engine, self._host_values, max_rows=max_rows,
+                                     num_slots=self.num_slots, width=self.hidden_size, dtype=self.dtype,
+                                     keep_resident=self.keep_rows, owns_engine=False)
+        return self.prefetcher
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self.engine.close()
