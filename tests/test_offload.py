@@ -81,14 +81,42 @@ def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate, device):
 
 def test_transfer_accounting(seed):
     _, on_cpu = pair()
+    runtime = on_cpu.offload.runtime
+    assert runtime.bytes_to_device == 48 * 12 * 4  # load_state_dict wrote every key row to the cache
+    before = runtime.bytes_to_device
     hidden = torch.randn(9, 12)
     active = None
     with torch.no_grad():
         routed = on_cpu.start_routing(hidden)
         active = routed.ticket.row_ids.numel()
         on_cpu.finish_values(routed)
-    assert on_cpu.offload.runtime.bytes_to_device == active * 12 * 4
+    assert runtime.bytes_to_device - before == active * 12 * 4
     assert active == routed.neuron_ids.unique().numel()
+
+
+def test_key_rows_an_update_touched_go_back_through_the_copy_engine(seed, monkeypatch):
+    """After a row-sparse step exactly the touched key rows reach the device cache, through the
+    runtime's copy engine (counted), and the cache equals the updated master keys."""
+    _, on_cpu = pair()
+    runtime = on_cpu.offload.runtime
+    on_cpu.configure_optimizer(lr=1e-1)
+    copied = []
+    real_copy_in = runtime.engine.copy_in
+
+    def counting_copy_in(slot, host_rows, ids, **kw):
+        copied.append(ids.clone())
+        return real_copy_in(slot, host_rows, ids, **kw)
+
+    monkeypatch.setattr(runtime.engine, "copy_in", counting_copy_in)
+    on_cpu(torch.randn(9, 12)).square().sum().backward()
+    touched = on_cpu.offload.pending_grads[0].result().row_ids.sort().values
+    on_cpu.sparse_step()
+    copied.clear()
+    before = runtime.bytes_to_device
+    on_cpu.offload.wait_for_update()
+    assert torch.equal(torch.cat(copied).sort().values, touched)
+    assert runtime.bytes_to_device - before == touched.numel() * 12 * 4
+    torch.testing.assert_close(on_cpu.offload.key_cache.tensor, on_cpu.offload.store.keys(), rtol=0, atol=0)
 
 
 def test_state_dict_round_trip_keeps_master_rows(seed):
