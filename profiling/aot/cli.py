@@ -47,8 +47,17 @@ def run_cases(cases, jobs: int) -> list[dict]:
     if jobs <= 1:
         return [r for case in cases for r in compile_case_star(case)]
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        return [r for recs in pool.map(compile_case_star, cases) for r in recs]
+    # the compile processes must import Triton without its interpreter (they inherit this)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            return [r for recs in pool.map(compile_case_star, cases) for r in recs]
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def main(argv=None) -> int:

@@ -4,10 +4,8 @@
 device, stream) and nothing else, so a run with ``warmup=True`` compiles through the real
 NVIDIA backend (LLVM, the wheel's ptxas) to a cubin and stops before any launch.
 
-``recording(modules, target)`` runs the *real* launchers unchanged: inside it every
-``@triton.jit`` kernel of the given kernel modules is a ``JITFunction`` (built from the raw
-function when the modules were imported under ``TRITON_INTERPRET=1``), and a launch
-``kernel[grid](...)`` records the grid and every argument, then compiles with
+``recording(modules, target)`` runs the *real* launchers unchanged: inside it a launch
+``kernel[grid](...)`` of a ``@triton.jit`` kernel of the given modules records the grid and every argument, then compiles with
 ``warmup=True`` on the same arguments (CPU tensors: their ``data_ptr`` gives the 16-byte
 alignment specialization a CUDA allocation would; torch's CPU allocator aligns to 64 bytes).
 So the block sizes, grid, num_warps and num_stages are exactly what the launcher picks.
@@ -72,6 +70,14 @@ class StandInDriver(DriverBase):
 
 @contextlib.contextmanager
 def stand_in_driver(target: GPUTarget):
+    """The stand-in as Triton's active driver.
+
+    Needs a process where Triton was imported without TRITON_INTERPRET=1: under the
+    interpreter, triton.language's own @jit helpers are interpreted functions the compiler
+    cannot use (the CLI's compile processes and the tests' subprocess clear the variable)."""
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("profiling.aot compiles kernels: run it in a process without "
+                           "TRITON_INTERPRET=1 (Triton's interpreter is on in this one)")
     previous = driver._active
     driver.set_active(StandInDriver(target))
     try:
@@ -92,20 +98,8 @@ class Launch:
     error: str | None = None
 
 
-_JIT_OF: dict[Any, JITFunction] = {}
-
-
-def _as_jit(obj) -> JITFunction:
-    """The JITFunction of a kernel (one per raw function, so in-process caches persist)."""
-    if isinstance(obj, JITFunction):
-        return obj
-    if obj.fn not in _JIT_OF:  # an InterpretedFunction
-        _JIT_OF[obj.fn] = JITFunction(obj.fn, **getattr(obj, "kwargs", {}))
-    return _JIT_OF[obj.fn]
-
-
 def _is_kernel(obj) -> bool:
-    return isinstance(obj, JITFunction) or type(obj).__name__ == "InterpretedFunction"
+    return isinstance(obj, JITFunction)
 
 
 @contextlib.contextmanager
@@ -144,12 +138,10 @@ def recording(modules, target: GPUTarget, launches: list[Launch]):
 
     try:
         for module in modules:
-            for name, obj in list(vars(module).items()):
-                if _is_kernel(obj):
-                    jit = _as_jit(obj)
+            for name, jit in list(vars(module).items()):
+                if _is_kernel(jit) and jit not in patched:
                     jit.run = make_run(jit)  # instance attribute: __getitem__ goes through it
                     patched.append(jit)
-                    swap(module, name, jit)
             # The launchers must see a GPU run: check_devices accepts CPU tensors only when
             # interpreted (validation's flag), and any launcher branching on INTERPRETED
             # (smt_block_grad's bf16 upcast) must take its compiled-GPU branch.
@@ -196,7 +188,7 @@ def resource_usage(res_text: str) -> dict[str, int]:
 
 def compile_small(fn_or_jit, target_name: str, *args, grid=(1,), **kwargs):
     """Compile one kernel for a target by warm-up (helper for tests and ad-hoc use)."""
-    jit = _as_jit(fn_or_jit) if _is_kernel(fn_or_jit) else JITFunction(fn_or_jit)
+    jit = fn_or_jit if _is_kernel(fn_or_jit) else JITFunction(fn_or_jit)
     with stand_in_driver(TARGETS[target_name]):
         return JITFunction.run(jit, *args, grid=grid, warmup=True, **kwargs)
 
