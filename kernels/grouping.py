@@ -55,3 +55,18 @@ def unique_row_segments(row_ids: torch.Tensor):
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return rows, order, offsets
+
+
+def surplus_neurons(expert_ids: torch.Tensor, neurons_per_expert: int, num_experts: int,
+                    count: int) -> torch.Tensor:
+    """[T, count] int64: per token, the first ``count`` neurons (ascending ids) of the experts it
+    did not select: the zero-scoring picks that fill K_top past the P * S candidates.
+
+    Only called when K_top > P * S; count <= (E - P) * S. One [T, E] byte mask and its stable
+    sort (E is at most a few thousand), no host sync.
+    """
+    chosen = torch.zeros(expert_ids.shape[0], num_experts, dtype=torch.uint8, device=expert_ids.device)
+    chosen.scatter_(1, expert_ids.long(), 1)
+    unchosen = torch.sort(chosen, dim=1, stable=True).indices[:, :-(-count // neurons_per_expert)]
+    picks = torch.arange(count, device=expert_ids.device)
+    return unchosen[:, picks // neurons_per_expert] * neurons_per_expert + picks % neurons_per_expert

@@ -1,8 +1,17 @@
-"""Fused router top-k: g = G h for a tile of tokens and experts, merged into a running per-row
+"""Fused router top-k: g = G x for a tile of tokens and experts, merged into a running per-row
 top-k kept in registers. No [T, E] logits tensor is ever written.
 
 Ordering: descending logits; ties go to the smaller expert id; a NaN logit counts as the
 largest (as torch.topk does) and its row's gate logits come out NaN.
+
+Gate "softmax" (MEFT's ``moe_softmax_score``): w_e = softmax(g)_e over all E logits, not
+renormalised over the chosen k. Its log-sum-exp is accumulated online in the same loop (running
+max and rescaled sum per row, as flash attention does) while each logit tile is still in
+registers. That is faster on a GPU than recomputing the logits with a torch matmul in the
+launcher: it adds a few exp per logit to a kernel that is bound by its G x tensor-core work and
+the top-k merge, where the alternative writes and reads a [T, E] fp32 tensor and repeats the
+T * E * r matmul. The top-k of w is the top-k of g (softmax is monotone), so the selection is
+unchanged.
 """
 
 from __future__ import annotations
@@ -17,12 +26,12 @@ from .validation import (FLOAT_DTYPES, check_devices, check_int_arg, check_same_
 
 @triton.jit
 def _router_topk_kernel(
-    hidden_ptr, router_ptr, logits_out_ptr, ids_out_ptr,
+    hidden_ptr, router_ptr, logits_out_ptr, ids_out_ptr, lse_out_ptr,
     num_tokens, num_experts, hidden_size,
     stride_ht, stride_hd, stride_re, stride_rd,
     K: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COMPUTE_LSE: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < num_tokens
@@ -32,6 +41,8 @@ def _router_topk_kernel(
     top_val = tl.full([BLOCK_T, K_PAD], float("-inf"), tl.float32)
     top_id = tl.full([BLOCK_T, K_PAD], no_id, tl.int32)
     row_has_nan = tl.zeros([BLOCK_T], tl.int32)
+    run_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_T], tl.float32)
 
     for e0 in range(0, num_experts, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E)
@@ -45,6 +56,12 @@ def _router_topk_kernel(
             g = tl.load(router_ptr + cols[None, :].to(tl.int64) * stride_re + dims[:, None] * stride_rd,
                         mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
             acc = tl.dot(h, g, acc, input_precision=DOT_PRECISION)
+        if COMPUTE_LSE:
+            # online log-sum-exp; the first tile has a real column, so run_max is finite after it
+            tile = tl.where(col_ok[None, :], acc, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(tile, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(tile - new_max[:, None]), axis=1)
+            run_max = new_max
         is_nan = acc != acc
         row_has_nan = tl.maximum(row_has_nan, tl.max(is_nan.to(tl.int32), axis=1))
         tile_val = tl.where(is_nan, float("inf"), acc)
@@ -69,16 +86,31 @@ def _router_topk_kernel(
     top_val = tl.where(row_has_nan[:, None] > 0, float("nan"), top_val)
     out = rows[:, None] * K + slots[None, :]
     out_ok = row_ok[:, None] & (slots[None, :] < K)
+    if COMPUTE_LSE:
+        lse = run_max + tl.log(run_sum)
+        lse = tl.where(row_has_nan > 0, float("nan"), lse)
+        tl.store(lse_out_ptr + rows, lse, mask=row_ok)
+        if SOFTMAX:
+            top_val = tl.exp(top_val - lse[:, None])
     tl.store(logits_out_ptr + out, top_val, mask=out_ok)
     tl.store(ids_out_ptr + out, top_id, mask=out_ok)
 
 
-def router_topk(hidden: torch.Tensor, router_weight: torch.Tensor, k: int):
-    """Top-``k`` experts per token: ``(gate_logits [T, k] float32, expert_ids [T, k] int32)``,
-    each row in descending order of ``hidden @ router_weight.T``.
+GATES = ("logit", "softmax")
 
-    hidden [T, d] and router_weight [E, d] share one float dtype (fp16, bf16, fp32) and device;
-    any strides; 1 <= k <= E.
+
+def router_topk(hidden: torch.Tensor, router_weight: torch.Tensor, k: int, gate: str = "logit",
+                return_lse: bool = False):
+    """Top-``k`` experts per token: ``(gate_weights [T, k] float32, expert_ids [T, k] int32)``,
+    each row in descending order of the logits ``hidden @ router_weight.T``.
+
+    The gate weights are the logits themselves (``gate="logit"``) or, with ``gate="softmax"``,
+    softmax over all E logits at the chosen experts (not renormalised over the k). With
+    ``return_lse`` a third output, ``lse [T] float32``, is each row's log-sum-exp over all E
+    logits (what the softmax backward needs: pass it to sparse_kv_backward's ``gate_lse``).
+
+    hidden [T, r] (the router input: h, or x = L h with a low-key projection) and router_weight
+    [E, r] share one float dtype (fp16, bf16, fp32) and device; any strides; 1 <= k <= E.
     """
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
     check_tensor("router_weight", router_weight, 2, FLOAT_DTYPES)
@@ -90,21 +122,29 @@ def router_topk(hidden: torch.Tensor, router_weight: torch.Tensor, k: int):
         raise ValueError(f"router_weight must have shape [E, {hidden_size}] to match hidden, "
                          f"got {tuple(router_weight.shape)}")
     check_int_arg("k", k, 1, num_experts)
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
     gate_logits = torch.empty(num_tokens, k, dtype=torch.float32, device=hidden.device)
     expert_ids = torch.empty(num_tokens, k, dtype=torch.int32, device=hidden.device)
+    compute_lse = return_lse or gate == "softmax"
+    lse = torch.empty(num_tokens if compute_lse else 0, dtype=torch.float32, device=hidden.device)
+    result = (gate_logits, expert_ids, lse) if return_lse else (gate_logits, expert_ids)
     if num_tokens == 0:
-        return gate_logits, expert_ids
+        return result
     k_pad = triton.next_power_of_2(k)
     block_t = 16 if num_tokens <= 16 else 32
     block_e = pow2_block(num_experts, max(16, k_pad), 64)
     block_d = pow2_block(hidden_size, 16, 64)
     grid = (triton.cdiv(num_tokens, block_t),)
     _router_topk_kernel[grid](
-        hidden, router_weight, gate_logits, expert_ids,
+        hidden, router_weight, gate_logits, expert_ids, lse if compute_lse else gate_logits,
         num_tokens, num_experts, hidden_size,
         hidden.stride(0), hidden.stride(1), router_weight.stride(0), router_weight.stride(1),
         K=k, K_PAD=k_pad, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(hidden.dtype),
+        DOT_PRECISION=dot_precision(hidden.dtype), COMPUTE_LSE=compute_lse,
+        SOFTMAX=gate == "softmax",
     )
-    return gate_logits, expert_ids
+    return result

@@ -1,15 +1,25 @@
 """Sparse key-value backward, with both selections (experts and neurons) held fixed.
 
-For token t, selected neuron j of expert e (slot p), a_j = ReLU(s_j), s_j = w_p r_j,
-r_j = K_j . h_t, and upstream dy_t:
+For token t with key input x_t (width r: h_t, or L h_t with a low-key projection; the caller
+turns dx into dh = dx L), selected neuron j of expert e (slot p), a_j = ReLU(s_j),
+s_j = w_p r_j, r_j = K_j . x_t, and upstream dy_t (width d, the values' width):
 
     ds_j = (V_j . dy_t) [s_j > 0]      dr_j = w_p ds_j      dw_p = sum_{j in p} ds_j r_j
-    dg = dw (gate "logit") or w * (dw - sum(w * dw)) (gate "softmax")
-    dh_t = sum_j dr_j K_j + sum_p dg_p G_{e_p}
-    dK_j = sum_t dr_tj h_t     dV_j = sum_t a_tj dy_t     dG_e = sum_{(t, p): e_p = e} dg_tp h_t
+    dK_j = sum_t dr_tj x_t     dV_j = sum_t a_tj dy_t
 
-Launches: one per-token kernel for dr and dg (it gathers the token's K and V rows), the row
-gather-sum for dh, and segmented reductions for the row-sparse dK/dV and the dense dG.
+Gate "logit" (w_p = g_{e_p}): dg = dw on the P selected experts only, so
+    dx_t = sum_j dr_j K_j + sum_p dw_p G_{e_p}      dG_e = sum_{(t, p): e_p = e} dw_tp x_t
+Gate "softmax" (w_e = softmax(g)_e over all E, not renormalised): every expert gets
+    dg_te = p_te (dw_te [e selected] - sum_p w_tp dw_tp),   p_te = exp(g_te - lse_t)
+    dx_t = sum_j dr_j K_j + sum_e dg_te G_e                  dG = dg^T x
+a dense [T, E] dg (E is at most a few thousand; there is never a [T, N] tensor).
+
+Launches: one per-token kernel for dr and dw (it gathers the token's K and V rows), the row
+gather-sum for dx's key term, and segmented reductions for the row-sparse dK/dV. The router
+term: "logit" adds the P gathered router rows in the same gather-sum and reduces dG by
+expert segments; "softmax" recomputes each [T, E] logit tile on tensor cores (fp32
+accumulation, the forward's log-sum-exp) to write dg in the compute dtype, then two dense
+GEMMs (cuBLAS on a GPU): dg G into dx and dg^T x for dG.
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ import triton
 import triton.language as tl
 
 from .grouping import segments_by_key, unique_row_segments
+from .router_topk import router_topk
 from .row_gather_sum import row_gather_sum
 from .segment_sum import segment_sum
 from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in_range,
-                         check_same_dtype, check_shape, check_tensor, pow2_block)
+                         check_same_dtype, check_shape, check_tensor, dot_precision, pow2_block)
 
 GATES = ("logit", "softmax")
 
@@ -34,10 +45,11 @@ def _score_grads_kernel(
     grad_y_ptr, hidden_ptr, keys_ptr, values_ptr,
     expert_ids_ptr, gate_weights_ptr, neuron_ids_ptr, value_ids_ptr, activations_ptr,
     grad_raw_ptr, grad_gate_ptr,
-    hidden_size, neurons_per_expert, experts_per_token, num_picks,
+    key_width, value_width, neurons_per_expert, experts_per_token, num_picks,
     stride_gyt, stride_gyd, stride_ht, stride_hd, stride_kn, stride_kd, stride_vn, stride_vd,
-    SOFTMAX: tl.constexpr, P_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    P_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """Per token: dr = w ds for each pick, and dw [P] (each selected expert's gate gradient)."""
     token = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, P_PAD)
     slot_ok = slots < experts_per_token
@@ -52,35 +64,92 @@ def _score_grads_kernel(
         act = tl.load(activations_ptr + token * num_picks + picks, mask=pick_ok, other=0.0)
         grad_act = tl.zeros([BLOCK_K], tl.float32)
         raw = tl.zeros([BLOCK_K], tl.float32)
-        for d0 in range(0, hidden_size, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            dim_ok = dims < hidden_size
-            tile_ok = pick_ok[:, None] & dim_ok[None, :]
+        for d0 in range(0, value_width, BLOCK_DV):
+            dims = d0 + tl.arange(0, BLOCK_DV)
+            dim_ok = dims < value_width
             gy = tl.load(grad_y_ptr + token * stride_gyt + dims * stride_gyd, mask=dim_ok, other=0.0)
-            h = tl.load(hidden_ptr + token * stride_ht + dims * stride_hd, mask=dim_ok, other=0.0)
             v = tl.load(values_ptr + value_ids[:, None] * stride_vn + dims[None, :] * stride_vd,
-                        mask=tile_ok, other=0.0)
-            k = tl.load(keys_ptr + ids[:, None] * stride_kn + dims[None, :] * stride_kd,
-                        mask=tile_ok, other=0.0)
+                        mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
             grad_act += tl.sum(v.to(tl.float32) * gy.to(tl.float32)[None, :], axis=1)
+        for d0 in range(0, key_width, BLOCK_DK):
+            dims = d0 + tl.arange(0, BLOCK_DK)
+            dim_ok = dims < key_width
+            h = tl.load(hidden_ptr + token * stride_ht + dims * stride_hd, mask=dim_ok, other=0.0)
+            k = tl.load(keys_ptr + ids[:, None] * stride_kn + dims[None, :] * stride_kd,
+                        mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
             raw += tl.sum(k.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
         grad_score = tl.where(act > 0.0, grad_act, 0.0)
         owner = (ids // neurons_per_expert)[:, None] == experts[None, :].to(tl.int64)
         weight = tl.sum(tl.where(owner, weights[None, :], 0.0), axis=1)
         grad_w += tl.sum(tl.where(owner, (grad_score * raw)[:, None], 0.0), axis=0)
         tl.store(grad_raw_ptr + token * num_picks + picks, grad_score * weight, mask=pick_ok)
-    if SOFTMAX:
-        grad_gate = weights * (grad_w - tl.sum(weights * grad_w, axis=0))
-    else:
-        grad_gate = grad_w
-    tl.store(grad_gate_ptr + token * experts_per_token + slots, grad_gate, mask=slot_ok)
+    tl.store(grad_gate_ptr + token * experts_per_token + slots, grad_w, mask=slot_ok)
+
+
+@triton.jit
+def _softmax_gate_grad_kernel(
+    hidden_ptr, router_ptr, lse_ptr, dense_dw_ptr, weighted_dw_ptr, out_ptr,
+    num_tokens, num_experts, width,
+    stride_ht, stride_hd, stride_re, stride_rd,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One [BLOCK_T, BLOCK_E] tile of dg = p * (dw scattered - sum_p w dw), p = exp(g - lse),
+    the logits g recomputed like the router kernel does (fp32 accumulation)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    for d0 in range(0, width, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < width
+        h = tl.load(hidden_ptr + rows[:, None] * stride_ht + dims[None, :] * stride_hd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        g = tl.load(router_ptr + cols[None, :] * stride_re + dims[:, None] * stride_rd,
+                    mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        acc = tl.dot(h, g, acc, input_precision=DOT_PRECISION)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    weighted = tl.load(weighted_dw_ptr + rows, mask=row_ok, other=0.0)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    dense_dw = tl.load(dense_dw_ptr + rows[:, None] * num_experts + cols[None, :], mask=tile_ok, other=0.0)
+    grad = tl.exp(acc - lse[:, None]) * (dense_dw - weighted[:, None])
+    tl.store(out_ptr + rows[:, None] * num_experts + cols[None, :],
+             grad.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def _softmax_gate_grad(hidden, router_weight, expert_ids, gate_weights, grad_w, gate_lse):
+    """Dense dg [T, E] in hidden's dtype (the operand of the two router GEMMs)."""
+    num_tokens, width = hidden.shape
+    num_experts = router_weight.shape[0]
+    if gate_lse is None and num_tokens:
+        # the forward's log-sum-exp was not kept: one more pass of the router kernel
+        gate_lse = router_topk(hidden, router_weight, 1, return_lse=True)[2]
+    weighted_dw = (gate_weights * grad_w).sum(1)
+    dense_dw = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=hidden.device)
+    dense_dw.scatter_(1, expert_ids.long(), grad_w)
+    grad_logits = torch.empty(num_tokens, num_experts, dtype=hidden.dtype, device=hidden.device)
+    if num_tokens == 0:
+        return grad_logits
+    block_t = 16 if num_tokens <= 16 else 32
+    block_e = pow2_block(num_experts, 16, 64)
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
+    _softmax_gate_grad_kernel[grid](
+        hidden, router_weight, gate_lse.contiguous(), dense_dw, weighted_dw.contiguous(), grad_logits,
+        num_tokens, num_experts, width,
+        hidden.stride(0), hidden.stride(1), router_weight.stride(0), router_weight.stride(1),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=pow2_block(width, 16, 64),
+        DOT_PRECISION=dot_precision(hidden.dtype),
+    )
+    return grad_logits
 
 
 class SparseKVGrads(NamedTuple):
-    """Gradients of one adapter call. Key/value gradients are row-sparse: ``row_ids`` [U] (sorted,
-    distinct) with ``key_rows``/``value_rows`` [U, d] fp32; ``keys``/``values`` are the same
-    scattered into dense tensors of the parameters' dtype, when asked for. Without parameter
-    gradients (``param_grads=False``) only ``hidden`` is set, the rest is None."""
+    """Gradients of one adapter call. ``hidden`` is d(key input) [T, r]. Key/value gradients
+    are row-sparse: ``row_ids`` [U] (sorted, distinct) with ``key_rows`` [U, r] and
+    ``value_rows`` [U, d] fp32; ``keys``/``values`` are the same scattered into dense tensors of
+    the parameters' dtype, when asked for. Without parameter gradients (``param_grads=False``)
+    only ``hidden`` is set, the rest is None."""
 
     hidden: torch.Tensor
     router_weight: Optional[torch.Tensor]
@@ -93,20 +162,29 @@ class SparseKVGrads(NamedTuple):
 
 def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, gate_weights,
                        neuron_ids, activations, gate: str = "logit", dense: bool = True,
-                       check_ids: bool = True, value_ids=None, param_grads: bool = True) -> SparseKVGrads:
+                       check_ids: bool = True, value_ids=None, param_grads: bool = True,
+                       gate_lse=None) -> SparseKVGrads:
     """Backward of the MEFT adapter for saved selections.
 
     ``expert_ids`` [T, P], ``gate_weights`` [T, P] fp32, ``neuron_ids`` [T, K] and
-    ``activations`` [T, K] fp32 are what router_topk / sparse_kv_forward produced; ``grad_y``
-    and ``hidden`` are [T, d] in the parameters' dtype; ``gate`` is "logit" or "softmax".
-    ``check_ids`` verifies that the ids are in range (one device sync).
+    ``activations`` [T, K] fp32 are what router_topk / sparse_kv_forward produced; ``gate`` is
+    "logit" or "softmax". ``check_ids`` verifies that the ids are in range (one device sync).
+
+    Widths: ``hidden`` [T, r] is the key input the forward scored with (h, or x = L h with a
+    low-key projection), ``router_weight`` [E, r] and ``keys`` [N, r] match it; ``values``
+    [N, d] and ``grad_y`` [T, d] have the output width d (r = d without a projection). The
+    returned ``hidden`` gradient is dx [T, r]; the caller applies L^T itself.
+
+    ``gate_lse`` [T] fp32 (gate "softmax" only): each token's log-sum-exp over all E logits, as
+    ``router_topk(..., return_lse=True)`` returns it. Without it the router kernel runs once
+    more to recompute it.
 
     ``values`` may instead hold only some rows [U, d] (a prefetch slot) with ``value_ids``
-    [T, K] giving each pick's row in it; keys stay the whole [N, d] table. ``dense=True``
+    [T, K] giving each pick's row in it; keys stay the whole [N, r] table. ``dense=True``
     then needs the whole table and is refused.
 
-    ``param_grads=False`` computes only ``dh`` (a frozen layer still passes the gradient on):
-    the segmented reductions for dK, dV and dG are skipped.
+    ``param_grads=False`` computes only dx (a frozen layer still passes the gradient on):
+    the segmented reductions for dK and dV and the router GEMM for dG are skipped.
     """
     check_tensor("grad_y", grad_y, 2, FLOAT_DTYPES)
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
@@ -124,22 +202,21 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
                   neuron_ids=neuron_ids, activations=activations)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    num_tokens, hidden_size = hidden.shape
+    num_tokens, key_width = hidden.shape
+    value_width = values.shape[1]
     num_experts = router_weight.shape[0]
     num_neurons = keys.shape[0]
     experts_per_token = expert_ids.shape[1]
     topk = neuron_ids.shape[1]
-    check_shape("grad_y", grad_y, (num_tokens, hidden_size))
-    check_shape("router_weight", router_weight, (num_experts, hidden_size))
-    check_shape("keys", keys, (num_neurons, hidden_size))
+    check_shape("grad_y", grad_y, (num_tokens, value_width))
+    check_shape("router_weight", router_weight, (num_experts, key_width))
+    check_shape("keys", keys, (num_neurons, key_width))
     if value_ids is None:
-        check_shape("values", values, (num_neurons, hidden_size))
+        check_shape("values", values, (num_neurons, value_width))
     else:
         check_tensor("value_ids", value_ids, 2, INDEX_DTYPES)
         check_shape("value_ids", value_ids, tuple(neuron_ids.shape))
         check_devices(value_ids=value_ids, values=values)
-        if values.shape[1] != hidden_size:
-            raise ValueError(f"values must have {hidden_size} columns, got {tuple(values.shape)}")
         if dense:
             raise ValueError("dense=True needs the whole values table; pass dense=False with value_ids")
     check_shape("expert_ids", expert_ids, (num_tokens, experts_per_token))
@@ -147,6 +224,10 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     check_shape("activations", activations, (num_tokens, topk))
     if num_neurons % num_experts:
         raise ValueError(f"router_weight's rows ({num_experts}) must divide keys' rows ({num_neurons})")
+    if gate_lse is not None and gate == "softmax":
+        check_tensor("gate_lse", gate_lse, 1, (torch.float32,))
+        check_shape("gate_lse", gate_lse, (num_tokens,))
+        check_devices(gate_lse=gate_lse, hidden=hidden)
     if check_ids:
         check_ids_in_range("expert_ids", expert_ids, num_experts)
         check_ids_in_range("neuron_ids", neuron_ids, num_neurons)
@@ -158,27 +239,38 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     gate_weights, activations = gate_weights.contiguous(), activations.contiguous()
     value_ids = neuron_ids if value_ids is None else value_ids.contiguous()
     grad_raw = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
-    grad_gate = torch.empty(num_tokens, experts_per_token, dtype=torch.float32, device=device)
+    grad_w = torch.empty(num_tokens, experts_per_token, dtype=torch.float32, device=device)
     if num_tokens:
         _score_grads_kernel[(num_tokens,)](
             grad_y, hidden, keys, values, expert_ids, gate_weights, neuron_ids, value_ids,
-            activations, grad_raw, grad_gate,
-            hidden_size, num_neurons // num_experts, experts_per_token, topk,
+            activations, grad_raw, grad_w,
+            key_width, value_width, num_neurons // num_experts, experts_per_token, topk,
             grad_y.stride(0), grad_y.stride(1), hidden.stride(0), hidden.stride(1),
             keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            SOFTMAX=gate == "softmax", P_PAD=triton.next_power_of_2(experts_per_token),
-            BLOCK_K=pow2_block(topk, 16, 32), BLOCK_D=pow2_block(hidden_size, 16, 64),
+            P_PAD=triton.next_power_of_2(experts_per_token),
+            BLOCK_K=pow2_block(topk, 16, 32), BLOCK_DK=pow2_block(key_width, 16, 64),
+            BLOCK_DV=pow2_block(value_width, 16, 64),
         )
-    grad_hidden = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=device)
-    row_gather_sum(grad_hidden, grad_raw, neuron_ids, keys, grad_gate, expert_ids, router_weight)
+    if gate == "logit":
+        grad_hidden = torch.empty(num_tokens, key_width, dtype=hidden.dtype, device=device)
+        row_gather_sum(grad_hidden, grad_raw, neuron_ids, keys, grad_w, expert_ids, router_weight)
+    else:
+        grad_logits = _softmax_gate_grad(hidden, router_weight, expert_ids, gate_weights, grad_w,
+                                         gate_lse)
+        key_term = torch.empty(num_tokens, key_width, dtype=torch.float32, device=device)
+        row_gather_sum(key_term, grad_raw, neuron_ids, keys)
+        grad_hidden = key_term.add_(grad_logits @ router_weight).to(hidden.dtype)
 
     if not param_grads:
         return SparseKVGrads(grad_hidden, None, None, None, None, None, None)
 
     row_ids, order, offsets = unique_row_segments(neuron_ids)
     key_rows, value_rows = segment_sum(order, offsets, topk, grad_raw, hidden, activations, grad_y)
-    expert_order, expert_offsets = segments_by_key(expert_ids, num_experts)
-    grad_router = segment_sum(expert_order, expert_offsets, experts_per_token, grad_gate, hidden)
+    if gate == "logit":
+        expert_order, expert_offsets = segments_by_key(expert_ids, num_experts)
+        grad_router = segment_sum(expert_order, expert_offsets, experts_per_token, grad_w, hidden)
+    else:
+        grad_router = grad_logits.T @ hidden
 
     grad_keys = grad_values = None
     if dense:

@@ -3,12 +3,21 @@
 Three launches, none of which forms a [T, N] or [T, P*S, d] tensor:
 
 1. key scores: (token, expert) pairs sorted by expert; each program multiplies one block of
-   same-expert tokens [BLOCK_M, d] by a slice of that expert's keys [d, BLOCK_S] on tensor
-   cores and writes s = w_e * (K h) into the per-token candidate scores [T, P*S] (fp32).
-2. select: per token, the K_top-th largest candidate score is found by bisection on the
-   scores' order-preserving integer keys (any P*S, no sort), then the winners are compacted
+   same-expert tokens [BLOCK_M, r] by a slice of that expert's keys [r, BLOCK_S] on tensor
+   cores and writes s = w_e * (K x) into the per-token candidate scores [T, P*S] (fp32).
+2. select: per token, the min(K_top, P*S)-th largest candidate score is found by bisection on
+   the scores' order-preserving integer keys (any P*S, no sort), then the winners are compacted
    into ``neuron_ids [T, K_top]`` and ``activations = ReLU(s) [T, K_top]``.
 3. values: y[t] = sum_k a[t, k] V[neuron_ids[t, k]], streamed per token and slice of d.
+
+Widths: the key input x and the keys have width r (r = d, or MEFT's ``low_key_dim`` with
+x = L h computed by the caller); the values and y have width d.
+
+K_top > P*S (allowed up to N): the top-K_top over all N with non-candidates scoring 0 is every
+candidate followed by non-candidates. Slots P*S .. K_top-1 get the first K_top - P*S neurons,
+in ascending id order, of the experts the token did not select, with activation 0: real,
+distinct rows (so unique-id bookkeeping, slot gathers and offload copies work unchanged) that
+add nothing to y and get zero gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouping import expert_blocks
+from .grouping import expert_blocks, surplus_neurons
 from .row_gather_sum import row_gather_sum
 from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in_range,
                          check_int_arg, check_same_dtype, check_shape, check_tensor,
@@ -73,9 +82,11 @@ def _order_key(x):
 @triton.jit
 def _select_topk_kernel(
     scores_ptr, expert_ids_ptr, neuron_ids_ptr, activations_ptr,
-    num_tokens, num_candidates, neurons_per_expert, experts_per_token,
+    num_tokens, num_candidates, neurons_per_expert, experts_per_token, out_stride,
     TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # TOPK <= num_candidates picks per token, written to the first TOPK columns of rows of
+    # out_stride (= K_top) picks
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < num_tokens
     rows = scores_ptr + tokens[:, None] * num_candidates
@@ -121,7 +132,7 @@ def _select_topk_kernel(
         expert = tl.load(expert_ids_ptr + tokens[:, None] * experts_per_token + slot[None, :],
                          mask=chosen, other=0)
         neuron = expert.to(tl.int64) * neurons_per_expert + (cand % neurons_per_expert)[None, :]
-        out = tokens[:, None] * TOPK + position
+        out = tokens[:, None] * out_stride + position
         tl.store(neuron_ids_ptr + out, neuron.to(tl.int32), mask=chosen)
         tl.store(activations_ptr + out, tl.where(score < 0.0, 0.0, score), mask=chosen)
         written += tl.sum(chosen.to(tl.int32), axis=1)
@@ -137,7 +148,9 @@ def _check_selection_inputs(hidden, keys, expert_ids, gate_weights, num_experts,
     check_devices(hidden=hidden, keys=keys, expert_ids=expert_ids, gate_weights=gate_weights)
     num_tokens, hidden_size = hidden.shape
     num_neurons = keys.shape[0]
-    check_shape("keys", keys, (num_neurons, hidden_size))
+    if keys.shape[1] != hidden_size:
+        raise ValueError(f"keys must have shape [N, {hidden_size}] (hidden's width r), "
+                         f"got {tuple(keys.shape)}")
     check_int_arg("num_experts", num_experts, 1, num_neurons)
     if num_neurons % num_experts:
         raise ValueError(f"num_experts ({num_experts}) must divide the number of key rows ({num_neurons})")
@@ -145,7 +158,7 @@ def _check_selection_inputs(hidden, keys, expert_ids, gate_weights, num_experts,
     check_int_arg("expert_ids.shape[1] (experts per token)", experts_per_token, 1, num_experts)
     check_shape("expert_ids", expert_ids, (num_tokens, experts_per_token))
     check_shape("gate_weights", gate_weights, (num_tokens, experts_per_token))
-    check_int_arg("topk", topk, 1, experts_per_token * (num_neurons // num_experts))
+    check_int_arg("topk", topk, 1, num_neurons)
     if check_ids:
         check_ids_in_range("expert_ids", expert_ids, num_experts)
 
@@ -155,12 +168,14 @@ def sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts: int, t
     """MEFT steps 2-3: each token's ``topk`` best candidates among its experts' neurons.
 
     Args:
-        hidden: [T, d], fp16/bf16/fp32, any strides.
-        keys: [N, d], hidden's dtype and device; expert e owns rows e*S .. e*S+S-1, S = N / E.
+        hidden: [T, r], the key input (h, or x = L h with a low-key projection),
+            fp16/bf16/fp32, any strides.
+        keys: [N, r], hidden's dtype and device; expert e owns rows e*S .. e*S+S-1, S = N / E.
         expert_ids: [T, P] int32/int64, each row's distinct experts.
         gate_weights: [T, P] float32, the gate weight w_e of each selected expert.
         num_experts: E, dividing N.
-        topk: K_top, in [1, P * S].
+        topk: K_top, in [1, N]. Past P * S the surplus slots hold non-candidate neurons
+            (the first ones of the unselected experts, ascending) with activation 0.
         check_ids: verify ``expert_ids`` lie in [0, E) (one device sync); callers passing the
             router kernel's own output may skip it.
 
@@ -196,15 +211,20 @@ def sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts: int, t
     block_t = max(1, 2048 // block_c)
     _select_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
         scores, expert_ids, neuron_ids, activations,
-        num_tokens, num_candidates, neurons_per_expert, experts_per_token,
-        TOPK=topk, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_tokens, num_candidates, neurons_per_expert, experts_per_token, topk,
+        TOPK=min(topk, num_candidates), BLOCK_T=block_t, BLOCK_C=block_c,
     )
+    if topk > num_candidates:
+        # every candidate is taken; the rest of the top-K_top over all N are neurons scoring 0
+        neuron_ids[:, num_candidates:] = surplus_neurons(
+            expert_ids, neurons_per_expert, num_experts, topk - num_candidates).to(torch.int32)
+        activations[:, num_candidates:] = 0.0
     return neuron_ids, activations
 
 
 def sparse_kv_values(activations, row_ids, values, check_ids: bool = True):
     """MEFT step 4: ``y[t] = sum_k activations[t, k] * values[row_ids[t, k]]``, [T, d] in
-    values' dtype.
+    values' dtype (d: values' width, which need not be the keys' width r).
 
     ``values`` is the whole [N, d] table (``row_ids`` = neuron ids) or any [U, d] set of rows
     with ``row_ids`` indexing into it, e.g. a prefetch slot holding just the active rows.
@@ -223,14 +243,18 @@ def sparse_kv_values(activations, row_ids, values, check_ids: bool = True):
 def sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, num_experts: int,
                       topk: int, check_ids: bool = True):
     """MEFT steps 2-4 for tokens whose experts are already chosen: :func:`sparse_kv_select`
-    then :func:`sparse_kv_values` (arguments as there; ``values`` [N, d] like ``keys``).
+    then :func:`sparse_kv_values` (arguments as there; ``values`` [N, d], d any width: with a
+    low-key projection ``hidden`` and ``keys`` have width r and ``values`` the model's d).
 
     Returns ``(y [T, d] in hidden's dtype, neuron_ids [T, K_top] int32,
     activations [T, K_top] float32)``; the last two are what the backward needs.
     """
     check_tensor("values", values, 2, FLOAT_DTYPES)
     check_same_dtype(hidden=hidden, values=values)
-    check_shape("values", values, tuple(keys.shape))
+    check_tensor("keys", keys, 2, FLOAT_DTYPES)
+    if values.shape[0] != keys.shape[0]:
+        raise ValueError(f"values must have shape [N={keys.shape[0]}, d] (a row per key row), "
+                         f"got {tuple(values.shape)}")
     neuron_ids, activations = sparse_kv_select(hidden, keys, expert_ids, gate_weights,
                                                num_experts, topk, check_ids)
     y = sparse_kv_values(activations, neuron_ids, values, check_ids=False)

@@ -21,7 +21,12 @@ class MEFTConfig:
 
     ``num_neurons`` (N) key/value rows are split evenly among ``num_experts`` (E) experts; each
     token picks ``experts_per_token`` (P) experts with the router and then its ``topk`` (K_top)
-    best-scoring neurons among their P * N/E candidates.
+    best-scoring neurons among their P * N/E candidates (K_top may be up to N: past the
+    candidates, the surplus picks score 0 and contribute nothing).
+
+    ``low_key_dim`` (r, MEFT's option): None, or a shared projection L [r, hidden_size] whose
+    output x = L h feeds the router and the keys (router [E, r], keys [N, r]; values stay
+    [N, hidden_size]).
 
     ``placement="cpu"`` keeps the fp32 master keys/values and their AdamW state in (pinned) CPU
     memory and moves only active rows: ``transfer`` picks how value rows reach the device
@@ -42,6 +47,7 @@ class MEFTConfig:
     placement: str = "gpu"
     transfer: str = "cpu_gather"
     backward_rows: str = "refetch"
+    low_key_dim: int | None = None
 
     def __post_init__(self) -> None:
         check_int("num_neurons", self.num_neurons)
@@ -66,11 +72,11 @@ class MEFTConfig:
                 f"experts_per_token must be in [1, num_experts={self.num_experts}], "
                 f"got {self.experts_per_token}"
             )
-        if self.topk > self.num_candidates:
-            raise ValueError(
-                f"topk must be in [1, experts_per_token * num_neurons / num_experts = "
-                f"{self.num_candidates}], got {self.topk}"
-            )
+        if self.topk > self.num_neurons:
+            # topk may exceed num_candidates: the surplus picks score 0 and add nothing
+            raise ValueError(f"topk must be in [1, num_neurons={self.num_neurons}], got {self.topk}")
+        if self.low_key_dim is not None:
+            check_int("low_key_dim", self.low_key_dim)
 
     @property
     def neurons_per_expert(self) -> int:

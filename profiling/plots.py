@@ -131,7 +131,7 @@ def plot_memory(df, path: Path, cuda: bool = False):
 
 
 TRANSFER_SERIES = [
-    ("gather_GBps", "host gather fp32 (CPURowStore.gather)"),
+    ("gather_GBps", "host gather fp32 (offload.gather.cpu_gather)"),
     ("gather_cast_GBps", "host gather + cast to compute dtype"),
     ("host_memcpy_GBps", "plain host memcpy, same bytes"),
     ("h2d_cpu_gather_GBps", "H2D cpu_gather (gather + pinned copy)"),

@@ -9,11 +9,30 @@ def test_defaults_and_derived_sizes():
     cfg = MEFTConfig(num_neurons=1024, num_experts=16, experts_per_token=4, topk=32)
     assert cfg.neurons_per_expert == 64 and cfg.num_candidates == 256
     assert MEFTConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.low_key_dim is None
+
+
+def test_topk_may_exceed_the_candidates_up_to_num_neurons():
+    cfg = MEFTConfig(num_neurons=64, num_experts=16, experts_per_token=2, topk=64)
+    assert cfg.num_candidates == 8 and cfg.topk == 64
+    assert MEFTConfig(num_neurons=64, num_experts=16, experts_per_token=2, topk=9).topk == 9
+
+
+def test_low_key_dim_is_serialised_and_compared():
+    cfg = MEFTConfig(num_neurons=64, num_experts=8, experts_per_token=2, topk=4, low_key_dim=16)
+    assert cfg.to_dict()["low_key_dim"] == 16
+    assert MEFTConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg != cfg.replace(low_key_dim=None) and cfg != cfg.replace(low_key_dim=8)
 
 
 @pytest.mark.parametrize("changes, error, match", [
     (dict(num_neurons=100, num_experts=16), ValueError, "must be divisible by num_experts"),
-    (dict(topk=300), ValueError, r"topk must be in \[1, .* = 256\]"),
+    (dict(topk=1025), ValueError, r"topk must be in \[1, num_neurons=1024\], got 1025"),
+    (dict(topk=0), ValueError, "topk must be an int >= 1"),
+    (dict(low_key_dim=0), ValueError, "low_key_dim must be an int >= 1, got 0"),
+    (dict(low_key_dim=-3), ValueError, "low_key_dim must be an int >= 1"),
+    (dict(low_key_dim=8.0), TypeError, "low_key_dim must be an int"),
+    (dict(low_key_dim=True), TypeError, "low_key_dim must be an int"),
     (dict(experts_per_token=17), ValueError, r"experts_per_token must be in \[1, num_experts=16\]"),
     (dict(num_neurons=0), ValueError, "num_neurons must be an int >= 1"),
     (dict(num_experts=-4), ValueError, "num_experts must be an int >= 1"),

@@ -4,6 +4,7 @@ Tiny random Llama / Mistral / Qwen2 models on CPU (hidden 32, 2 layers, vocab 10
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -784,14 +785,33 @@ def test_cpu_placement_save_load_round_trip(tmp_path):
 
 
 def test_offloaded_optimizer_state_round_trip():
-    model = attach_meft(tiny_model("llama"), CPU_CFG)
-    model.train()
-    opt = create_meft_optimizer(model, lr=1e-2, weight_decay=0.01)
-    ids = batch()
-    model(ids, labels=ids).loss.backward()
-    opt.step()
+    """The state, saved and loaded into a fresh model and optimizer, gives the same next step
+    as the run that did not stop (a load that restored nothing would step from zero moments)."""
+    def setup():
+        model = attach_meft(tiny_model("llama"), CPU_CFG).train()
+        return model, create_meft_optimizer(model, lr=1e-2, weight_decay=0.01)
+
+    model, opt = setup()
+    for step in range(2):
+        ids = batch(seed=step)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
     state = opt.state_dict()
     assert len(state["meft_sparse"]) == 2
-    opt.load_state_dict(state)
+    buf = io.BytesIO()
+    torch.save({"opt": state, "adapters": [a.state_dict() for a in meft_adapters(model).values()]}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    model2, opt2 = setup()
+    for adapter, adapter_state in zip(meft_adapters(model2).values(), saved["adapters"]):
+        adapter.load_state_dict(adapter_state)
+    opt2.load_state_dict(saved["opt"])
+    for m, o in ((model, opt), (model2, opt2)):
+        ids = batch(seed=7)
+        m(ids, labels=ids).loss.backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(adapter_tensors(meft_adapters(model).values()),
+                                                 adapter_tensors(meft_adapters(model2).values())))
     with pytest.raises(ValueError, match="sparse optimizer states"):
         opt.load_state_dict({**state, "meft_sparse": state["meft_sparse"][:1]})

@@ -401,15 +401,16 @@ def test_exit_with_copies_and_updates_in_flight_does_not_hang():
         a.sparse_step()                        # an update running on a worker thread
         engine.pause()                         # copies stay in flight from here on
         b.start_routing(torch.randn(4, 12))    # a value-row copy that never completes
-        print("exiting", flush=True)           # no close(): atexit, daemon threads must cope
+        print("exiting", time.monotonic(), flush=True)  # no close(): atexit, daemon threads must cope
         """
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=env)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "exiting" in done.stdout
-    assert time.monotonic() - start < 90
+    # from the script's last line to its exit (CLOCK_MONOTONIC is system-wide); the subprocess
+    # timeout above is far larger, so a slow exit fails here, not as a timeout
+    assert time.monotonic() - float(done.stdout.split()[-1]) < 20
 
 
 # ------------------------------------------------------------------------ property tests

@@ -3,29 +3,33 @@
 import pytest
 import torch
 
+from meft_triton import reference
 from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
 from oracle import float64_grads, rel_err
 
 SHAPES = [  # T, d, E, S, P, K_top
-    (1, 97, 7, 3, 7, 21),
-    (37, 33, 13, 5, 1, 1),
+    (1, 97, 7, 3, 7, 21),     # P = E, K_top = P*S
+    (37, 33, 13, 5, 1, 1),    # K_top = 1
     (50, 64, 16, 16, 4, 16),
     (20, 40, 5, 40, 1, 17),
     (67, 24, 11, 2, 3, 6),
+    (7, 97, 4, 23, 1, 40),    # S = 23, d = 97, K_top > P*S
+    (6, 16, 4, 3, 1, 12),     # K_top = N
 ]
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 
-def run_kernels(shape, dtype, device, gate):
+def run_kernels(shape, dtype, device, gate, pass_lse=True):
+    """Router, forward and backward kernels on fresh inputs; the softmax gate's log-sum-exp
+    goes from router_topk to the backward (``pass_lse``) or is recomputed there."""
     T, d, E, S, P, K = shape
     hidden, router, keys, values, grad_y = (
         torch.randn(*s, device=device).to(dtype) for s in [(T, d), (E, d), (E * S, d), (E * S, d), (T, d)])
     router = (router.float() / d**0.5).to(dtype)  # O(1) logits: an unsaturated softmax is well conditioned
-    gate_logits, expert_ids = router_topk(hidden, router, P)
-    gate_weights = gate_logits.softmax(-1) if gate == "softmax" else gate_logits
+    gate_weights, expert_ids, lse = router_topk(hidden, router, P, gate=gate, return_lse=True)
     _, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, E, K)
     grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_weights,
-                               neuron_ids, activations, gate)
+                               neuron_ids, activations, gate, gate_lse=lse if pass_lse else None)
     return (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads
 
 
@@ -40,6 +44,80 @@ def test_gradients_match_reference(seed, device, poison_outputs, shape, dtype, g
                                   [grads.hidden, grads.router_weight, grads.keys, grads.values], expected):
         assert actual.dtype == dtype, name
         assert rel_err(actual, want) < TOLERANCE[dtype], name
+
+
+def test_softmax_without_saved_lse(seed, device, poison_outputs):
+    """The backward recomputes the log-sum-exp when the forward's is not passed: same result."""
+    shape = (19, 24, 9, 4, 2, 5)
+    torch.manual_seed(seed)
+    _, _, with_lse = run_kernels(shape, torch.float32, device, "softmax")
+    torch.manual_seed(seed)
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), without = run_kernels(
+        shape, torch.float32, device, "softmax", pass_lse=False)
+    for name in ("hidden", "router_weight", "keys", "values"):
+        assert rel_err(getattr(without, name), getattr(with_lse, name)) < 1e-6, name
+    _, expected = float64_grads(hidden, router, keys, values, 2, 5, "softmax", grad_y, expert_ids, neuron_ids)
+    assert rel_err(without.router_weight, expected[1]) < TOLERANCE[torch.float32]
+
+
+def test_softmax_gradient_reaches_every_router_row(seed, device, poison_outputs):
+    """Two tokens choose at most two of 13 experts, yet under "softmax" every router row gets
+    dG_e = sum_t dg_te x_t with dg_te = p_te (dw_te [e chosen] - sum w dw), like autograd."""
+    shape = (2, 16, 13, 3, 1, 2)
+    for gate in ("logit", "softmax"):
+        (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads = run_kernels(
+            shape, torch.float32, device, gate)
+        _, expected = float64_grads(hidden, router, keys, values, 1, 2, gate, grad_y, expert_ids, neuron_ids)
+        assert rel_err(grads.router_weight, expected[1]) < TOLERANCE[torch.float32]
+        assert rel_err(grads.hidden, expected[0]) < TOLERANCE[torch.float32]
+        touched = (grads.router_weight != 0).any(1).cpu()
+        if gate == "softmax":
+            assert touched.all()
+        else:
+            assert touched.sum() <= 2
+
+
+def test_surplus_picks_get_zero_gradients(seed, device, poison_outputs):
+    """K_top > P*S: the non-candidate picks are gradient rows (they are picks) whose dK, dV are 0."""
+    shape = (5, 20, 6, 3, 2, 14)  # P*S = 6
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads = run_kernels(
+        shape, torch.float32, device, "softmax")
+    candidates = set(reference.candidate_ids(expert_ids.long().cpu(), 3).flatten().tolist())
+    assert torch.equal(grads.row_ids.cpu(), neuron_ids.long().unique().cpu())
+    for row_id, key_row, value_row in zip(grads.row_ids.tolist(), grads.key_rows, grads.value_rows):
+        if row_id not in candidates:
+            assert (key_row == 0).all() and (value_row == 0).all(), row_id
+    _, expected = float64_grads(hidden, router, keys, values, 2, 14, "softmax", grad_y, expert_ids, neuron_ids)
+    for actual, want in zip([grads.hidden, grads.router_weight, grads.keys, grads.values], expected):
+        assert rel_err(actual, want) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_low_key_widths(seed, device, poison_outputs, gate, dtype):
+    """MEFT's low_key_dim: the kernels see x = L h [T, r] (router [E, r], keys [N, r]) and
+    values/dy of width d; their dx [T, r] gives dh = dx L and dL = dx^T h, as autograd says."""
+    T, d, r, E, S, P, K = 11, 97, 12, 5, 23, 2, 50  # K_top > P*S as well
+    h, L, router, keys, values, grad_y = (torch.randn(*s, device=device)
+                                          for s in [(T, d), (r, d), (E, r), (E * S, r), (E * S, d), (T, d)])
+    L, router = L / d**0.5, router / r**0.5
+    x = (h @ L.T).to(dtype)
+    router, keys, values, grad_y = (t.to(dtype) for t in (router, keys, values, grad_y))
+    gate_weights, expert_ids, lse = router_topk(x, router, P, gate=gate, return_lse=True)
+    y, neuron_ids, activations = sparse_kv_forward(x, keys, values, expert_ids, gate_weights, E, K)
+    grads = sparse_kv_backward(grad_y, x, router, keys, values, expert_ids, gate_weights, neuron_ids,
+                               activations, gate, gate_lse=lse)
+    assert grads.hidden.shape == (T, r) and grads.key_rows.shape[1] == r and grads.value_rows.shape[1] == d
+
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (h, router, keys, values, L)]
+    y64 = reference.meft_forward(*leaves[:4], P, K, gate, expert_ids=expert_ids.long().cpu(),
+                                 neuron_ids=neuron_ids.long().cpu(), low_key=leaves[4])
+    y64.backward(grad_y.double().cpu())
+    assert rel_err(y, y64) < TOLERANCE[dtype]
+    dx = grads.hidden.double().cpu()
+    actual = [dx @ L.double().cpu(), grads.router_weight, grads.keys, grads.values, dx.T @ h.double().cpu()]
+    for name, a, leaf in zip(["hidden", "router", "keys", "values", "low_key"], actual, leaves):
+        assert rel_err(a, leaf.grad) < TOLERANCE[dtype], name
 
 
 def test_row_sparse_and_dense_agree(seed, device):
@@ -68,8 +146,7 @@ def test_hidden_gradient_only(seed, device, poison_outputs):
     """param_grads=False (a frozen layer): dh as with every gradient, nothing else computed."""
     shape = (31, 20, 6, 5, 2, 4)
     (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), full = run_kernels(shape, torch.float32, device, "softmax")
-    gate_logits, _ = router_topk(hidden, router, 2)
-    gate_weights = gate_logits.softmax(-1)
+    gate_weights, _ = router_topk(hidden, router, 2, gate="softmax")
     _, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, 6, 4)[1:]
     grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_weights, neuron_ids,
                                activations, "softmax", dense=False, param_grads=False)
@@ -79,14 +156,15 @@ def test_hidden_gradient_only(seed, device, poison_outputs):
     assert all(g is None for g in grads[1:])
 
 
-def test_empty_tokens(device):
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_empty_tokens(device, gate):
     d, E, N = 8, 2, 6
     empty_ids = torch.zeros(0, 1, dtype=torch.int32, device=device)
     grads = sparse_kv_backward(torch.zeros(0, d, device=device), torch.zeros(0, d, device=device),
                                torch.randn(E, d, device=device), torch.randn(N, d, device=device),
                                torch.randn(N, d, device=device), empty_ids,
                                torch.zeros(0, 1, device=device), torch.zeros(0, 2, dtype=torch.int32, device=device),
-                               torch.zeros(0, 2, device=device))
+                               torch.zeros(0, 2, device=device), gate)
     assert grads.hidden.shape == (0, d) and grads.row_ids.numel() == 0
     assert (grads.router_weight == 0).all() and (grads.keys == 0).all()
 
@@ -104,6 +182,14 @@ def test_rejects_bad_arguments(device):
         sparse_kv_backward(**{**good, "activations": t(2, 2)})
     with pytest.raises(TypeError, match="grad_y has dtype"):
         sparse_kv_backward(**{**good, "grad_y": t(2, 4).half()})
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(2, 4\)"):
+        sparse_kv_backward(**{**good, "grad_y": t(2, 5)})
+    with pytest.raises(ValueError, match=r"keys must have shape \(6, 4\)"):
+        sparse_kv_backward(**{**good, "keys": t(6, 3)})
+    with pytest.raises(ValueError, match=r"gate_lse must have shape \(2,\)"):
+        sparse_kv_backward(**good, gate="softmax", gate_lse=t(3))
+    with pytest.raises(TypeError, match="gate_lse must have dtype"):
+        sparse_kv_backward(**good, gate="softmax", gate_lse=t(2).double())
 
 
 def test_value_rows_from_a_slot(seed, device):

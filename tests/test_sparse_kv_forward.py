@@ -14,20 +14,41 @@ SHAPES = [  # T, d, E, S, P, K_top
     (20, 40, 5, 40, 1, 17),   # S spans several key tiles
     (67, 24, 11, 2, 3, 6),    # K_top = P*S
     (21, 16, 2, 300, 2, 70),  # candidates span several select chunks
+    (9, 97, 5, 23, 2, 60),    # S = 23, d = 97, K_top > P*S
+    (6, 16, 4, 3, 1, 12),     # K_top = N > P*S
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
-def make_inputs(shape, dtype, device, gate="logit"):
+def make_inputs(shape, dtype, device, gate="logit", value_width=None):
+    """hidden and keys of width d (the key input's width r), values of ``value_width`` (d)."""
     T, d, E, S, P, _ = shape
     hidden = torch.randn(T, d, device=device).to(dtype)
     keys = torch.randn(E * S, d, device=device).to(dtype)
-    values = torch.randn(E * S, d, device=device).to(dtype)
+    values = torch.randn(E * S, value_width or d, device=device).to(dtype)
     expert_ids = torch.stack([torch.randperm(E, device=device)[:P] for _ in range(T)]).int()
     gate_weights = torch.randn(T, P, device=device)
     if gate == "softmax":
         gate_weights = gate_weights.softmax(-1)
     return hidden, keys, values, expert_ids, gate_weights
+
+
+def assert_selection(hidden, keys, expert_ids, gate_weights, neuron_ids, activations, E, K, tol):
+    """The first min(K, P*S) picks are a top-k of the candidates (to ``tol``); past P*S the picks
+    are the first non-candidate neurons (ascending), with activation 0."""
+    S = keys.shape[0] // E
+    scores64, cands = candidate_scores64(hidden, keys, expert_ids, gate_weights, S)
+    num_candidates = cands.shape[1]
+    picked = neuron_ids.long().cpu()[:, :min(K, num_candidates)]
+    position = (cands[:, :, None] == picked[:, None, :]).int().argmax(1)
+    assert torch.equal(cands.gather(1, position), picked), "not a candidate"
+    assert_topk_choice(scores64, position, picked.shape[1], tol=tol)
+    if K > num_candidates:
+        surplus = neuron_ids.long().cpu()[:, num_candidates:]
+        assert torch.equal(surplus, reference.surplus_ids(expert_ids.cpu(), S, E, K - num_candidates))
+        assert (activations[:, num_candidates:] == 0).all()
+        for row in neuron_ids.long().cpu():
+            assert row.unique().numel() == K, "a neuron was picked twice"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -37,11 +58,7 @@ def test_sparse_kv_forward_matches_reference(seed, device, poison_outputs, shape
     hidden, keys, values, expert_ids, gate_weights = make_inputs(shape, dtype, device)
     y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, E, K)
     assert y.dtype == dtype and neuron_ids.dtype == torch.int32 and activations.dtype == torch.float32
-
-    scores64, cands = candidate_scores64(hidden, keys, expert_ids, gate_weights, S)
-    position = (cands[:, :, None] == neuron_ids.long().cpu()[:, None, :]).int().argmax(1)
-    assert torch.equal(cands.gather(1, position), neuron_ids.long().cpu()), "not a candidate"
-    assert_topk_choice(scores64, position, K, tol=TOLERANCE[dtype])
+    assert_selection(hidden, keys, expert_ids, gate_weights, neuron_ids, activations, E, K, TOLERANCE[dtype])
 
     y64, _, act64 = reference.sparse_kv_forward(
         hidden.double().cpu(), keys.double().cpu(), values.double().cpu(), expert_ids.long().cpu(),
@@ -50,15 +67,38 @@ def test_sparse_kv_forward_matches_reference(seed, device, poison_outputs, shape
     assert rel_err(y, y64) < TOLERANCE[dtype]
 
 
-def test_forward_after_router_kernel(seed, device):
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("topk", [5, 19])  # 19 > P*S = 16
+def test_forward_after_router_kernel(seed, device, poison_outputs, gate, topk):
     hidden, keys, values = (torch.randn(*s, device=device) for s in [(30, 20), (48, 20), (48, 20)])
-    router = torch.randn(6, 20, device=device)
-    gate_logits, expert_ids = router_topk(hidden, router, 2)
-    y, neuron_ids, _ = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights=gate_logits,
-                                         num_experts=6, topk=5)
-    y64 = reference.meft_forward(hidden.double().cpu(), router.double().cpu(), keys.double().cpu(),
-                                 values.double().cpu(), 2, 5, expert_ids=expert_ids.cpu(),
-                                 neuron_ids=neuron_ids.cpu())
+    router = torch.randn(6, 20, device=device) / 2
+    gate_weights, expert_ids = router_topk(hidden, router, 2, gate=gate)
+    y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights=gate_weights,
+                                                   num_experts=6, topk=topk)
+    h64, G64 = hidden.double().cpu(), router.double().cpu()
+    _, ref_experts, ref_weights = reference.route(h64, G64, 2, gate, expert_ids.cpu())
+    assert rel_err(gate_weights, ref_weights) < 1e-5
+    assert_selection(hidden, keys, expert_ids, gate_weights, neuron_ids, activations, 6, topk, 1e-5)
+    y64 = reference.meft_forward(h64, G64, keys.double().cpu(), values.double().cpu(), 2, topk, gate,
+                                 expert_ids=expert_ids.cpu(), neuron_ids=neuron_ids.cpu())
+    assert rel_err(y, y64) < 1e-5
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_low_key_widths(seed, device, poison_outputs, gate):
+    """MEFT's low_key_dim: x = L h [T, r] routes and scores (router [E, r], keys [N, r]); the
+    values and y keep the model width d."""
+    T, d, r, E, S, P, K = 13, 97, 12, 5, 23, 2, 50  # K_top > P*S as well
+    h, L, G = (torch.randn(*s, device=device) for s in [(T, d), (r, d), (E, r)])
+    keys, values = torch.randn(E * S, r, device=device), torch.randn(E * S, d, device=device)
+    x = h @ (L / d**0.5).T
+    gate_weights, expert_ids = router_topk(x, G, P, gate=gate)
+    y, neuron_ids, activations = sparse_kv_forward(x, keys, values, expert_ids, gate_weights, E, K)
+    assert y.shape == (T, d) and neuron_ids.shape == (T, K)
+    assert_selection(x, keys, expert_ids, gate_weights, neuron_ids, activations, E, K, 1e-5)
+    y64 = reference.meft_forward(h.double().cpu(), G.double().cpu(), keys.double().cpu(),
+                                 values.double().cpu(), P, K, gate, expert_ids=expert_ids.cpu(),
+                                 neuron_ids=neuron_ids.cpu(), low_key=(L / d**0.5).double().cpu())
     assert rel_err(y, y64) < 1e-5
 
 
@@ -99,12 +139,13 @@ def test_empty_tokens(device):
 
 @pytest.mark.parametrize("bad, error, match", [
     (dict(topk=0), ValueError, "topk must be in"),
-    (dict(topk=9), ValueError, r"topk must be in \[1, 4\]"),
+    (dict(topk=9), ValueError, r"topk must be in \[1, 8\], got 9"),
     (dict(num_experts=3), ValueError, "must divide"),
     (dict(expert_ids=torch.tensor([[0, 4]] * 3)), ValueError, r"expert_ids must hold ids in \[0, 4\)"),
     (dict(expert_ids=torch.zeros(3, 2)), TypeError, "expert_ids must have dtype"),
     (dict(gate_weights=torch.ones(3, 2).half()), TypeError, "gate_weights must have dtype"),
-    (dict(values=torch.randn(8, 5)), ValueError, "values must have shape"),
+    (dict(values=torch.randn(7, 4)), ValueError, r"values must have shape \[N=8, d\]"),
+    (dict(keys=torch.randn(8, 5), values=torch.randn(8, 5)), ValueError, r"keys must have shape \[N, 4\]"),
     (dict(keys=torch.randn(8, 4).double()), TypeError, "keys must have dtype"),
     (dict(gate_weights=torch.ones(3, 3)), ValueError, "gate_weights must have shape"),
 ])

@@ -1,32 +1,24 @@
-"""The profiling sweep (issue 5): files and columns, plots, byte accounting, flag checks.
+"""The profiling sweep (issue 5): files and columns, plots, byte accounting, the library's
+placement-"cpu" pipeline and its counters, flag checks.
 
 CPU only, tiny shapes; the whole file runs in well under a minute.
 """
 
 import json
 import math
-import re
 
 import pandas as pd
 import pytest
 import torch
 
 from profiling import metrics, plots, sweep
+from profiling.sweep import transfer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--hidden-size", "16", "--layers", "3", "--max-layers", "2", "-N", "64,128", "-E", "4", "-P", "2",
         "-K", "4", "-T", "8", "--repeats", "1", "--warmup", "0", "--transfer-rows", "16,64",
         "--threads", "1", "--no-progress", "--dtype", "float32"]
 PLOTS = ("tokens_per_s_vs_N.png", "gpu_memory_vs_N.png", "transfer_GBps_vs_rows.png", "step_breakdown.png")
-
-
-def documented_columns() -> list[str]:
-    """Column names of the module docstring's table (the first word of each table line)."""
-    doc = sweep.__doc__
-    table = doc[doc.index("CSV columns"):]
-    lines = table.splitlines()
-    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"=+\s+=+", line)]
-    return [line.split()[0] for line in lines[rules[0] + 1: rules[1]] if line and not line[0].isspace()]
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +30,41 @@ def tiny_run(tmp_path_factory):
     return out, pd.read_csv(out / "sweep.csv")
 
 
-def test_columns_are_documented():
-    assert documented_columns() == sweep.COLUMNS
+def test_every_column_is_described_next_to_the_csv(tiny_run):
+    out, df = tiny_run
+    assert list(sweep.COLUMNS) == sweep.COLUMN_NAMES == list(df.columns)
+    table = (out / "columns.md").read_text().splitlines()
+    assert table[0] == "| column | unit | meaning |"
+    described = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert list(described) == sweep.COLUMN_NAMES
+    assert "| step_ms | ms |" in described["step_ms"] and "| bytes |" in described["h2d_bytes_measured"]
+    for unit, meaning in sweep.COLUMNS.values():
+        assert meaning and unit in ("", "ms", "bytes", "rows", "count", "ratio", "GB/s", "tokens/s")
+
+
+def test_an_undescribed_column_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="undescribed sweep columns: made_up"):
+        sweep.check_described([*sweep.COLUMN_NAMES, "made_up"])
+    df = pd.DataFrame([dict.fromkeys([*sweep.COLUMN_NAMES, "made_up"], 1.0)])
+    with pytest.raises(ValueError, match="made_up"):
+        sweep.write_outputs(df, {"mode": "cpu"}, tmp_path, plots=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_sweep_writes_csv_json_meta_table_and_plots(tiny_run, capsys):
     out, df = tiny_run
-    for name in ("sweep.csv", "sweep.json", "meta.json", "summary.md", *PLOTS):
+    for name in ("sweep.csv", "sweep.json", "columns.md", "meta.json", "summary.md", *PLOTS):
         assert (out / name).is_file(), name
-    assert list(df.columns) == sweep.COLUMNS
     records = json.loads((out / "sweep.json").read_text())
-    assert len(records) == len(df) and list(records[0]) == sweep.COLUMNS
+    assert len(records) == len(df) and list(records[0]) == sweep.COLUMN_NAMES
     meta = json.loads((out / "meta.json").read_text())
     assert meta["machine"]["torch"] == torch.__version__ and meta["wall_s"] > 0
     assert "| N " in (out / "summary.md").read_text()
 
     steps = df[df["kind"] == "step"]
-    expected = {("meft", "gpu"), ("meft", "cpu"), ("meft-original", "gpu"), ("dense", "gpu"), ("lora", "gpu")}
-    if not torch.cuda.is_available():
-        expected |= {("reference", "gpu"), ("reference", "cpu")}
+    # the same points with and without CUDA: placement "cpu" is the library's MEFTAdapter only
+    expected = {("meft", "gpu"), ("meft", "cpu"), ("reference", "gpu"), ("meft-original", "gpu"), ("dense", "gpu"),
+                ("lora", "gpu")}
     assert set(zip(steps["impl"], steps["placement"])) == expected
     assert sorted(steps["num_neurons"].unique()) == [64, 128]
     assert (steps["layers"] == 3).all() and (steps["layers_run"] == 2).all()
@@ -65,6 +73,12 @@ def test_sweep_writes_csv_json_meta_table_and_plots(tiny_run, capsys):
     cpu_rows = steps[steps["placement"] == "cpu"]
     assert set(cpu_rows["backward_rows"]) == {"refetch", "keep"}
     assert (cpu_rows["h2d_bytes_per_step"] > 0).all() and (cpu_rows["d2h_bytes_per_step"] > 0).all()
+    # the library's own counters, and the rows copied again through its Prefetcher and copy engine
+    assert (cpu_rows["h2d_bytes_measured"] > 0).all() and (cpu_rows["d2h_bytes_measured"] > 0).all()
+    for text in cpu_rows["adapter_counters"]:
+        assert set(json.loads(text)) == {"bytes_to_device", "bytes_to_host", "rows_reused"}
+    assert (cpu_rows["copy_ms"] > 0).all() and (cpu_rows["achieved_GBps"] > 0).all()
+    assert cpu_rows["copy_hidden_share"].between(0, 1).all()
     assert (steps[steps["placement"] == "gpu"]["h2d_bytes_per_step"] == 0).all()
     # placement "cpu" keeps less on the device than placement "gpu" at the same N
     for n in (64, 128):
@@ -79,7 +93,9 @@ def test_sweep_writes_csv_json_meta_table_and_plots(tiny_run, capsys):
         assert steps["note"].str.contains("NVML").all()
         ref = steps[(steps["impl"] == "reference")]
         assert ref["t_router_ms"].notna().all() and ref["t_optimizer_ms"].notna().all()
-        assert ref[ref["placement"] == "cpu"]["t_copy_wait_ms"].notna().all()
+        # placement "cpu" on CPU compute: the wait for the library's value-row copy, timed on its own
+        assert (cpu_rows["t_copy_wait_ms"] >= 0).all()
+        assert steps[steps["placement"] == "gpu"]["t_copy_wait_ms"].isna().all()
 
 
 def test_main_prints_table_and_one_gpu_line(tmp_path, capsys):
@@ -112,12 +128,12 @@ def test_plots_are_pngs_with_expected_series(tiny_run, tmp_path):
     assert f"{main}, placement=cpu (cpu_gather, refetch) [accounting]" in labels
 
     _, labels = plots.plot_transfer(df, tmp_path / "p.png")
-    assert "host gather fp32 (CPURowStore.gather)" in labels and "plain host memcpy, same bytes" in labels
+    assert "host gather fp32 (offload.gather.cpu_gather)" in labels and "plain host memcpy, same bytes" in labels
     assert "training steps, placement=cpu (rows per layer)" in labels
 
     _, labels = plots.plot_breakdown(df, tmp_path / "b.png")
     assert {"backward", "optimizer"} <= set(labels)
-    if not torch.cuda.is_available():  # the staged reference gives every stage
+    if not torch.cuda.is_available():  # the staged reference and placement "cpu"'s copy wait
         assert {"router", "keys", "copy wait", "values"} <= set(labels)
     for name in ("t.png", "m.png", "p.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
@@ -152,6 +168,34 @@ def test_sweep_bytes_equal_active_rows_times_row_bytes(tmp_path):
         assert row["h2d_rows_per_step"] == 2 * 16 * 3
         assert row["h2d_bytes_per_step"] == 2 * 16 * 3 * 8 * 4
         assert row["d2h_bytes_per_step"] == 2 * 16 * 2 * 8 * 4
+        # OffloadRuntime's counters: value rows forward + refetched (key-cache refresh not counted)
+        # and gradient rows with their int64 ids
+        assert row["h2d_bytes_measured"] == 2 * 16 * 2 * 8 * 4
+        assert row["d2h_bytes_measured"] == 2 * 16 * (2 * 8 * 4 + 8)
+
+
+def test_transfer_rows_go_through_the_library_pipeline(monkeypatch):
+    """Transfer rows: the host gather is offload.gather.cpu_gather (what the "cpu_gather" engine runs),
+    and the engine round trips are the library's Prefetcher on offload.default_engine."""
+    gathered = []
+    real_gather = transfer.cpu_gather
+    monkeypatch.setattr(transfer, "cpu_gather", lambda rows, ids, out: gathered.append(out.dtype) or
+                        real_gather(rows, ids, out))
+    shape = sweep.Shape("tiny", 8, 1, 1, 32, 1, 1, 1, 1, "bfloat16")
+    out = transfer.measure_transfer_rows(shape, 16, repeats=1, cuda=False)
+    assert set(gathered) == {torch.float32, torch.bfloat16}
+    assert out["gather_GBps"] > 0 and out["gather_cast_GBps"] > 0 and out["host_memcpy_GBps"] > 0
+    assert all(math.isnan(out[c]) for c in ("h2d_cpu_gather_GBps", "h2d_zero_copy_GBps", "d2h_GBps"))
+
+    prefetched = []
+    real_prefetch = transfer.Prefetcher.prefetch
+    monkeypatch.setattr(transfer.Prefetcher, "prefetch",
+                        lambda self, layer, ids: prefetched.append(ids.numel()) or real_prefetch(self, layer, ids))
+    store = transfer.transfer_store(32, 8)
+    h2d, d2h = transfer.engine_GBps(store, transfer.random_rows(32, 16), torch.bfloat16, torch.device("cpu"),
+                                    "cpu_gather", repeats=1)
+    assert h2d > 0 and d2h > 0 and set(prefetched) == {16}
+    transfer.transfer_store.cache_clear()
 
 
 def test_memory_accounting_and_lora_rank():
@@ -253,7 +297,7 @@ def test_markdown_table():
 def test_cross_row_columns_speedup_and_hidden_copy_estimate():
     """speedup_vs_reference divides by the reference step of the same shape; without adapter
     copy timers the hidden share is 1 - (step cpu - step gpu) / copy time, clamped to [0, 1]."""
-    base = {c: float("nan") for c in sweep.COLUMNS}
+    base = dict.fromkeys(sweep.COLUMN_NAMES, float("nan"))
     shape = dict(kind="step", preset="tiny", hidden_size=8, num_neurons=64, num_experts=4, experts_per_token=2,
                  topk=4, tokens=8, dtype="float32")
     rows = [
@@ -262,7 +306,7 @@ def test_cross_row_columns_speedup_and_hidden_copy_estimate():
         {**base, **shape, "impl": "meft", "placement": "cpu", "step_ms": 12.0, "copy_ms": 8.0},
         {**base, **shape, "impl": "meft", "placement": "cpu", "step_ms": 30.0, "copy_ms": 8.0},
     ]
-    df = sweep._finish(pd.DataFrame(rows, columns=sweep.COLUMNS))
+    df = sweep.add_cross_row_columns(pd.DataFrame(rows, columns=sweep.COLUMN_NAMES))
     assert list(df["speedup_vs_reference"]) == [1.0, 4.0, 40 / 12, 40 / 30]
     assert df.loc[2, "copy_hidden_share"] == pytest.approx(0.75)
     assert df.loc[3, "copy_hidden_share"] == 0.0

@@ -1,0 +1,131 @@
+"""The shapes and the launcher calls of the static report.
+
+Each workload calls a real public launcher of ``meft_triton.kernels`` on CPU tensors of the
+real shapes (large float tensors come from ``torch.empty``: never written, so they cost no
+memory; the kernels are only compiled). Index tensors hold real routing: each token picks P
+distinct experts uniformly at random and K_top of their P*S candidates, so the host-side
+bookkeeping (pair blocks, unique rows, segments) and the grids derived from it are what a
+launch on uniformly routed tokens gives.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d: int          # hidden width (keys, values, router all width d: no low-key projection)
+    N: int          # neurons
+    E: int          # experts
+    P: int          # experts per token
+    K: int          # K_top
+    T: int          # tokens per micro-batch
+    smt_block: int  # SMT block side
+    smt_blocks: int  # SMT blocks in the launch (one [d, d] matrix)
+
+    @property
+    def S(self) -> int:
+        return self.N // self.E
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), S=self.S)
+
+
+#: DESIGN.md section 2's presets, and a small odd shape (nothing a power of two).
+SHAPES = {
+    "paper-7b": Shape("paper-7b", d=4096, N=8464, E=368, P=8, K=64, T=256, smt_block=256, smt_blocks=16),
+    "scale-7b": Shape("scale-7b", d=4096, N=65536, E=1024, P=8, K=64, T=4096, smt_block=256, smt_blocks=16),
+    "odd": Shape("odd", d=97, N=23 * 7, E=7, P=3, K=5, T=23, smt_block=16, smt_blocks=3),
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: stage labels, per workload, in launch order of each Triton kernel (the nth launch of a
+#: kernel within a workload gets the nth label). A launch not listed here is reported under
+#: "<workload>:<kernel>#<n>" without a floor.
+STAGE_LABELS = {
+    "router_topk": {"_router_topk_kernel": ["router_topk"]},
+    "forward": {"_key_scores_kernel": ["key_scores"], "_select_topk_kernel": ["select_topk"],
+                "_row_gather_sum_kernel": ["values"]},
+    "backward": {"_score_grads_kernel": ["score_grads"], "_row_gather_sum_kernel": ["dx"],
+                 "_segment_sum_kernel": ["dK_dV", "dG"],
+                 "_softmax_gate_grad_kernel": ["softmax_gate_grad"]},
+    "smt": {"_smt_block_grad_kernel": ["smt_block_grad"]},
+    "zero_copy": {"_zero_copy_gather_kernel": ["zero_copy_gather"]},
+}
+
+
+KERNEL_MODULES = ("router_topk", "row_gather_sum", "segment_sum", "smt_block_grad",
+                  "sparse_kv_backward", "sparse_kv_forward", "validation", "zero_copy_gather")
+
+
+def kernel_modules():
+    # by import_module: the package re-exports functions under some module names (router_topk)
+    return [importlib.import_module(f"meft_triton.kernels.{name}") for name in KERNEL_MODULES]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    T, d, N, E, P, K, S = shape.T, shape.d, shape.N, shape.E, shape.P, shape.K, shape.S
+    expert_ids = torch.rand(T, E, generator=g).topk(P, dim=1).indices.to(torch.int32)
+    cand = torch.rand(T, P * S, generator=g).topk(min(K, P * S), dim=1).indices
+    neuron_ids = (expert_ids.gather(1, cand // S).long() * S + cand % S).to(torch.int32)
+    inputs = dict(
+        hidden=torch.empty(T, d, dtype=dtype), grad_y=torch.empty(T, d, dtype=dtype),
+        router=torch.empty(E, d, dtype=dtype), keys=torch.empty(N, d, dtype=dtype),
+        values=torch.empty(N, d, dtype=dtype), expert_ids=expert_ids,
+        gate_weights=torch.rand(T, P, generator=g), neuron_ids=neuron_ids,
+        activations=torch.rand(T, neuron_ids.shape[1], generator=g),
+    )
+    # SMT: n blocks spread over one [d, d] weight (row-major order of a coarse grid)
+    b = shape.smt_block
+    nr = -(-d // b)
+    picks = torch.arange(shape.smt_blocks) * max(1, (nr * nr) // shape.smt_blocks)
+    r0, c0 = (picks // nr) * b, (picks % nr) * b
+    inputs["smt"] = (r0, torch.clamp(r0 + b, max=d), c0, torch.clamp(c0 + b, max=d))
+    inputs["unique_rows"] = torch.unique(neuron_ids.long())
+    return inputs
+
+
+def context(shape: Shape, inputs: dict, dtype: torch.dtype) -> dict:
+    """What the floors need besides the shape: distinct rows and experts this routing uses."""
+    r0, r1, c0, c1 = inputs["smt"]
+    return dict(shape.as_dict(), es=torch.finfo(dtype).bits // 8,
+                U=int(inputs["unique_rows"].numel()),
+                Ue=int(torch.unique(inputs["expert_ids"]).numel()),
+                smt_rows=int(torch.unique(torch.cat([torch.arange(a, b) for a, b in zip(r0.tolist(), r1.tolist())])).numel()),
+                smt_cols=int(torch.unique(torch.cat([torch.arange(a, b) for a, b in zip(c0.tolist(), c1.tolist())])).numel()),
+                smt_area=int(((r1 - r0) * (c1 - c0)).sum()))
+
+
+def run_workloads(shape: Shape, inputs: dict, names=None):
+    """Call each launcher once; yields the workload name before each call."""
+    from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_select, sparse_kv_values
+    from meft_triton.kernels.smt_block_grad import smt_block_grad
+    from meft_triton.kernels.zero_copy_gather import zero_copy_gather_rows
+
+    x = inputs
+    calls = {
+        "router_topk": lambda: router_topk(x["hidden"], x["router"], shape.P),
+        "forward": lambda: (
+            sparse_kv_select(x["hidden"], x["keys"], x["expert_ids"], x["gate_weights"], shape.E,
+                             shape.K, check_ids=False),
+            sparse_kv_values(x["activations"], x["neuron_ids"], x["values"], check_ids=False)),
+        "backward": lambda: sparse_kv_backward(
+            x["grad_y"], x["hidden"], x["router"], x["keys"], x["values"], x["expert_ids"],
+            x["gate_weights"], x["neuron_ids"], x["activations"], gate="logit", dense=False,
+            check_ids=False),
+        "smt": lambda: smt_block_grad(x["grad_y"], x["hidden"], *x["smt"], shape.smt_block,
+                                      check_blocks=False),
+        "zero_copy": lambda: zero_copy_gather_rows(
+            x["values"], x["unique_rows"], torch.empty(x["unique_rows"].numel(), shape.d,
+                                                       dtype=x["values"].dtype)),
+    }
+    for name, call in calls.items():
+        if names is None or name in names:
+            yield name, call
