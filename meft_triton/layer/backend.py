@@ -31,8 +31,12 @@ class TritonStages:
     def route(hidden, router_weight, experts_per_token, gate):
         from meft_triton.kernels import router_topk
 
-        gate_logits, expert_ids = router_topk(hidden, router_weight, experts_per_token)
-        return expert_ids, (gate_logits.softmax(-1) if gate == "softmax" else gate_logits)
+        if gate == "softmax":
+            gate_weights, expert_ids, gate_lse = router_topk(hidden, router_weight, experts_per_token, gate=gate,
+                                                             return_lse=True)
+            return expert_ids, gate_weights, gate_lse
+        gate_weights, expert_ids = router_topk(hidden, router_weight, experts_per_token, gate=gate)
+        return expert_ids, gate_weights, None
 
     @staticmethod
     def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
@@ -48,12 +52,12 @@ class TritonStages:
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
-                 activations, local_ids, gate, param_grads=True):
+                 activations, local_ids, gate, gate_lse=None, param_grads=True):
         from meft_triton.kernels import sparse_kv_backward
 
         grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights,
                                    neuron_ids, activations, gate, dense=False, check_ids=False,
-                                   value_ids=local_ids, param_grads=param_grads)
+                                   value_ids=local_ids, param_grads=param_grads, gate_lse=gate_lse)
         return grads.hidden, grads.router_weight, grads.row_ids, grads.key_rows, grads.value_rows
 
 
@@ -63,14 +67,15 @@ class TorchStages:
     @staticmethod
     def route(hidden, router_weight, experts_per_token, gate):
         _, expert_ids, gate_weights = reference.route(hidden, router_weight, experts_per_token, gate)
-        return expert_ids, gate_weights.float()
+        return expert_ids, gate_weights.float(), None
 
     @staticmethod
     def select(hidden, keys, expert_ids, gate_weights, num_experts, topk):
         neurons_per_expert = keys.shape[0] // num_experts
         weights = gate_weights.to(hidden.dtype)
         scores = reference.candidate_scores(hidden, keys, expert_ids, weights, neurons_per_expert)
-        neuron_ids = reference.select_neurons(scores, reference.candidate_ids(expert_ids, neurons_per_expert), topk)
+        neuron_ids = reference.select_neurons(scores, reference.candidate_ids(expert_ids, neurons_per_expert), topk,
+                                              keys.shape[0], expert_ids)
         chosen = reference.selected_scores(hidden, keys, expert_ids, weights, neuron_ids, neurons_per_expert)
         return neuron_ids, torch.relu(chosen).float()
 
@@ -80,7 +85,7 @@ class TorchStages:
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
-                 activations, local_ids, gate, param_grads=True):
+                 activations, local_ids, gate, gate_lse=None, param_grads=True):
         active = torch.unique(neuron_ids.long(), sorted=True)
         num_experts = router_weight.shape[0]
         neurons_per_expert = keys.shape[0] // num_experts

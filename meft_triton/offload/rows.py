@@ -43,6 +43,7 @@ class RoutedTokens:
     hidden: Tensor          # [T, d] in the compute dtype (what autograd differentiates)
     expert_ids: Tensor      # [T, P]
     gate_weights: Tensor    # [T, P] fp32
+    gate_lse: Tensor | None  # [T] fp32, log-sum-exp over all E logits (gate "softmax", kernels only)
     neuron_ids: Tensor      # [T, K]
     activations: Tensor     # [T, K] fp32
     local_ids: Tensor       # [T, K]: each pick's row in the slot
@@ -133,7 +134,7 @@ class OffloadedRows:
         stages = stages_for(flat, cfg.backend)
         with torch.no_grad():
             router_weight = self.adapter.router.weight.to(flat.dtype)
-            expert_ids, gate_weights = stages.route(flat, router_weight, cfg.experts_per_token, cfg.gate)
+            expert_ids, gate_weights, gate_lse = stages.route(flat, router_weight, cfg.experts_per_token, cfg.gate)
             neuron_ids, activations = stages.select(flat, self.key_cache.tensor, expert_ids, gate_weights,
                                                     cfg.num_experts, cfg.topk)
             active, local_ids = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
@@ -146,7 +147,7 @@ class OffloadedRows:
             ticket = prefetcher.prefetch(self.layer, fetch)
         self.runtime.bytes_to_device += fetch.numel() * self.runtime.hidden_size * flat.element_size()
         self.runtime.rows_reused += active.numel() - fetch.numel()
-        return RoutedTokens(flat, expert_ids, gate_weights, neuron_ids, activations, local_ids,
+        return RoutedTokens(flat, expert_ids, gate_weights, gate_lse, neuron_ids, activations, local_ids,
                             ticket, hidden.dtype, hidden.shape, cached, cache)
 
     def abandon(self, routed: RoutedTokens) -> None:
@@ -221,7 +222,7 @@ class _OffloadedValues(torch.autograd.Function):
             grad_hidden, grad_router, row_ids, key_rows, value_rows = stages.backward(
                 grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache.tensor,
                 slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
-                routed.local_ids, cfg.gate, param_grads=trained)
+                routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
         finally:
             prefetcher.release(ticket)
         if ticket.slot is not None:  # copied again (not rows kept from the forward)
