@@ -50,10 +50,33 @@ def test_torch_backend_is_the_reference_in_float64(seed, gate):
         assert rel_err(a, want) < 1e-9
 
 
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("shape", [(12, 30, 5, 2, 7), (9, 46, 2, 1, 40), (5, 24, 4, 4, 24)])  # d, N, E, P, K_top
+def test_adapter_is_meft_original_formulation_in_float64(seed, shape, gate):
+    """The layer (reference path) against MEFT's own dense-masked formula, forward and every
+    gradient, including K_top past P*S (S = 23 with P = 1: 17 surplus picks) and K_top = N."""
+    d, N, E, P, K = shape
+    adapter = make_adapter(d, dtype=torch.float64, num_neurons=N, num_experts=E, experts_per_token=P,
+                           topk=K, gate=gate, backend="torch")
+    hidden = torch.randn(11, d, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(11, d, dtype=torch.float64)
+    y = adapter(hidden)
+    y.backward(grad_y)
+    params = [adapter.router.weight, adapter.keys, adapter.values]
+    ours = [hidden.grad] + [p.grad for p in params]
+    leaves = [t.detach().clone().requires_grad_() for t in [hidden] + params]
+    y_orig = reference.meft_original_forward(*leaves, P, K, gate)
+    y_orig.backward(grad_y)
+    assert rel_err(y, y_orig) < 1e-9
+    for name, a, leaf in zip(["hidden", "router", "keys", "values"], ours, leaves):
+        assert rel_err(a, leaf.grad) < 1e-9, name
+
+
 LAYER_SHAPES = [  # leading dims, d, N, E, P, K_top
     ((3, 7), 19, 36, 6, 2, 5),
     ((1,), 40, 13, 13, 13, 13),   # S = 1, P = E, K_top = P*S
     ((2, 2, 5), 16, 64, 4, 1, 16),
+    ((23,), 17, 69, 3, 1, 30),    # S = 23, K_top > P*S: 7 surplus picks score 0
 ]
 
 
@@ -105,7 +128,7 @@ def test_any_valid_config_matches_reference(data):
     E = data.draw(st.integers(1, 12), label="E")
     S = data.draw(st.integers(1, 9), label="S")
     P = data.draw(st.integers(1, E), label="P")
-    K = data.draw(st.integers(1, P * S), label="K_top")
+    K = data.draw(st.integers(1, E * S), label="K_top")  # past P*S too
     d = data.draw(st.integers(1, 48), label="d")
     T = data.draw(st.integers(1, 40), label="T")
     gate = data.draw(st.sampled_from(["logit", "softmax"]), label="gate")
