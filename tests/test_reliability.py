@@ -290,7 +290,7 @@ def test_background_update_error_surfaces_once_at_the_next_forward(seed, monkeyp
     assert [s.step_count for s in opt.sparse] == [1, 1]
 
 
-def test_failed_copies_surface_where_their_rows_are_needed(seed):
+def test_failed_copies_surface_where_their_rows_are_needed(seed, monkeypatch):
     """Through a runtime on a fault-injecting engine: a failed host->device copy raises
     CopyFailedError naming the layer at the forward, a failed refetch at the backward, a failed
     gradient copy at the optimizer step; none writes anything, and the next call works (the slot
@@ -313,8 +313,19 @@ def test_failed_copies_surface_where_their_rows_are_needed(seed):
         y.square().sum().backward()
 
     opt.zero_grad()
+    real_copy_out = engine.copy_out
+
+    def copy_out_in_issue_order(tensors):
+        # Each gradient copy finishes before the next is issued: the workers pick a random
+        # eligible copy, so otherwise the fault could hit layer 0's copy when they fall behind.
+        future = real_copy_out(tensors)
+        future.exception(timeout=60)  # waits for it (the fault shows in the future, not here)
+        return future
+
+    monkeypatch.setattr(engine, "copy_out", copy_out_in_issue_order)
     engine.fail_next(1, kind="out")  # the first gradient copy of the next backward (layer 1)
     poisoned_backward(adapters, hidden, bad_token=None)
+    monkeypatch.undo()
     with pytest.raises(CopyFailedError, match="gradient rows of layer 1"):
         opt.step()
     opt.zero_grad()
