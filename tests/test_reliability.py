@@ -1,10 +1,10 @@
 """Reliability (issue 7): non-finite gradients, faults at the layer level, NaN/Inf inputs under
 placement "cpu", and property tests over random configs (placements agree, save/load is exact).
 
-What the engine-level tests already cover is not repeated here: tests/test_prefetch.py (failed,
+What the engine-level tests already cover is not repeated here: tests/offload/test_prefetch.py (failed,
 cancelled and timed-out copies at acquire, worker crashes, slot OOM, close and interpreter exit
-with copies in flight on the bare Prefetcher), tests/test_optim.py (SparseRowAdamW's worker
-exception surfacing at its next call), tests/test_integration.py (atomic save_adapter, corrupt
+with copies in flight on the bare Prefetcher), tests/optimizers/test_optim.py (SparseRowAdamW's worker
+exception surfacing at its next call), tests/integration/test_integration.py (atomic save_adapter, corrupt
 adapter files, save/load property for placement "gpu").
 """
 

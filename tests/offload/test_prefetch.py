@@ -23,7 +23,7 @@ from fake_copy_engine import FakeCopyEngine
 
 from meft_triton.offload.gather import DaemonPool
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 WAIT = 20.0  # generous bound on any wait in a test (a hang fails instead of blocking CI)
 

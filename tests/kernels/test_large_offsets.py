@@ -19,7 +19,7 @@ N = E * S
 @pytest.fixture(scope="module")
 def tables():
     if torch.cuda.is_available():
-        pytest.skip("the GPU variant is tests/test_gpu.py::test_offsets_past_2_31")
+        pytest.skip("the GPU variant is tests/kernels/test_gpu.py::test_offsets_past_2_31")
     try:
         return torch.empty(N, D, dtype=torch.float16), torch.empty(N, D, dtype=torch.float16)
     except RuntimeError as err:  # address space or overcommit limits

@@ -26,7 +26,7 @@ from meft_triton import (OffloadedAdamW, attach_meft, create_meft_optimizer, det
 
 from oracle import adapter_tensors, take_grad_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 100
 CFG = MEFTConfig(num_neurons=256, num_experts=16, experts_per_token=4, topk=8, backend="torch")
 

@@ -3,7 +3,7 @@
 hook, the HF Trainer callback, and the device->host bytes / CPU optimizer time with and
 without IST.
 
-``python tests/test_ist.py [steps]`` prints the measurement table (tiny Llama, placement
+``python tests/addons/test_ist.py [steps]`` prints the measurement table (tiny Llama, placement
 "cpu", 4 layers, rho = 0.25)."""
 
 from __future__ import annotations

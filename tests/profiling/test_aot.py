@@ -15,7 +15,7 @@ import pytest
 
 from profiling.aot import model, report, sass
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in a fresh process without TRITON_INTERPRET; prints one JSON line.
 _COMPILE_SCRIPT = r"""
