@@ -744,7 +744,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.model == "tiny":
         scale = dict(budgets_mib=[2.0, 8.0, 32.0], lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1], steps=150,
-                     facts=256, batch_size=16, smt_warmup=10)
+                     facts=128, batch_size=16, smt_warmup=10)
         if not args.quick:
             scale.update(steps=600, facts=1024)
     else:
@@ -783,7 +783,7 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     for job in jobs:
         b, m, lr, s = job
         pl = plan(m, b, bb, args)
-        key = ("meft-gpu" if m in ("meft-gpu", "meft-eqparams") else m, pl.size, lr, s)
+        key = ("meft-gpu" if m in ("meft-gpu", "meft-eqparams") else m, b, pl.size, lr, s)
         dedup.setdefault(key, []).append(job)
     unique = [js[0] for js in dedup.values()]
     unique.sort(key=lambda j: -plan(j[1], j[0], bb, args).params)  # big runs first (load balance)

@@ -59,6 +59,8 @@ def test_quick_path_tiny(eq, tmp_path):
         assert c in columns
     assert len(table) == len(budgets) * len(eq.METHODS)
     assert {r["method"] for r in table} == set(eq.METHODS)
+    assert sorted((int(r["budget_bytes"]), r["method"]) for r in table) == sorted(
+        (b * MiB, m) for b in budgets for m in eq.METHODS)  # each (budget, method) exactly once
     assert os.path.getsize(tmp_path / "eq.png") > 1000
 
     by = {(int(r["budget_bytes"]), r["method"]): r for r in table}

@@ -96,7 +96,9 @@ def test_surplus_picks_get_zero_gradients(seed, device, poison_outputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_low_key_widths(seed, device, poison_outputs, gate, dtype):
     """MEFT's low_key_dim: the kernels see x = L h [T, r] (router [E, r], keys [N, r]) and
-    values/dy of width d; their dx [T, r] gives dh = dx L and dL = dx^T h, as autograd says."""
+    values/dy of width d. Their dx [T, r], dG, dK, dV match autograd at that x; in fp32 also
+    dh = dx L and dL = dx^T h through the reference's own low_key (in fp16 the rounding of x
+    would move scores near 0 across the ReLU, so the whole chain is compared in fp32 only)."""
     T, d, r, E, S, P, K = 11, 97, 12, 5, 23, 2, 50  # K_top > P*S as well
     h, L, router, keys, values, grad_y = (torch.randn(*s, device=device)
                                           for s in [(T, d), (r, d), (E, r), (E * S, r), (E * S, d), (T, d)])
@@ -109,6 +111,13 @@ def test_low_key_widths(seed, device, poison_outputs, gate, dtype):
                                activations, gate, gate_lse=lse)
     assert grads.hidden.shape == (T, r) and grads.key_rows.shape[1] == r and grads.value_rows.shape[1] == d
 
+    y64, expected = float64_grads(x, router, keys, values, P, K, gate, grad_y, expert_ids, neuron_ids)
+    assert rel_err(y, y64) < TOLERANCE[dtype]
+    actual = [grads.hidden, grads.router_weight, grads.keys, grads.values]
+    for name, a, want in zip(["x", "router", "keys", "values"], actual, expected):
+        assert rel_err(a, want) < TOLERANCE[dtype], name
+    if dtype != torch.float32:
+        return
     leaves = [t.detach().double().cpu().requires_grad_() for t in (h, router, keys, values, L)]
     y64 = reference.meft_forward(*leaves[:4], P, K, gate, expert_ids=expert_ids.long().cpu(),
                                  neuron_ids=neuron_ids.long().cpu(), low_key=leaves[4])
