@@ -1,6 +1,6 @@
 """Equal GPU memory: does a large CPU-resident MEFT adapter store more knowledge than LoRA?
 
-MEFT's claim (DESIGN.md section 1): with the adapter's fp32 master rows and AdamW moments in CPU
+MEFT's claim (docs/DESIGN.md, "Semantics"): with the adapter's fp32 master rows and AdamW moments in CPU
 memory (placement "cpu"), a GPU-memory budget that buys LoRA of rank r buys a *much* larger
 sparse adapter, and the larger adapter stores more facts. This example tests that claim at
 equal GPU memory, and with a control at equal *parameters*.

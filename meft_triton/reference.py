@@ -1,4 +1,4 @@
-"""The MEFT semantics of DESIGN.md section 2 in plain PyTorch: the oracle for every test.
+"""The MEFT semantics of docs/DESIGN.md, "Semantics" in plain PyTorch: the oracle for every test.
 
 Every function works in any floating dtype (float64 included) on any device, and is
 differentiable with autograd; the top-k selections are index choices, so gradients flow with

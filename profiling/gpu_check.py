@@ -19,7 +19,7 @@ marked "timeout"; unused time passes on to the later stages; ``--budget-s`` is t
 5. ``sweep``: ``python -m profiling.sweep --quick`` (when that module exists) — active-row H2D
    bandwidth vs pinned memcpy and copy time hidden behind compute.
 
-The summary table has one row per stage and per DESIGN.md section 4 ratio: kernels within
+The summary table has one row per stage and per docs/DESIGN.md, "Performance model" ratio: kernels within
 1.5x of the floor, H2D active-row bandwidth >= 80% of a pinned memcpy, copy hidden >= 90%.
 Everything goes to ``profiling/results/<device>/<timestamp>-gpu-check/``: ``summary.md`` /
 ``summary.json``, ``machine.json`` (device, driver, CUDA, torch, triton, git commit,
@@ -59,7 +59,7 @@ STAGES = {
     "kernel-bench": 120,
     "sweep": 135,
 }
-KERNEL_FLOOR_TARGET = 1.5  # DESIGN.md 4: kernels within 1.5x of the larger floor
+KERNEL_FLOOR_TARGET = 1.5  # docs/DESIGN.md, "Performance model": kernels within 1.5x of the larger floor
 H2D_TARGET = 0.8  # active-row H2D bandwidth >= 80% of a pinned memcpy of the same bytes
 HIDDEN_TARGET = 0.9  # copy time hidden behind compute >= 90%
 

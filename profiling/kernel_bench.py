@@ -1,6 +1,6 @@
 """Kernel benchmark: the Triton adapter vs its floors and baselines, on a CUDA GPU.
 
-    python -m profiling.kernel_bench                     # LLaMA-7B shapes (DESIGN.md section 4)
+    python -m profiling.kernel_bench                     # LLaMA-7B shapes (docs/DESIGN.md, "Performance model")
     python -m profiling.kernel_bench --tokens 1024 --num-neurons 16384 --dtype float16
 
 In one run it measures the two ceilings (HBM bandwidth: a large device copy; tensor-core

@@ -310,7 +310,7 @@ def transfer_bytes(unique_rows: Iterable[int], hidden_size: int, row_dtype_bytes
 def adapter_memory_bytes(placement: str, *, num_neurons: int, num_experts: int, hidden_size: int,
                          layers: int, row_dtype_bytes: int, max_unique_rows: int,
                          backward_rows: str = "refetch") -> dict[str, int]:
-    """Device and host bytes of a MEFT adapter stack under a placement (DESIGN.md section 4:
+    """Device and host bytes of a MEFT adapter stack under a placement (docs/DESIGN.md, "Performance model":
     fp32 master weights, gradients and AdamW state counted).
 
     * "gpu": everything on the device, ``16 B x (E + 2N) x d`` per layer.

@@ -1,4 +1,4 @@
-"""CPU optimizer benchmark (issue 3 budget; DESIGN.md section 4, "CPU side").
+"""CPU optimizer benchmark (docs/DESIGN.md, "Performance model", "CPU side").
 
     python -m profiling.optim_bench                      # budget shape: N=65536, d=1024, 5%
     python -m profiling.optim_bench --num-rows 8192 --hidden-size 256 --repeats 5 --json out.json

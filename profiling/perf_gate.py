@@ -13,7 +13,7 @@ both sides of a ratio measured in the same process, round by round. Every check 
 
 so a slowdown of our code raises the ratio, and each check fails when its ratio is above the
 committed ``threshold`` of ``profiling/baselines/perf_gate.json`` (which also holds the
-DESIGN.md section 4 ``target`` where one exists, the ``typical`` value measured when the
+docs/DESIGN.md, "Performance model" ``target`` where one exists, the ``typical`` value measured when the
 thresholds were set, and how they were chosen). The checks:
 
 * ``optim_vs_dense_adamw``: ``SparseRowAdamW.step()`` on 5% of the rows vs torch's fused dense
@@ -101,7 +101,7 @@ class Profile:
 
 
 PROFILES = {
-    # the issue 3 budget shape (N = 65536, d = 1024, 5% touched)
+    # the optimizer budget shape (N = 65536, d = 1024, 5% touched)
     "full": Profile("full", 65536, 1024, 0.05, None, 8192, 256, 15),
     "quick": Profile("quick", 16384, 256, 0.05, (16384, 1024), 8192, 64, 15),
 }

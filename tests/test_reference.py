@@ -1,4 +1,4 @@
-"""The reference against independent readings of DESIGN.md section 2 and of MEFT's own code."""
+"""The reference against independent readings of docs/DESIGN.md, "Semantics" and of MEFT's own code."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from meft_triton import reference
 
 
 def brute_force(hidden, router_weight, keys, values, experts_per_token, topk, gate, low_key=None):
-    """DESIGN.md section 2 token by token, neuron by neuron, in Python loops: softmax over all E
+    """docs/DESIGN.md, "Semantics" token by token, neuron by neuron, in Python loops: softmax over all E
     (no renormalisation), the top-K_top over all N neurons with non-candidates scoring 0."""
     num_experts = router_weight.shape[0]
     num_neurons = keys.shape[0]

@@ -1,4 +1,4 @@
-"""Reliability (issue 7): non-finite gradients, faults at the layer level, NaN/Inf inputs under
+"""Reliability: non-finite gradients, faults at the layer level, NaN/Inf inputs under
 placement "cpu", and property tests over random configs (placements agree, save/load is exact).
 
 What the engine-level tests already cover is not repeated here: tests/offload/test_prefetch.py (failed,

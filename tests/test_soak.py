@@ -1,4 +1,4 @@
-"""Soak (issue 7): a few hundred optimizer steps of a tiny transformers model with placement
+"""Soak: a few hundred optimizer steps of a tiny transformers model with placement
 "cpu", random micro-batch sizes and gradient accumulation, periodic checkpoints, a "crash"
 in the middle and a resume from the last checkpoint into a fresh model: the final adapters and
 optimizer state equal the uninterrupted run's, bitwise."""

@@ -1,5 +1,5 @@
 """Static GPU report: compile every Triton kernel for sm_90a / sm_80 on a CPU-only machine and
-predict its time from the compiled code (DESIGN.md section 5).
+predict its time from the compiled code (docs/DESIGN.md, "Testing without a GPU").
 
     python -m profiling.aot                          # sm90a and sm80, bf16/fp16/fp32, 3 shapes
     python -m profiling.aot --targets sm90a --dtypes bf16 --shapes paper-7b scale-7b --check
@@ -53,7 +53,7 @@ the first GPU run checks it):
   call; data-dependent trip counts (segment runs) are averaged over the programs;
 * routing: index tensors route uniformly at random (each token P distinct experts, K_top of
   their candidates), so grids and distinct-row counts are those of uniform routing; real
-  routing touches fewer rows (DESIGN.md section 2) and is more skewed (longer segments);
+  routing touches fewer rows (docs/DESIGN.md, "Semantics") and is more skewed (longer segments);
 * the softmax gate's backward (dense dg, two cuBLAS GEMMs) is not in the workloads: the
   backward runs gate="logit"; router_topk runs gate="logit" (no log-sum-exp).
 

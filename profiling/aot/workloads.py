@@ -36,7 +36,7 @@ class Shape:
         return dict(asdict(self), S=self.S)
 
 
-#: DESIGN.md section 2's presets, and a small odd shape (nothing a power of two).
+#: docs/DESIGN.md, "Semantics"'s presets, and a small odd shape (nothing a power of two).
 SHAPES = {
     "paper-7b": Shape("paper-7b", d=4096, N=8464, E=368, P=8, K=64, T=256, smt_block=256, smt_blocks=16),
     "scale-7b": Shape("scale-7b", d=4096, N=65536, E=1024, P=8, K=64, T=4096, smt_block=256, smt_blocks=16),

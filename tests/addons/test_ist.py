@@ -1,4 +1,4 @@
-"""IST layer selection (issue 8): score rule, sampling statistics, frozen layers stay untouched
+"""IST layer selection: score rule, sampling statistics, frozen layers stay untouched
 (placement "gpu" with torch AdamW and placement "cpu" with OffloadedAdamW), the output-scale
 hook, the HF Trainer callback, and the device->host bytes / CPU optimizer time with and
 without IST.

@@ -1,4 +1,4 @@
-"""SMT (issue 8): block scores, warm-up selection on a hand-made gradient, SMTLinear gradients
+"""SMT: block scores, warm-up selection on a hand-made gradient, SMTLinear gradients
 vs the float64 dense gradient restricted to the blocks, saved input columns, training that
 leaves every unselected weight bit-identical."""
 

@@ -1,4 +1,4 @@
-"""transformers integration (issue 4): attach/detach, training, save/load, checkpointing, Trainer.
+"""transformers integration: attach/detach, training, save/load, checkpointing, Trainer.
 
 Tiny random Llama / Mistral / Qwen2 models on CPU (hidden 32, 2 layers, vocab 100)."""
 

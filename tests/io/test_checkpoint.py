@@ -1,4 +1,4 @@
-"""Training state is never lost (issue 7): meft_triton.checkpoint and the adapter files.
+"""Training state is never lost: meft_triton.io (training state and adapter files).
 
 Tiny random Llama models on CPU (hidden 32, 2 layers, vocab 100), both placements."""
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the CPU optimizer step (issue 3 budget, at a CI-sized shape).
+"""Benchmarks of the CPU optimizer step (the optimizer budget, at a CI-sized shape).
 
     pytest tests/perf/test_optim_benchmark.py --benchmark-enable      # timings, pytest-benchmark table
     python -m profiling.optim_bench                                   # the budget shape and ratios

@@ -1,4 +1,4 @@
-"""The profiling sweep (issue 5): files and columns, plots, byte accounting, the library's
+"""The profiling sweep: files and columns, plots, byte accounting, the library's
 placement-"cpu" pipeline and its counters, flag checks.
 
 CPU only, tiny shapes; the whole file runs in well under a minute.
