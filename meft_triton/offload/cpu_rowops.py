@@ -7,8 +7,10 @@ Two operations run over rows picked by id from a CPU matrix whose rows are conti
 * ``gather_rows``: copy the picked rows (or a fixed column slice of each) into a buffer.
 
 The C loop is compiled on first use with the system C compiler (``cc``/``gcc``), cached on
-disk keyed by a hash of its source, flags and CPU, and called through :mod:`ctypes` (which
-releases the GIL, so a worker thread's update overlaps Python work elsewhere). Where no
+disk keyed by a hash of its source, flags and CPU in a directory private to this user (mode
+0700; directory and library are checked for owner and mode at every load, and where the cache
+cannot be private a fresh private temp directory is used), and called through :mod:`ctypes`
+(which releases the GIL, so a worker thread's update overlaps Python work elsewhere). Where no
 compiler is found, or ``MEFT_TRITON_CPU_KERNELS=torch`` is set, the pure-torch twin runs
 instead; it performs the same fp32 operations in the same order, so both give the same
 numbers (tests check this). ``MEFT_TRITON_CPU_KERNELS=c`` makes a failed build an error.
@@ -16,11 +18,13 @@ numbers (tests check this). ``MEFT_TRITON_CPU_KERNELS=c`` makes a failed build a
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -236,27 +240,61 @@ def _compiler() -> str | None:
     return None
 
 
+def _is_private(st: os.stat_result, kind: int) -> bool:
+    """``st`` (of an lstat or fstat) is of ``kind`` (``stat.S_IFDIR`` / ``S_IFREG``), owned by
+    this user, and neither readable nor writable by anyone else: nothing another local user
+    placed or could change."""
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    return stat.S_IFMT(st.st_mode) == kind and st.st_uid == uid and not st.st_mode & 0o077
+
+
+def _private_dir(path: str) -> bool:
+    try:
+        return _is_private(os.lstat(path), stat.S_IFDIR)
+    except OSError:
+        return False
+
+
+_fresh_dir: str | None = None
+
+
 def _writable_dir() -> str:
+    """The cache directory if it is (or can be made) private to this user; otherwise a fresh
+    private temp directory of this process (removed at exit). Never a shared, predictable
+    path: a library another user could plant there would run as this user."""
+    global _fresh_dir
     out_dir = _cache_dir()
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.access(out_dir, os.W_OK):
+        os.makedirs(out_dir, mode=0o700, exist_ok=True)
+        st = os.lstat(out_dir)
+        uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and st.st_mode & 0o077:
+            os.chmod(out_dir, 0o700)  # ours, made with a loose umask: close it
+        if _private_dir(out_dir) and os.access(out_dir, os.W_OK):
             return out_dir
     except OSError:
         pass
-    out_dir = os.path.join(tempfile.gettempdir(), f"meft_triton_{os.getuid() if hasattr(os, 'getuid') else 0}", "cpu_rowops")
-    os.makedirs(out_dir, exist_ok=True)
-    return out_dir
+    if _fresh_dir is None or not _private_dir(_fresh_dir):
+        _fresh_dir = tempfile.mkdtemp(prefix="meft_triton_rowops_")  # 0700, unpredictable name
+        atexit.register(shutil.rmtree, _fresh_dir, True)
+    return _fresh_dir
+
+
+def _library_path(out_dir: str, cc: str, flags: list[str]) -> str:
+    key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_tag(), sys.platform]).encode()).hexdigest()[:16]
+    return os.path.join(out_dir, f"meft_rowops_{key}.so")
 
 
 def _build(cc: str) -> str:
     last_err = ""
     out_dir = _writable_dir()
     for flags in (_BASE_FLAGS + _ARCH_FLAGS, _BASE_FLAGS):
-        key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_tag(), sys.platform]).encode()).hexdigest()[:16]
-        path = os.path.join(out_dir, f"meft_rowops_{key}.so")
-        if os.path.exists(path):
-            return path
+        path = _library_path(out_dir, cc, flags)
+        try:
+            if _is_private(os.lstat(path), stat.S_IFREG):
+                return path
+        except OSError:
+            pass  # absent: build it; anything not private is replaced by our own build below
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             src = os.path.join(tmp, "rowops.c")
             with open(src, "w") as f:
@@ -264,10 +302,26 @@ def _build(cc: str) -> str:
             tmp_so = os.path.join(tmp, "rowops.so")
             proc = subprocess.run([cc, *flags, src, "-o", tmp_so, "-lm"], capture_output=True, text=True)
             if proc.returncode == 0:
+                os.chmod(tmp_so, 0o700)
                 os.replace(tmp_so, path)  # atomic: concurrent builders are harmless
                 return path
             last_err = proc.stderr[-2000:]
     raise RuntimeError(f"compiling the CPU row kernels failed:\n{last_err}")
+
+
+def _open_private(path: str) -> ctypes.CDLL:
+    """Load the library at ``path`` only if it and its directory are private to this user,
+    checked on the open file itself (no swap between the check and the load)."""
+    if not _private_dir(os.path.dirname(path)):
+        raise RuntimeError(f"{os.path.dirname(path)} is not a directory private to this user")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not _is_private(os.fstat(fd), stat.S_IFREG):
+            raise RuntimeError(f"{path} is not a file private to this user (owner or mode)")
+        by_fd = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(by_fd if os.path.exists(by_fd) else path)
+    finally:
+        os.close(fd)
 
 
 def _load() -> _Lib | None:
@@ -288,7 +342,7 @@ def _load() -> _Lib | None:
                 if cc is None:
                     raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
                 path = _build(cc)
-                handle = ctypes.CDLL(path)
+                handle = _open_private(path)
                 i64, f32, vp, ci = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
                 handle.meft_adamw_rows.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64,
                                                    f32, f32, f32, f32, f32, f32, ci, ci, ci]
