@@ -22,15 +22,14 @@ def test_bf16_forward_backward(seed, poison_outputs, shape, gate):
     hidden, router, keys, values, grad_y = (
         torch.randn(*s, device="cuda").bfloat16() for s in [(T, d), (E, d), (E * S, d), (E * S, d), (T, d)])
     router = (router.float() / d**0.5).bfloat16()  # O(1) logits: an unsaturated softmax is well conditioned
-    gate_logits, expert_ids = router_topk(hidden, router, P)
+    gate_weights, expert_ids, gate_lse = router_topk(hidden, router, P, gate=gate, return_lse=True)
     assert_topk_choice(hidden.double().cpu() @ router.double().cpu().T, expert_ids, P, tol=1e-3)
-    gate_weights = gate_logits.softmax(-1) if gate == "softmax" else gate_logits
     y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, E, K)
     scores64, cands = candidate_scores64(hidden, keys, expert_ids, gate_weights, S)
     position = (cands[:, :, None] == neuron_ids.long().cpu()[:, None, :]).int().argmax(1)
     assert_topk_choice(scores64, position, K, tol=1e-3)
     grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_weights,
-                               neuron_ids, activations, gate)
+                               neuron_ids, activations, gate, gate_lse=gate_lse)
     y64, expected = float64_grads(hidden, router, keys, values, P, K, gate, grad_y, expert_ids, neuron_ids)
     assert rel_err(y, y64) < BF16_TOL
     for name, actual, want in zip(["hidden", "router", "keys", "values"],
