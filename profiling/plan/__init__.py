@@ -1,0 +1,27 @@
+"""The placement planner: what fits on a GPU and what a step costs, before any run.
+
+    python -m profiling.plan --model paper-7b --gpu rtx-4090
+    python -m profiling.plan --model scale-7b --gpu h100-sxm --json
+    python -m profiling.plan --model PATH/config.json --gpu h200 --tokens 2048 --micro-batches 8 \\
+        --num-neurons 32768 --num-experts 512 --routing profile.json
+
+For placement "gpu" and for placement "cpu" under each residency policy ("per-micro-batch",
+what meft_triton/offload does today; "resident", the design target of the issue "Placement cpu
+that pays") and each backward_rows / transfer not fixed on the command line, it prints GPU and
+CPU bytes by component, PCIe bytes per optimizer step against their floor and the predicted
+step time split into GPU compute, exposed PCIe and exposed CPU optimizer time; then the fastest
+configuration that fits as a ``MEFTConfig(...)``, or what is over and by how much.
+
+Modules: inputs (GPU presets from profiling/gpu_presets.json, the backbone, the batch),
+routing (rows touched per micro-batch and per step), traffic (PCIe bytes per policy), memory
+(bytes by component), timing (the time model), planner (one record per candidate), cli.
+Every number is a prediction from these formulas; the byte counts of "per-micro-batch" equal
+the runtime's counters on the same routing (tests/profiling/test_plan.py).
+"""
+
+from .inputs import GPU, Backbone, Batch, load_gpu, resolve_model
+from .planner import Budgets, best, plan, why_nothing_fits
+from .routing import RoutingProfile, load_profile, profile_from_dict, uniform_profile
+
+__all__ = ["GPU", "Backbone", "Batch", "Budgets", "RoutingProfile", "best", "load_gpu", "load_profile",
+           "plan", "profile_from_dict", "resolve_model", "uniform_profile", "why_nothing_fits"]

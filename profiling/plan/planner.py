@@ -1,0 +1,176 @@
+"""One record per candidate (placement, residency policy, backward_rows, transfer): GPU and CPU
+bytes by component, PCIe bytes per step against their floor, and the predicted step time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meft_triton import MEFTConfig
+
+from .inputs import GPU, Backbone, Batch
+from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, gpu_placement_bytes
+from .routing import RoutingProfile
+from .timing import boundary_resident, boundary_today, compute_time, in_step_exposed
+from .traffic import POLICIES, layer_traffic
+
+GiB = 2.0 ** 30
+NO_POLICY = "none"  # placement "gpu": nothing to keep resident
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """The resident policy's device budgets in bytes (None: "auto", the planner sizes them)."""
+
+    values: float | None = None
+    grads: float | None = None
+
+
+def _candidates(config: MEFTConfig, fixed: set[str]) -> list[tuple[str, str, str, str]]:
+    rows = ("refetch", "keep") if "backward_rows" not in fixed else (config.backward_rows,)
+    transfers = ("cpu_gather", "zero_copy") if "transfer" not in fixed else (config.transfer,)
+    out = [("gpu", NO_POLICY, config.backward_rows, config.transfer)]
+    out += [("cpu", p, b, t) for p in POLICIES for b in rows for t in transfers]
+    return out
+
+
+def _share_options(free: float, need_v: float, need_g: float, budgets: Budgets) -> list[tuple[float, float]]:
+    """(value share, gradient share) pairs to try: the share of the step's rows each resident
+    budget holds."""
+    share = lambda b, need: 1.0 if need <= 0 else min(1.0, b / need)  # noqa: E731
+    if budgets.values is not None or budgets.grads is not None:
+        bv = need_v if budgets.values is None else budgets.values
+        bg = need_g if budgets.grads is None else budgets.grads
+        return [(share(bv, need_v), share(bg, need_g))]
+    if need_v + need_g <= free:
+        return [(1.0, 1.0)]
+    # "auto" that cannot hold everything: every split of what is free in twentieths; the time
+    # model picks (the link is duplex, so value rows and gradient rows load opposite directions)
+    free = max(0.0, free)
+    return [(share(free * k / 20, need_v), share(free * (20 - k) / 20, need_g)) for k in range(21)]
+
+
+def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile: RoutingProfile, *,
+             placement: str, policy: str, backward_rows: str, transfer: str, reserve_bytes: float,
+             budgets: Budgets = Budgets(), shares: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One candidate's record. ``shares``: the resident budgets as shares of the step's need
+    (None: from ``budgets``, the fastest split when "auto" cannot hold everything)."""
+    d = backbone.hidden_size
+    r = config.low_key_dim or d
+    cfg = config.replace(placement=placement, backward_rows=backward_rows, transfer=transfer)
+    shape = dict(num_neurons=config.num_neurons, num_experts=config.num_experts,
+                 experts_per_token=config.experts_per_token, topk=config.topk, key_width=r)
+    usable = gpu.memory_bytes - reserve_bytes
+    gpu_bytes = common_gpu_bytes(backbone, batch, config.num_experts, r, config.topk)
+    ram: dict[str, float] = {}
+    compute = compute_time(gpu, backbone, batch, profile, placement=placement, **shape)
+    record: dict[str, Any] = dict(placement=placement, policy=policy, backward_rows=backward_rows,
+                                  transfer=transfer)
+    if placement == "gpu":
+        gpu_bytes.update(gpu_placement_bytes(backbone, batch, config.num_neurons, r))
+        h2d = d2h = wire = floor = 0.0
+        exposed_pcie = exposed_cpu = 0.0
+    else:
+        value_share = grad_share = 1.0
+        if policy == "resident":
+            base = cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
+                                       topk=config.topk,
+                                       policy=policy, backward_rows=backward_rows, value_share=0.0,
+                                       grad_share=0.0)
+            free = usable - sum(gpu_bytes.values()) - sum(base.values())
+            need_v = sum(l.per_step for l in profile.layers) * d * batch.es
+            need_g = sum(l.per_step for l in profile.layers) * (r + d) * 4
+            options = [shares] if shares is not None else _share_options(free, need_v, need_g, budgets)
+            if len(options) > 1:
+                again = dict(placement=placement, policy=policy, backward_rows=backward_rows, transfer=transfer,
+                             reserve_bytes=reserve_bytes, budgets=budgets)
+                return min((evaluate(gpu, backbone, batch, config, profile, shares=o, **again) for o in options),
+                           key=lambda rec: rec["predicted_step_s"])
+            value_share, grad_share = options[0]
+            record.update(value_budget_bytes=value_share * need_v, grad_budget_bytes=grad_share * need_g)
+        gpu_bytes.update(cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons,
+                                             key_width=r, topk=config.topk, policy=policy, backward_rows=backward_rows,
+                                             value_share=value_share, grad_share=grad_share))
+        ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
+                            topk=config.topk, policy=policy, transfer=transfer)
+        traffic = [layer_traffic(layer, policy=policy, hidden=d, key_width=r, es=batch.es,
+                                 backward_rows=backward_rows, transfer=transfer,
+                                 id_bound=min(config.num_neurons, batch.tokens * config.topk), value_share=value_share,
+                                 grad_share=grad_share) for layer in profile.layers]
+        h2d, d2h = sum(t.h2d for t in traffic), sum(t.d2h for t in traffic)
+        wire, floor = sum(t.wire for t in traffic), sum(t.floor for t in traffic)
+        boundary = boundary_today if policy == "per-micro-batch" else boundary_resident
+        args = dict(hidden=d, key_width=r, es=batch.es)
+        with_cpu = boundary(gpu, traffic, profile, compute, **args)
+        link_only = boundary(gpu, traffic, profile, compute, include_cpu=False, **args)
+        exposed_pcie = in_step_exposed(gpu, traffic, compute) + link_only
+        exposed_cpu = max(0.0, with_cpu - link_only)
+    adapter = sum(v for k, v in gpu_bytes.items() if k not in ("backbone", "activations"))
+    total = sum(gpu_bytes.values())
+    compute_s = compute.step_s(batch.micro_batches)
+    over_gpu, over_ram = total - usable, sum(ram.values()) - gpu.host_ram_bytes
+    record.update(
+        fits=over_gpu <= 0 and over_ram <= 0,
+        gpu_bytes=gpu_bytes, cpu_ram_bytes=ram,
+        adapter_gpu_bytes=adapter, total_gpu_bytes=total, usable_gpu_bytes=usable,
+        cpu_ram_total_bytes=sum(ram.values()), host_ram_bytes=gpu.host_ram_bytes,
+        gpu_over_bytes=max(0.0, over_gpu), cpu_ram_over_bytes=max(0.0, over_ram),
+        h2d_bytes_per_step=h2d, d2h_bytes_per_step=d2h,
+        pcie_bytes_per_step=wire, pcie_floor_bytes_per_step=floor,
+        pcie_over_floor=(wire / floor) if floor else None,
+        compute_s=compute_s, exposed_pcie_s=exposed_pcie, exposed_cpu_s=exposed_cpu,
+        predicted_step_s=compute_s + exposed_pcie + exposed_cpu,
+        meft_config=config_line(cfg, record),
+    )
+    return record
+
+
+def config_line(cfg: MEFTConfig, record: dict) -> str:
+    """The candidate as a ``MEFTConfig(...)`` of the fields that differ from the defaults."""
+    defaults = MEFTConfig()
+    fields = {k: v for k, v in cfg.to_dict().items() if v != getattr(defaults, k) or k == "placement"}
+    if cfg.placement == "gpu":
+        fields = {k: v for k, v in fields.items() if k not in ("transfer", "backward_rows")}
+    line = "MEFTConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+    if record.get("policy") == "resident":
+        # residency across micro-batches is the issue's item 1, not in MEFTConfig yet
+        line += (f"  # + residency: value budget {record['value_budget_bytes'] / GiB:.2f} GiB, "
+                 f"gradient-sum budget {record['grad_budget_bytes'] / GiB:.2f} GiB")
+    return line
+
+
+def plan(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile: RoutingProfile, *,
+         fixed: set[str] = frozenset(), reserve_bytes: float = GiB,
+         budgets: Budgets = Budgets()) -> list[dict[str, Any]]:
+    """Every candidate's record. ``fixed``: MEFT fields the user set (backward_rows, transfer),
+    which are then not varied."""
+    if profile.micro_batches() != batch.micro_batches:
+        raise ValueError(f"the routing profile has {profile.micro_batches()} micro-batches per step, "
+                         f"the batch {batch.micro_batches}")
+    if len(profile.layers) != backbone.layers:
+        raise ValueError(f"the routing profile has {len(profile.layers)} layers, the model {backbone.layers}")
+    return [evaluate(gpu, backbone, batch, config, profile, placement=p, policy=pol, backward_rows=b,
+                     transfer=t, reserve_bytes=reserve_bytes, budgets=budgets)
+            for p, pol, b, t in _candidates(config, set(fixed))]
+
+
+def best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fastest record that fits (ties: fewer GPU bytes)."""
+    fitting = [r for r in records if r["fits"]]
+    return min(fitting, key=lambda r: (r["predicted_step_s"], r["total_gpu_bytes"])) if fitting else None
+
+
+def why_nothing_fits(records: list[dict[str, Any]]) -> str:
+    """For the candidate closest to fitting: what is over, by how much, and its largest parts."""
+    closest = min(records, key=lambda r: r["gpu_over_bytes"] + r["cpu_ram_over_bytes"])
+    lines = [f"nothing fits; closest: placement {closest['placement']!r}, policy {closest['policy']!r}, "
+             f"backward_rows {closest['backward_rows']!r}, transfer {closest['transfer']!r}"]
+    for over, parts, limit, what in (
+            (closest["gpu_over_bytes"], closest["gpu_bytes"], closest["usable_gpu_bytes"], "GPU memory"),
+            (closest["cpu_ram_over_bytes"], closest["cpu_ram_bytes"], closest["host_ram_bytes"], "CPU RAM")):
+        if over > 0:
+            top = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+            lines.append(f"  {what} over by {over / GiB:.2f} GiB ({sum(parts.values()) / GiB:.2f} of "
+                         f"{limit / GiB:.2f} GiB); largest: "
+                         + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in top))
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Predicted step time: GPU compute + exposed PCIe + exposed CPU optimizer time.
+
+GPU compute (lower bounds: every term is a floor at the preset's peak rates):
+
+* backbone: 2 x params x tokens FLOPs forward and 2 x params x tokens backward (the backbone is
+  frozen: backward computes input gradients only, no weight gradients), plus another forward
+  with gradient checkpointing, at the dtype's tensor-core rate; attention's T^2 term is left
+  out (it needs the sequence length);
+* adapter stages: profiling.aot's floor per stage, max(HBM bytes / bandwidth, FLOPs / rate),
+  forward (router, key scores, top-K, values) and backward (score grads, dx, dK/dV, dG), at
+  the layer's mean rows per micro-batch and the expected distinct experts of uniform routing;
+* placement "gpu" also streams the adapter's fp32 parameters through HBM: the per-call cast to
+  the compute dtype (4 + es B per element), the dense gradient it returns and its accumulation
+  into the fp32 ``.grad`` (2 es + 8 B), and once per step the dense AdamW (28 B per element:
+  read p, g, m, v; write p, m, v);
+* the routers' AdamW, once per step.
+
+PCIe: the link is full duplex, so a stretch of transfers takes max(host->device,
+device->host) bytes / bandwidth. Transfers during a micro-batch hide behind that micro-batch's
+compute; what exceeds it is exposed. At the step boundary:
+
+* per-micro-batch (the code today): ``OffloadedAdamW.step`` sums every micro-batch's gradient
+  rows into the accumulators on the training thread (12 B per element: read the row, read and
+  write the sum), then all layers' AdamW run at once on worker threads sharing the host's
+  bandwidth, so layer 0, which the next forward needs first, finishes with the rest; each
+  layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then go to the
+  device before its forward, behind the forwards of the layers below it.
+* resident (the design target): a pipeline over layers in backward order. Layer l's summed
+  gradients are final when its last backward ends; they cross, its AdamW runs (the gradient
+  read in the compute dtype: 24 + es B per element), its key rows cross back; it is needed
+  when the next step's forward reaches layer l. Exposed = how far the latest layer misses that.
+
+The CPU optimizer's bandwidth is the host's (``host_bytes_per_s``), shared by every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..aot.model import STAGES, floor_us
+from .inputs import GPU, Backbone, Batch
+from .routing import RoutingProfile
+from .traffic import FP32, ID_BYTES, LayerTraffic
+
+FORWARD_STAGES = ("router_topk", "key_scores", "select_topk", "values")
+BACKWARD_STAGES = ("score_grads", "dx", "dK_dV", "dG")
+ADAMW_BYTES = 28          # fp32 AdamW per element: read p, g, m, v; write p, m, v
+ACCUMULATE_BYTES = 12     # fp32 gradient row into an fp32 sum: read it, read and write the sum
+
+
+@dataclass(frozen=True)
+class Compute:
+    forward_s: float          # one micro-batch
+    backward_s: float         # one micro-batch
+    per_step_s: float         # once per step (optimizers on the GPU)
+
+    def step_s(self, micro_batches: int) -> float:
+        return micro_batches * (self.forward_s + self.backward_s) + self.per_step_s
+
+
+def adapter_stage_s(gpu: GPU, batch: Batch, *, hidden: int, num_neurons: int, num_experts: int,
+                    experts_per_token: int, topk: int, rows: float, stages: tuple[str, ...]) -> float:
+    """One layer's stages at ``rows`` distinct rows, by profiling.aot's floors."""
+    E, P, T = num_experts, experts_per_token, batch.tokens
+    used_experts = E * -math.expm1(-T * P / E)
+    ctx = dict(T=T, d=hidden, N=num_neurons, E=E, P=P, K=topk, S=num_neurons // E, U=rows,
+               Ue=used_experts, es=batch.es)
+    dtype = "fp32" if batch.dtype == "fp32" else batch.dtype
+    total = 0.0
+    for name in stages:
+        nbytes, flops, host = STAGES[name].floor(ctx)
+        total += floor_us(gpu.ceilings(), dtype, nbytes, flops, host) * 1e-6
+    return total
+
+
+def compute_time(gpu: GPU, backbone: Backbone, batch: Batch, profile: RoutingProfile, *, placement: str,
+                 num_neurons: int, num_experts: int, experts_per_token: int, topk: int,
+                 key_width: int) -> Compute:
+    es, d, L = batch.es, backbone.hidden_size, backbone.layers
+    rate = gpu.flops_per_s["tf32_tensor" if batch.dtype == "fp32" else f"{batch.dtype}_tensor"]
+    pass_s = 2.0 * backbone.params * batch.tokens / rate
+    shape = dict(hidden=d, num_neurons=num_neurons, num_experts=num_experts,
+                 experts_per_token=experts_per_token, topk=topk)
+    fwd = bwd = 0.0
+    for layer in profile.layers:
+        mean_rows = sum(layer.per_micro_batch) / len(layer.per_micro_batch)
+        fwd += adapter_stage_s(gpu, batch, rows=mean_rows, stages=FORWARD_STAGES, **shape)
+        bwd += adapter_stage_s(gpu, batch, rows=mean_rows, stages=BACKWARD_STAGES, **shape)
+    recompute = (pass_s + fwd) if batch.checkpointing else 0.0
+    per_step = L * num_experts * key_width * ADAMW_BYTES / gpu.hbm_bytes_per_s
+    if placement == "gpu":
+        elements = L * num_neurons * (key_width + d)
+        fwd += elements * (FP32 + es) / gpu.hbm_bytes_per_s
+        bwd += elements * (2 * es + 2 * FP32) / gpu.hbm_bytes_per_s
+        per_step += elements * ADAMW_BYTES / gpu.hbm_bytes_per_s
+    return Compute(pass_s + fwd, pass_s + bwd + recompute, per_step)
+
+
+def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute) -> float:
+    """Per micro-batch: transfers beyond its compute (both directions at once)."""
+    per_mb = compute.forward_s + compute.backward_s
+    exposed = 0.0
+    for m in range(len(traffic[0].h2d_mb)):
+        h2d = sum(t.wire_h2d_mb[m] for t in traffic)
+        d2h = sum(t.d2h_mb[m] for t in traffic)
+        exposed += max(0.0, max(h2d, d2h) / gpu.pcie_bytes_per_s - per_mb)
+    return exposed
+
+
+def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfile, compute: Compute, *,
+                   hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
+    """Seconds the next step's forwards wait, per-micro-batch policy (see the module docstring)."""
+    L, r = len(traffic), key_width
+    cpu_bytes = 0.0
+    for t, layer in zip(traffic, profile.layers):
+        rows = sum(t.d2h_mb) / ((r + hidden) * FP32 + ID_BYTES)  # the rows that crossed, padding included
+        cpu_bytes += rows * (r + hidden) * ACCUMULATE_BYTES
+        cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
+    start = cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0
+    wait, link_free = 0.0, start
+    for l, t in enumerate(traffic):
+        link_free += t.boundary_h2d / gpu.pcie_bytes_per_s
+        wait = max(wait, link_free - l * compute.forward_s / L)
+    return max(0.0, wait)
+
+
+def boundary_resident(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfile, compute: Compute, *,
+                      hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
+    """Seconds the next step's forwards wait, resident policy: a three-stage pipeline (link to
+    the host, CPU AdamW, link to the device) over layers in backward order."""
+    L, r = len(traffic), key_width
+    d2h_free = cpu_free = h2d_free = 0.0
+    wait = 0.0
+    for l in reversed(range(L)):
+        t, v = traffic[l], profile.layers[l].per_step
+        ready = (L - l) * compute.backward_s / L
+        d2h_free = max(ready, d2h_free) + t.boundary_d2h / gpu.pcie_bytes_per_s
+        cpu_s = v * ((r + hidden) * (ADAMW_BYTES - FP32 + es) + r * (FP32 + es)) / gpu.host_bytes_per_s
+        cpu_free = max(d2h_free, cpu_free) + (cpu_s if include_cpu else 0.0)
+        h2d_free = max(cpu_free, h2d_free) + t.boundary_h2d / gpu.pcie_bytes_per_s
+        wait = max(wait, h2d_free - compute.backward_s - l * compute.forward_s / L)
+    return max(0.0, wait)

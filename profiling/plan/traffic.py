@@ -1,0 +1,99 @@
+"""PCIe bytes per optimizer step under each residency policy, per layer and per micro-batch.
+
+``per-micro-batch`` is what meft_triton/offload does today, counted exactly as its runtime
+counts (``OffloadRuntime.bytes_to_device`` / ``bytes_to_host``):
+
+* forward (offload/rows.py ``start_routing``): the micro-batch's distinct active value rows,
+  U x d in the compute dtype;
+* backward (``_OffloadedValues.backward``): the same U rows again with
+  ``backward_rows="refetch"``, nothing with ``"keep"`` (the prefetcher kept the forward's
+  rows); then the gradient rows to the host in fp32, key and value side by side, plus their
+  int64 ids (8 B each). The backward's row ids have the host-known length B = min(N, T x K_top)
+  (meft_triton/layer/backend.py ``unique_ids``: the distinct count stays on the device; the
+  ids after the U distinct ones repeat the last) and all B rows cross: B x ((r + d) x 4 + 8) B;
+* after the step (offload/key_cache.py ``write_back``): the key rows the update changed (every
+  row the step touched, V x r) into the device key cache in the compute dtype.
+
+``resident`` is the design target (the issue "Placement cpu that pays", item 1): a value row
+crosses once per step, when the step first touches it, and serves every later micro-batch;
+gradient rows are summed on the device and cross once per step in the compute dtype (with
+their int64 ids); the key write-back is as today. With budgets smaller than what the step
+needs, a share 1 - f of the rows is assumed evicted: those are fetched again by every
+micro-batch that uses them (and by its backward under "refetch"), and that share of the
+gradient rows crosses after every micro-batch. This interpolates linearly between the exact
+ends (f = 1: resident; f = 0: per micro-batch in the compute dtype): an estimate.
+
+The floor (DESIGN.md, "Performance model"): each row the step touches crosses once each way in
+the compute dtype, 2 V (r + d) bytes x its element size; ids are not part of it.
+
+``transfer="zero_copy"`` under per-micro-batch reads the fp32 master rows over the link: the
+wire carries 4 B per value element while the counters count the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .routing import LayerRouting
+
+POLICIES = ("per-micro-batch", "resident")
+ID_BYTES = 8     # int64 row ids beside gradient rows
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class LayerTraffic:
+    """One layer's bytes in one optimizer step. ``*_mb``: per micro-batch, during its compute;
+    ``boundary_*``: between the step's last backward and the next step's forward."""
+
+    h2d_mb: tuple[float, ...]         # as the runtime counts them
+    d2h_mb: tuple[float, ...]
+    wire_h2d_mb: tuple[float, ...]    # what crosses the link (differs under zero_copy)
+    boundary_h2d: float               # key rows into the device cache
+    boundary_d2h: float               # summed gradient rows (resident)
+    floor: float
+
+    @property
+    def h2d(self) -> float:
+        return sum(self.h2d_mb) + self.boundary_h2d
+
+    @property
+    def d2h(self) -> float:
+        return sum(self.d2h_mb) + self.boundary_d2h
+
+    @property
+    def wire(self) -> float:
+        return sum(self.wire_h2d_mb) + self.boundary_h2d + self.d2h
+
+
+def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width: int, es: int,
+                  backward_rows: str, transfer: str, id_bound: int, value_share: float = 1.0,
+                  grad_share: float = 1.0) -> LayerTraffic:
+    """Bytes of one layer. ``id_bound``: min(N, T x K_top), the length of a call's padded ids.
+    ``value_share`` / ``grad_share`` (resident only): the share of the step's rows the value
+    and gradient budgets hold (1: all)."""
+    d, r, v = hidden, key_width, routing.per_step
+    refetch = backward_rows == "refetch"
+    floor = 2.0 * v * (r + d) * es
+    keys_back = float(v * r * es)
+    if policy == "per-micro-batch":
+        wire_es = FP32 if transfer == "zero_copy" else es
+        fetches = [u * (2 if refetch else 1) for u in routing.per_micro_batch]
+        return LayerTraffic(
+            h2d_mb=tuple(float(n * d * es) for n in fetches),
+            d2h_mb=(float(id_bound * ((r + d) * FP32 + ID_BYTES)),) * len(routing.per_micro_batch),
+            wire_h2d_mb=tuple(float(n * d * wire_es) for n in fetches),
+            boundary_h2d=keys_back, boundary_d2h=0.0, floor=floor)
+    if policy != "resident":
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    for name, share in (("value_share", value_share), ("grad_share", grad_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share}")
+    evicted_v, evicted_g = 1.0 - value_share, 1.0 - grad_share
+    h2d = []
+    for u, new in zip(routing.per_micro_batch, routing.first_touch):
+        rows = new + evicted_v * (u - new) + (evicted_v * u if refetch else 0.0)
+        h2d.append(rows * d * es)
+    d2h = tuple(evicted_g * (u * (r + d) * es + u * ID_BYTES) for u in routing.per_micro_batch)
+    return LayerTraffic(h2d_mb=tuple(h2d), d2h_mb=d2h, wire_h2d_mb=tuple(h2d), boundary_h2d=keys_back,
+                        boundary_d2h=grad_share * (v * (r + d) * es + v * ID_BYTES), floor=floor)

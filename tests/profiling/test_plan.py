@@ -1,0 +1,169 @@
+"""The planner (python -m profiling.plan): its bytes against the runtime's counters, its choices
+and its errors. No timing: predicted times are formulas, checked only for their structure."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from meft_triton import MEFTAdapter, MEFTConfig
+from meft_triton.offload import OffloadRuntime
+from profiling.plan import Batch, load_gpu, plan, profile_from_dict, resolve_model, uniform_profile
+from profiling.plan.cli import main
+
+D, LAYERS, TOKENS, MICRO_BATCHES = 16, 2, 7, 3
+CFG = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5)
+TINY_MODEL = {"hidden_size": D, "num_hidden_layers": LAYERS, "intermediate_size": 32, "vocab_size": 50,
+              "num_attention_heads": 2}
+
+
+def run_library(backward_rows):
+    """A few micro-batches and one optimizer step of placement "cpu" on CPU (bf16 rows, so the
+    compute dtype and fp32 differ on the wire); returns the runtime and the rows each layer's
+    prefetcher tickets carried per micro-batch, and the rows each layer's update touched."""
+    torch.manual_seed(0)
+    runtime = OffloadRuntime("cpu", torch.bfloat16, D, keep_rows=backward_rows == "keep")
+    cfg = MEFTConfig(**CFG, placement="cpu", backend="torch", backward_rows=backward_rows,
+                     key_init_std=1.0, value_init_std=1.0, router_init_scale=0.3)
+    adapters = [MEFTAdapter(D, cfg, dtype=torch.bfloat16, runtime=runtime) for _ in range(LAYERS)]
+    for a in adapters:
+        a.configure_optimizer(lr=1e-2)
+    tickets = [[] for _ in adapters]
+    for _ in range(MICRO_BATCHES):
+        x = torch.randn(TOKENS, D, dtype=torch.bfloat16)
+        for layer, a in enumerate(adapters):
+            routed = a.start_routing(x)
+            # distinct ids: a ticket may pad its ids with repeats of the last one (copied once)
+            tickets[layer].append(torch.unique(routed.ticket.row_ids))
+            x = x + a.finish_values(routed)
+        x.float().square().sum().backward()
+    touched = [a.sparse_step().result() for a in adapters]
+    for a in adapters:
+        a.master_rows()  # waits for the update: its key rows go back to the device cache
+    return runtime, tickets, touched
+
+
+def profile_json(tickets):
+    return {"num_neurons": CFG["num_neurons"], "layers": [
+        {"per_micro_batch": [ids.numel() for ids in per_mb],
+         "per_step": torch.unique(torch.cat(per_mb)).numel()} for per_mb in tickets]}
+
+
+@pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
+def test_per_micro_batch_bytes_equal_the_runtime_counters(tmp_path, capsys, backward_rows):
+    runtime, tickets, touched = run_library(backward_rows)
+    profile = profile_json(tickets)
+    # the rows the step touched (what the key cache gets back) are the union of the tickets' rows
+    assert [layer["per_step"] for layer in profile["layers"]] == [t.numel() for t in touched]
+    assert runtime.bytes_to_device > 0 and runtime.bytes_to_host > 0
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MODEL))
+    (tmp_path / "routing.json").write_text(json.dumps(profile))
+    argv = ["--model", str(tmp_path / "config.json"), "--gpu", "rtx-4090", "--tokens", str(TOKENS),
+            "--micro-batches", str(MICRO_BATCHES), "--routing", str(tmp_path / "routing.json"),
+            "--backward-rows", backward_rows, "--transfer", "cpu_gather", "--json"]
+    argv += [a for k, v in CFG.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    [today] = [r for r in records if r["placement"] == "cpu" and r["policy"] == "per-micro-batch"]
+    assert today["h2d_bytes_per_step"] == runtime.bytes_to_device
+    assert today["d2h_bytes_per_step"] == runtime.bytes_to_host
+    assert today["pcie_bytes_per_step"] == runtime.bytes_to_device + runtime.bytes_to_host
+
+
+def test_resident_at_full_budget_moves_each_row_once_each_way():
+    backbone, _ = resolve_model("paper-7b")
+    config = MEFTConfig(**CFG)
+    batch = Batch(TOKENS, MICRO_BATCHES)
+    profile = profile_from_dict({"layers": [{"per_micro_batch": [20, 30, 25], "per_step": 40}] * 32},
+                                layers=32, num_neurons=48, micro_batches=MICRO_BATCHES)
+    records = plan(load_gpu("h200"), backbone, batch, config, profile)
+    by = {(r["placement"], r["policy"], r["backward_rows"], r["transfer"]): r for r in records}
+    resident = by[("cpu", "resident", "refetch", "cpu_gather")]
+    d, rows = backbone.hidden_size, 32 * 40
+    assert resident["pcie_floor_bytes_per_step"] == 2 * rows * (d + d) * 2
+    assert resident["pcie_bytes_per_step"] == resident["pcie_floor_bytes_per_step"] + rows * 8  # + int64 ids
+    today = by[("cpu", "per-micro-batch", "refetch", "cpu_gather")]
+    per_mb_rows, padded = 32 * (20 + 30 + 25), 32 * MICRO_BATCHES * min(48, TOKENS * CFG["topk"])
+    # values forward + again in backward (bf16); gradient rows fp32 + ids, padded to min(N, T K_top)
+    # rows per layer per micro-batch; key rows after the step
+    assert today["pcie_bytes_per_step"] == per_mb_rows * 2 * d * 2 + padded * (2 * d * 4 + 8) + rows * d * 2
+    # zero_copy reads the fp32 masters over the link; the counters count the compute dtype
+    zero = by[("cpu", "per-micro-batch", "refetch", "zero_copy")]
+    assert zero["h2d_bytes_per_step"] == today["h2d_bytes_per_step"]
+    assert zero["pcie_bytes_per_step"] == today["pcie_bytes_per_step"] + per_mb_rows * 2 * d * 2
+    for r in records:
+        assert r["predicted_step_s"] == pytest.approx(r["compute_s"] + r["exposed_pcie_s"] + r["exposed_cpu_s"])
+
+
+def test_a_resident_budget_below_the_need_costs_bytes():
+    backbone, defaults = resolve_model("paper-7b")
+    config = MEFTConfig(**{k: defaults[k] for k in CFG})
+    batch = Batch(defaults["tokens"], defaults["micro_batches"])
+    profile = uniform_profile(layers=32, num_neurons=config.num_neurons, tokens=batch.tokens, topk=config.topk,
+                              micro_batches=batch.micro_batches)
+    full = plan(load_gpu("h200"), backbone, batch, config, profile, fixed={"backward_rows", "transfer"})
+    small = plan(load_gpu("h200", {"memory_bytes": 22 * 2**30}), backbone, batch, config, profile,
+                 fixed={"backward_rows", "transfer"})
+    full_r, small_r = (next(r for r in rs if r["policy"] == "resident") for rs in (full, small))
+    assert full_r["pcie_bytes_per_step"] < 1.001 * full_r["pcie_floor_bytes_per_step"]
+    assert small_r["grad_budget_bytes"] < full_r["grad_budget_bytes"]
+    assert small_r["pcie_bytes_per_step"] > 1.5 * small_r["pcie_floor_bytes_per_step"]
+    assert small_r["total_gpu_bytes"] <= small_r["usable_gpu_bytes"]
+
+
+def test_uniform_profile_matches_design_presets():
+    for name, fraction in (("paper-7b", 0.86), ("scale-7b", 0.98)):
+        _, p = resolve_model(name)
+        profile = uniform_profile(layers=1, num_neurons=p["num_neurons"], tokens=p["tokens"], topk=p["topk"],
+                                  micro_batches=p["micro_batches"])
+        layer = profile.layers[0]
+        assert layer.per_micro_batch[0] / p["num_neurons"] == pytest.approx(fraction, abs=0.005)
+        expected_step = p["num_neurons"] * (1 - math.exp(-p["micro_batches"] * p["tokens"] * p["topk"] / p["num_neurons"]))
+        assert layer.per_step == round(expected_step)
+        assert sum(layer.first_touch) == layer.per_step
+
+
+def test_paper_setting_on_the_consumer_card(capsys):
+    assert main(["--model", "paper-7b", "--gpu", "rtx-4090"]) == 0
+    out = capsys.readouterr().out
+    assert "| gpu | none | – | – | no |" in out  # fp32 keys, values and AdamW state do not fit in 24 GB
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("MEFTConfig(")
+    config = eval(line.split("  #")[0], {"MEFTConfig": MEFTConfig})  # noqa: S307 - our own output
+    assert config.placement == "cpu" and config.num_neurons == 8464
+
+
+def test_nothing_fits_names_the_component_over(capsys):
+    assert main(["--model", "paper-7b", "--gpu", "rtx-4090", "--memory-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing fits" in out and "GPU memory over by" in out and "backbone 12.55 GiB" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama-70b", "--gpu", "h200"], "model must be one of paper-7b, scale-7b"),
+    (["--model", "paper-7b", "--gpu", "h200", "--tokens", "-3"], "tokens must be > 0"),
+    (["--model", "paper-7b", "--gpu", "h200", "--pcie-gbs", "0"], "--pcie-gbs must be > 0"),
+    (["--model", "paper-7b", "--gpu", "h200", "--num-experts", "7"], "divisible by num_experts"),
+])
+def test_bad_input_is_named(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_files_are_named(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    assert main(["--model", str(tmp_path / "config.json"), "--gpu", "h200", "--tokens", "8",
+                 "--micro-batches", "2"]) == 2
+    assert "has no 'hidden_size'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="gpu must be one of"):
+        load_gpu("rtx-3090")
+    with pytest.raises(ValueError, match="3 layers, the model has 2"):
+        profile_from_dict({"layers": [{"per_micro_batch": 1, "per_step": 1}] * 3}, layers=2, num_neurons=8,
+                          micro_batches=1)
+    with pytest.raises(ValueError, match=r"per_step must be in \[max\(per_micro_batch\)=5"):
+        profile_from_dict({"layers": [{"per_micro_batch": [5, 2], "per_step": 4}]}, layers=1, num_neurons=8,
+                          micro_batches=2)
+    with pytest.raises(ValueError, match=r"per_micro_batch\[0\] must be in \[0, num_neurons=8\]"):
+        profile_from_dict({"layers": [{"per_micro_batch": [9], "per_step": 9}]}, layers=1, num_neurons=8,
+                          micro_batches=1)
