@@ -1,8 +1,9 @@
-"""MEFTConfig: the sizes and settings of one MEFT adapter (DESIGN.md section 2)."""
+"""MEFTConfig: the sizes and settings of one MEFT adapter (docs/DESIGN.md, "Semantics")."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,39 @@ BACKENDS = ("auto", "triton", "torch")
 PLACEMENTS = ("gpu", "cpu")
 TRANSFERS = ("cpu_gather", "zero_copy")
 BACKWARD_ROWS = ("refetch", "keep")
+
+
+def meft_num_experts(num_neurons: int, factor: float = 0.25) -> int:
+    """MEFT's expert count for ``num_neurons`` (N) neurons: ceil(sqrt(N)) // ``factor`` (its
+    ``moe_expert_factor``), e.g. N = 8464 gives 368 experts of 23 neurons.
+
+    Raises ValueError when the count does not divide N (every expert owns N / E neurons),
+    naming the nearest N below and above that work with this ``factor``.
+    """
+    check_int("num_neurons", num_neurons)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
+    count = _expert_count(num_neurons, factor)
+    if count >= 1 and num_neurons % count == 0:
+        return count
+    below = next((n for n in range(num_neurons - 1, 0, -1) if _fits(n, factor)), None)
+    above = next((n for n in range(num_neurons + 1, 4 * num_neurons + 64) if _fits(n, factor)), None)
+    nearby = " or ".join(str(n) for n in (below, above) if n is not None)
+    hint = f"num_neurons={nearby} works" if nearby else "no nearby num_neurons works: lower factor"
+    raise ValueError(
+        f"num_neurons={num_neurons} with factor={factor} gives {count} experts, which does not divide "
+        f"num_neurons (each expert owns num_neurons / num_experts neurons); {hint}")
+
+
+def _expert_count(num_neurons: int, factor: float) -> int:
+    root = math.isqrt(num_neurons)
+    root += root * root != num_neurons  # the ceiling, exact for any int (no float sqrt)
+    return int(root // factor)
+
+
+def _fits(num_neurons: int, factor: float) -> bool:
+    count = _expert_count(num_neurons, factor)
+    return count >= 1 and num_neurons % count == 0
 
 
 @dataclass(frozen=True)
@@ -26,7 +60,10 @@ class MEFTConfig:
 
     ``low_key_dim`` (r, MEFT's option): None, or a shared projection L [r, hidden_size] whose
     output x = L h feeds the router and the keys (router [E, r], keys [N, r]; values stay
-    [N, hidden_size]).
+    [N, hidden_size]). Under placement "cpu" it also shrinks the device key cache to [N, r].
+
+    :func:`meft_num_experts` is MEFT's rule for ``num_experts``; :meth:`paper_7b` is the
+    paper's best LLaMA-7B setting.
 
     ``placement="cpu"`` keeps the fp32 master keys/values and their AdamW state in (pinned) CPU
     memory and moves only active rows: ``transfer`` picks how value rows reach the device
@@ -77,6 +114,15 @@ class MEFTConfig:
             raise ValueError(f"topk must be in [1, num_neurons={self.num_neurons}], got {self.topk}")
         if self.low_key_dim is not None:
             check_int("low_key_dim", self.low_key_dim)
+
+    @classmethod
+    def paper_7b(cls, **changes: Any) -> "MEFTConfig":
+        """The MEFT paper's best LLaMA-7B setting: N = 8464 neurons, E = 368 experts (MEFT's rule,
+        :func:`meft_num_experts`), P = 8 experts and K_top = 64 neurons per token, logit gate.
+        ``changes`` override any field (e.g. ``placement="cpu"``)."""
+        paper = dict(num_neurons=8464, num_experts=meft_num_experts(8464), experts_per_token=8,
+                     topk=64, gate="logit")
+        return cls(**{**paper, **changes})
 
     @property
     def neurons_per_expert(self) -> int:

@@ -21,12 +21,14 @@ from ..integration.attach import (attach_meft, attached_state, detach_meft, is_m
 from ..layer.adapter import MEFTAdapter
 from .atomic import file_sha256, fsync_dir, fsync_file, temp_path
 
-COMPUTE_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "gate")
+COMPUTE_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "gate", "low_key_dim")
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "meft_config.json"
 FORMAT_NAME = "meft-triton-adapter"
-FORMAT_VERSION = 1
+# 2: gate "softmax" is MEFT's softmax over all E experts (version 1 renormalised over the P
+# chosen ones); low_key_dim exists. Version-1 "logit" adapters mean the same under both.
+FORMAT_VERSION = 2
 
 
 def _tensor_digest(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
@@ -157,11 +159,19 @@ def _check_format(info: dict[str, Any], where: Path) -> None:
 
 
 def saved_config(info: dict[str, Any], caller: str, path: Any) -> tuple[MEFTConfig, list[int]]:
-    """The MEFTConfig and layer indices recorded by :func:`save_adapter`."""
+    """The MEFTConfig and layer indices recorded by :func:`save_adapter`. Refuses a version-1
+    adapter with gate "softmax": its weights were trained for another gate than today's."""
     try:
-        return MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
+        config, layers = MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{caller}: {path} holds an invalid MEFT config: {exc}") from exc
+    if info.get("format_version") == 1 and config.gate == "softmax":
+        raise ValueError(
+            f"{caller}: {path} is a format-1 adapter with gate 'softmax', which then renormalised the "
+            "softmax over each token's P chosen experts; gate 'softmax' now means MEFT's softmax over "
+            "all E experts, so these weights would compute something else. Load it with the meft-triton "
+            "version that saved it, or train a new adapter (gate 'softmax' is now MEFT's own)")
+    return config, layers
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -217,8 +227,8 @@ def load_adapter(
     If the model has no adapters and ``attach`` is true (the default), they are first attached
     with :func:`attach_meft` using the saved config, layers and dtype (backbone frozen). If it
     already has adapters, the saved config must match theirs in every field that changes the
-    computation (``num_neurons``, ``num_experts``, ``experts_per_token``, ``topk``, ``gate``;
-    ``backend`` and the init settings may differ), the saved layers must equal the attached
+    computation (``num_neurons``, ``num_experts``, ``experts_per_token``, ``topk``, ``gate``,
+    ``low_key_dim``; ``backend`` and the init settings may differ), the saved layers must equal the attached
     layers, and every tensor's shape and dtype must equal the parameter's. Any mismatch, a
     missing/extra tensor, or a truncated/corrupt file raises ``ValueError`` naming what
     differs, and the model's adapters are left unchanged (adapters attached by this call are

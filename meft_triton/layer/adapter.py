@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
@@ -27,11 +28,12 @@ def check_hidden(hidden: Tensor, hidden_size: int, device: torch.device) -> None
 
 
 class MEFTAdapter(nn.Module):
-    """MEFT's sparse key-value memory with a Key-Experts router (DESIGN.md section 2).
+    """MEFT's sparse key-value memory with a Key-Experts router (docs/DESIGN.md, "Semantics").
 
-    Parameters: ``router.weight`` [E, d], ``keys`` [N, d], ``values`` [N, d]. ``forward(h)``
-    takes ``h [..., d]`` (the FFN's input) and returns ``y [..., d]`` to add to the FFN's
-    output. The computation runs in ``h``'s dtype: parameters of another dtype are cast (so
+    Parameters: ``router.weight`` [E, r], ``keys`` [N, r], ``values`` [N, d], and with
+    ``config.low_key_dim = r`` the shared projection ``low_key.weight`` [r, d] (without it r = d
+    and ``low_key`` is None). ``forward(h)`` takes ``h [..., d]`` (the FFN's input) and returns
+    ``y [..., d]`` to add to the FFN's output; the router and the keys read x = L h. The computation runs in ``h``'s dtype: parameters of another dtype are cast (so
     fp32 masters under bf16 autocast work). Under placement "cpu" keys and values live in a CPU
     row store, not in parameters, and ``router.weight.requires_grad`` switches the whole layer's
     training (rows included).
@@ -45,10 +47,14 @@ class MEFTAdapter(nn.Module):
         self.hidden_size = check_int("hidden_size", hidden_size)
         self.config = config
         factory = {"device": device, "dtype": dtype}
-        self.router = nn.Linear(hidden_size, config.num_experts, bias=False, **factory)
+        self.key_size = hidden_size if config.low_key_dim is None else config.low_key_dim
+        # L keeps nn.Linear's default initialisation, as MEFT's code does (its add_up_low_key)
+        self.low_key = (None if config.low_key_dim is None
+                        else nn.Linear(hidden_size, config.low_key_dim, bias=False, **factory))
+        self.router = nn.Linear(self.key_size, config.num_experts, bias=False, **factory)
         self.offload = None
         if config.placement == "gpu":
-            self.keys = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
+            self.keys = nn.Parameter(torch.empty(config.num_neurons, self.key_size, **factory))
             self.values = nn.Parameter(torch.empty(config.num_neurons, hidden_size, **factory))
             self.reset_parameters()
             return
@@ -66,19 +72,22 @@ class MEFTAdapter(nn.Module):
 
     def _initial_rows(self, device, dtype) -> tuple[Tensor, Tensor]:
         cfg = self.config
-        keys = torch.randn(cfg.num_neurons, self.hidden_size, device=device, dtype=dtype) * cfg.key_init_std
-        values = torch.randn_like(keys) * cfg.value_init_std
+        keys = torch.randn(cfg.num_neurons, self.key_size, device=device, dtype=dtype) * cfg.key_init_std
+        values = torch.randn(cfg.num_neurons, self.hidden_size, device=device, dtype=dtype) * cfg.value_init_std
         return keys, values
 
     def _initial_router(self, keys: Tensor) -> Tensor:
         cfg = self.config
-        expert_keys = keys.view(cfg.num_experts, cfg.neurons_per_expert, self.hidden_size)
+        expert_keys = keys.view(cfg.num_experts, cfg.neurons_per_expert, self.key_size)
         return expert_keys.mean(dim=1) * cfg.router_init_scale
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """MEFT's initialisation: K ~ N(0, std^2), V = 0 (the adapted model starts equal to the
-        base model), each router row = its expert's mean key row times ``router_init_scale``."""
+        base model), each router row = its expert's mean key row times ``router_init_scale``
+        (in the r-space of the keys); L gets nn.Linear's default initialisation."""
+        if self.low_key is not None:
+            self.low_key.reset_parameters()
         if self.offload is not None:
             keys, values = self._initial_rows(torch.device("cpu"), torch.float32)
             self.offload.store.keys().copy_(keys)
@@ -99,20 +108,27 @@ class MEFTAdapter(nn.Module):
             return self.finish_values(self.start_routing(hidden))
         check_hidden(hidden, self.hidden_size, self.keys.device)
         cfg = self.config
-        flat = hidden.reshape(-1, self.hidden_size)
+        x = self.key_input(hidden.reshape(-1, self.hidden_size))
         router_weight, keys, values = (
-            p if p.dtype == flat.dtype else p.to(flat.dtype)
+            p if p.dtype == x.dtype else p.to(x.dtype)
             for p in (self.router.weight, self.keys, self.values)
         )
         if self.backend_for(hidden) == "torch":
-            y = reference.meft_forward(flat, router_weight, keys, values,
+            y = reference.meft_forward(x, router_weight, keys, values,
                                        cfg.experts_per_token, cfg.topk, cfg.gate)
         else:
             from .autograd import sparse_adapter
 
-            y = sparse_adapter(flat, router_weight, keys, values,
+            y = sparse_adapter(x, router_weight, keys, values,
                                cfg.experts_per_token, cfg.topk, cfg.gate)
         return y.reshape(hidden.shape)
+
+    def key_input(self, flat: Tensor) -> Tensor:
+        """x = L h [T, r] in ``flat``'s dtype: what the router and the keys read (``flat``
+        itself without ``low_key_dim``). Autograd carries dx back to L and h."""
+        if self.low_key is None:
+            return flat
+        return F.linear(flat, self.low_key.weight.to(flat.dtype))
 
     # -- placement "cpu" -----------------------------------------------------------------------
     def start_routing(self, hidden: Tensor):
@@ -134,7 +150,8 @@ class MEFTAdapter(nn.Module):
 
     def configure_optimizer(self, **hyper):
         """Placement "cpu": the row-sparse AdamW (meft_triton.optimizers.SparseRowAdamW keywords)
-        that trains this layer's keys and values; the router is trained by your optimizer."""
+        that trains this layer's keys and values; the router (and ``low_key``) are trained by
+        your optimizer."""
         from ..optimizers.sparse_adamw import SparseRowAdamW
 
         self._require_cpu_placement("configure_optimizer")
@@ -163,7 +180,7 @@ class MEFTAdapter(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.offload is not None:
-            # contiguous copies: the master rows are strided views of the [N, 2, d] row store, and
+            # contiguous copies: the master rows are strided views of the [N, r + d] row store, and
             # savers (safetensors, transformers' save_pretrained) need whole contiguous tensors
             keys, values = self.master_rows()
             destination[prefix + "keys"] = keys.contiguous()
@@ -194,12 +211,16 @@ class MEFTAdapter(nn.Module):
         return (f"hidden_size={self.hidden_size}, num_neurons={cfg.num_neurons}, "
                 f"num_experts={cfg.num_experts}, experts_per_token={cfg.experts_per_token}, "
                 f"topk={cfg.topk}, gate={cfg.gate!r}, backend={cfg.backend!r}, "
-                f"placement={cfg.placement!r}")
+                f"placement={cfg.placement!r}, low_key_dim={cfg.low_key_dim}")
 
 
 def adapter_parameter_count(hidden_size: int, config: MEFTConfig) -> int:
-    """Trainable parameters of one adapter: router + keys + values."""
-    return hidden_size * (config.num_experts + 2 * config.num_neurons)
+    """Trainable parameters of one adapter: router [E, r] + keys [N, r] + values [N, d], plus
+    L [r, d] with ``low_key_dim`` (r = d without it)."""
+    if config.low_key_dim is None:
+        return hidden_size * (config.num_experts + 2 * config.num_neurons)
+    r = config.low_key_dim
+    return r * (config.num_experts + config.num_neurons + hidden_size) + hidden_size * config.num_neurons
 
 
 __all__ = ["MEFTAdapter", "adapter_parameter_count", "check_hidden"]

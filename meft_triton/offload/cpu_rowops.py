@@ -534,7 +534,7 @@ def gather_rows(
     backend: str | None = None,
 ) -> None:
     """``out[k] = src[ids[k]]`` for a 2-D ``src`` whose rows are contiguous (its row stride may
-    exceed its width, e.g. one half of a [N, 2, d] record store) and a row-contiguous ``out``."""
+    exceed its width, e.g. the value part of an [N, r + d] record store) and a row-contiguous ``out``."""
     n = ids.numel()
     if n == 0:
         return

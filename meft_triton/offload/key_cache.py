@@ -19,8 +19,8 @@ WRITE_BACK_CHUNK_ROWS = 8192
 
 
 class KeyCache:
-    """``tensor`` [N, d] on the device of ``runtime`` (an :class:`~.runtime.OffloadRuntime`) in its compute dtype, fed from ``host_keys``
-    (the store's fp32 key rows)."""
+    """``tensor`` [N, r] on the device of ``runtime`` (an :class:`~.runtime.OffloadRuntime`) in its
+    compute dtype, fed from ``host_keys`` (the store's fp32 key rows; r = ``low_key_dim`` or d)."""
 
     def __init__(self, runtime: Any, host_keys: Tensor) -> None:
         self.runtime = runtime

@@ -108,7 +108,7 @@ class Prefetcher:
     """A pool of ``num_slots`` device slots that layers' value rows are copied into, ahead of use.
 
     ``host_rows`` gives the host rows of each layer: a sequence of 2-D CPU tensors (one per
-    layer, e.g. the value half of the pinned row store) or a callable ``layer_idx -> Tensor``
+    layer, e.g. the value part of the pinned row store's [N, r + d] records) or a callable ``layer_idx -> Tensor``
     (then pass ``width``). A slot holds up to ``max_rows`` rows of ``width`` in ``dtype`` (the
     compute dtype; rows are cast during the transfer). Per layer visit:
 

@@ -1,11 +1,12 @@
 """CPURowStore: the CPU-resident fp32 master copy of an adapter's keys and values.
 
-Placement "cpu" (DESIGN.md section 3) keeps every neuron's key row and value row in host
+Placement "cpu" (docs/DESIGN.md, "Placement cpu") keeps every neuron's key row and value row in host
 memory, stored together: neuron ``i`` is one contiguous record ``records[i] = [key_i,
-value_i]`` of ``2 * hidden_size`` fp32 numbers, so fetching or updating a neuron is one
-sequential read. The AdamW moments of :class:`meft_triton.optimizers.SparseRowAdamW` live beside
-it in the same ``[N, 2, d]`` layout (``exp_avg``, ``exp_avg_sq``), so the row-sparse update
-touches one record in each of four arrays per neuron.
+value_i]`` of ``key_size + hidden_size`` fp32 numbers (key_size r = ``low_key_dim``, or d), so
+fetching or updating a neuron is one sequential read. The AdamW moments of
+:class:`meft_triton.optimizers.SparseRowAdamW` live beside it in the same ``[N, r + d]`` layout
+(``exp_avg``, ``exp_avg_sq``), so the row-sparse update touches one record in each of four
+arrays per neuron.
 
 All three arrays are allocated in pinned (page-locked) memory when that is possible, so
 host-to-device copies of gathered rows can run asynchronously; when it is not (no CUDA in
@@ -29,7 +30,6 @@ from .gather import cpu_gather
 
 PARTS = ("values", "keys", "both")
 GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PART_INDEX = {"keys": 0, "values": 1}
 
 
 def check_row_ids(row_ids: Any, num_rows: int, name: str = "row_ids") -> Tensor:
@@ -84,8 +84,10 @@ class Gathered(NamedTuple):
 class CPURowStore:
     """fp32 master keys and values of one adapter layer plus their AdamW moments, on the CPU.
 
-    ``records`` is ``[num_rows, 2, hidden_size]``: ``records[i, 0]`` is neuron i's key row,
-    ``records[i, 1]`` its value row. ``exp_avg`` and ``exp_avg_sq`` have the same layout.
+    ``records`` is ``[num_rows, key_size + hidden_size]``: ``records[i, :key_size]`` is neuron
+    i's key row, ``records[i, key_size:]`` its value row (``key_size`` defaults to
+    ``hidden_size``; MEFT's ``low_key_dim`` makes it smaller). ``exp_avg`` and ``exp_avg_sq``
+    have the same layout; :meth:`split` views any of the three as (keys, values).
 
     ``pin_memory``: ``True`` asks for pinned memory and warns when it falls back to pageable
     memory; ``"auto"`` (default) pins exactly when CUDA is available, silently; ``False``
@@ -96,9 +98,10 @@ class CPURowStore:
     """
 
     def __init__(self, num_rows: int, hidden_size: int, pin_memory: bool | str = "auto",
-                 *, num_threads: int | None = None) -> None:
+                 *, key_size: int | None = None, num_threads: int | None = None) -> None:
         self.num_rows = check_int("num_rows", num_rows)
         self.hidden_size = check_int("hidden_size", hidden_size)
+        self.key_size = self.hidden_size if key_size is None else check_int("key_size", key_size)
         if num_threads is not None:
             check_int("num_threads", num_threads)
         self.num_threads = num_threads
@@ -107,7 +110,7 @@ class CPURowStore:
             auto_reason = "pin_memory='auto' and torch.cuda.is_available() is False"
         else:
             auto_reason = None
-        shape = (self.num_rows, 2, self.hidden_size)
+        shape = (self.num_rows, self.row_width)
         self.records, err = _alloc(shape, want)
         self.exp_avg, _ = _alloc(shape, want and err is None)
         self.exp_avg_sq, _ = _alloc(shape, want and err is None)
@@ -123,7 +126,7 @@ class CPURowStore:
     @classmethod
     def from_dense(cls, keys: Tensor, values: Tensor, pin_memory: bool | str = "auto",
                    *, num_threads: int | None = None) -> "CPURowStore":
-        """A store holding copies of ``keys`` and ``values`` (both ``[N, d]``, floating point,
+        """A store holding copies of ``keys`` ``[N, r]`` and ``values`` ``[N, d]`` (floating point,
         any device; converted to fp32). Moments start at zero."""
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, Tensor):
@@ -132,29 +135,36 @@ class CPURowStore:
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
             if t.dim() != 2:
                 raise ValueError(f"{name} must be 2-D [num_rows, hidden_size], got shape {tuple(t.shape)}")
-        if keys.shape != values.shape:
+        if keys.shape[0] != values.shape[0]:
             raise ValueError(
-                f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+                f"keys and values must have the same number of rows, got {tuple(keys.shape)} and "
+                f"{tuple(values.shape)}"
             )
-        store = cls(keys.shape[0], keys.shape[1], pin_memory=pin_memory, num_threads=num_threads)
+        store = cls(values.shape[0], values.shape[1], pin_memory=pin_memory, key_size=keys.shape[1],
+                    num_threads=num_threads)
         with torch.no_grad():
-            store.records[:, 0].copy_(keys.detach())
-            store.records[:, 1].copy_(values.detach())
+            store.keys().copy_(keys.detach())
+            store.values().copy_(values.detach())
         return store
 
     # ------------------------------------------------------------------ views
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Views ``(keys [..., r], values [..., d])`` of ``rows`` laid out like the records
+        (``records``, ``exp_avg``, ``exp_avg_sq``, a gathered ``"both"`` buffer)."""
+        return rows[..., : self.key_size], rows[..., self.key_size:]
+
     def keys(self) -> Tensor:
-        """``[N, d]`` view of the key rows (row stride ``2 * d``); writes go into the store."""
-        return self.records[:, 0]
+        """``[N, r]`` view of the key rows (row stride ``r + d``); writes go into the store."""
+        return self.split(self.records)[0]
 
     def values(self) -> Tensor:
-        """``[N, d]`` view of the value rows (row stride ``2 * d``); writes go into the store."""
-        return self.records[:, 1]
+        """``[N, d]`` view of the value rows (row stride ``r + d``); writes go into the store."""
+        return self.split(self.records)[1]
 
     @property
     def row_width(self) -> int:
         """fp32 numbers per neuron record (key row + value row)."""
-        return 2 * self.hidden_size
+        return self.key_size + self.hidden_size
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -175,23 +185,23 @@ class CPURowStore:
     # ------------------------------------------------------------------ gather
     def staging_buffer(self, max_rows: int, part: str = "values", dtype: torch.dtype = torch.float32) -> Tensor:
         """An empty buffer for :meth:`gather` of up to ``max_rows`` rows, pinned when the store
-        is: ``[max_rows, d]`` for ``"keys"``/``"values"``, ``[max_rows, 2, d]`` for ``"both"``.
+        is: ``[max_rows, r]`` for ``"keys"``, ``[max_rows, d]`` for ``"values"``, ``[max_rows, r + d]``
+        for ``"both"``.
         ``dtype``: float32 (exact copies) or bfloat16/float16 (rounded while gathering)."""
         check_int("max_rows", max_rows)
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         if dtype not in GATHER_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        shape = (max_rows, 2, self.hidden_size) if part == "both" else (max_rows, self.hidden_size)
-        buf, _ = _alloc(shape, self.pinned, dtype)
+        buf, _ = _alloc((max_rows, self._part_width(part)), self.pinned, dtype)
         return buf
 
     def gather(self, row_ids: Tensor, out: Tensor | None = None, part: str = "values",
                *, sort: bool = True) -> Gathered:
         """Copy the rows of ``row_ids`` into ``out`` (or a new buffer, pinned when the store is).
 
-        ``part``: ``"values"`` or ``"keys"`` gives ``[U, d]`` rows, ``"both"`` whole ``[U, 2, d]``
-        records. With ``sort=True`` (default) the ids are sorted first (sequential reads) and
+        ``part``: ``"values"`` gives ``[U, d]`` rows, ``"keys"`` ``[U, r]``, ``"both"`` whole
+        ``[U, r + d]`` records. With ``sort=True`` (default) the ids are sorted first (sequential reads) and
         the rows come back in ascending id order; with ``sort=False`` in the given order.
         ``out`` may have more rows than needed; the result is then its first ``U`` rows. A
         bfloat16/float16 ``out`` receives the rows rounded to that dtype.
@@ -204,7 +214,7 @@ class CPURowStore:
         if sort and ids.numel() > 1:
             ids = torch.sort(ids).values
         n = ids.numel()
-        tail = (2, self.hidden_size) if part == "both" else (self.hidden_size,)
+        tail = (self._part_width(part),)
         if out is None:
             buf, _ = _alloc((n, *tail), self.pinned)
             out = buf
@@ -223,33 +233,40 @@ class CPURowStore:
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
             out = out[:n]
-        if part == "both":
-            src = self.records.view(self.num_rows, self.row_width)
-            dst = out.view(n, self.row_width)
-        else:
-            src = self.records[:, _PART_INDEX[part]]
-            dst = out
-        cpu_gather(src, ids, dst, num_threads=self.num_threads)
+        src = {"both": self.records, "keys": self.keys(), "values": self.values()}[part]
+        cpu_gather(src, ids, out, num_threads=self.num_threads)
         return Gathered(out, ids)
+
+    def _part_width(self, part: str) -> int:
+        return {"both": self.row_width, "keys": self.key_size, "values": self.hidden_size}[part]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The master rows (by reference, like ``nn.Module.state_dict``): ``{"records": [N, 2, d]}``.
+        """The master rows (by reference, like ``nn.Module.state_dict``): ``{"records": [N, r + d]}``.
         The moments are saved by the optimizer's ``state_dict``."""
         return {"records": self.records}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or "records" not in state:
             raise ValueError("state must be a dict with key 'records'")
-        rec = state["records"]
-        if not isinstance(rec, Tensor) or tuple(rec.shape) != tuple(self.records.shape):
-            got = tuple(rec.shape) if isinstance(rec, Tensor) else type(rec).__name__
-            raise ValueError(f"state['records'] must have shape {tuple(self.records.shape)}, got {got}")
+        rec = self.as_records(state["records"], "state['records']")
         if rec.data_ptr() != self.records.data_ptr():
             self.records.copy_(rec)
 
+    def as_records(self, rows: Any, name: str) -> Tensor:
+        """``rows`` in the records' ``[N, r + d]`` layout; saves from before ``low_key_dim``
+        held ``[N, 2, d]`` (the same bytes when r = d), which are accepted as such."""
+        shape = tuple(self.records.shape)
+        old = (self.num_rows, 2, self.hidden_size)
+        if isinstance(rows, Tensor) and tuple(rows.shape) == old and self.key_size == self.hidden_size:
+            return rows.reshape(shape)
+        if not isinstance(rows, Tensor) or tuple(rows.shape) != shape:
+            got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"{name} must have shape {shape}, got {got}")
+        return rows
+
     def __repr__(self) -> str:
         return (
-            f"CPURowStore(num_rows={self.num_rows}, hidden_size={self.hidden_size}, "
+            f"CPURowStore(num_rows={self.num_rows}, hidden_size={self.hidden_size}, key_size={self.key_size}, "
             f"pinned={self.pinned}, nbytes={self.nbytes})"
         )

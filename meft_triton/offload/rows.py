@@ -1,10 +1,10 @@
 """Placement "cpu": the adapter's master rows live in CPU memory, only active rows move.
 
-Per adapted layer (DESIGN.md section 3): the fp32 master keys and values and their AdamW
-moments sit in a :class:`~meft_triton.offload.row_store.CPURowStore`; the device keeps the router (a
-normal parameter), a compute-dtype cache of the keys (so routing and key scores stay on the
-device and exact) and shares a pool of value-row slots with the other layers through one
-:class:`OffloadRuntime`. A call runs in two stages so the value-row copy overlaps the
+Per adapted layer (DESIGN.md section 3): the fp32 master keys and values and their
+AdamW moments sit in a :class:`~meft_triton.offload.row_store.CPURowStore`; the device keeps the
+router and the optional low-key projection L (normal parameters), a compute-dtype cache of the
+keys ([N, r]: ``low_key_dim`` shrinks it; routing and key scores stay on the device and exact)
+and shares a pool of value-row slots with the other layers through one :class:`OffloadRuntime`. A call runs in two stages so the value-row copy overlaps the
 backbone's FFN:
 
 ``start_routing``  route, score and select on the device; the unique active ids go to the
@@ -40,7 +40,7 @@ from .runtime import OffloadRuntime, RowCache
 class RoutedTokens:
     """What ``start_routing`` hands to ``finish_values``: the selection and the copy in flight."""
 
-    hidden: Tensor          # [T, d] in the compute dtype (what autograd differentiates)
+    hidden: Tensor          # [T, r]: x = L h in the compute dtype (what autograd differentiates)
     expert_ids: Tensor      # [T, P]
     gate_weights: Tensor    # [T, P] fp32
     gate_lse: Tensor | None  # [T] fp32, log-sum-exp over all E logits (gate "softmax", kernels only)
@@ -81,11 +81,10 @@ class OffloadedRows:
         if self.optimizer is None:
             raise RuntimeError("placement='cpu' trains keys and values with a row-sparse AdamW: call "
                                "adapter.configure_optimizer(lr=...) before the first step")
-        d = self.store.hidden_size
         pending, self.pending_grads = self.pending_grads, []
         for future in pending:
             grad = future.result()
-            self.optimizer.accumulate(grad.row_ids, grad.rows[:, :d], grad.rows[:, d:])
+            self.optimizer.accumulate(grad.row_ids, *self.store.split(grad.rows))
 
     def discard_grads(self) -> None:
         """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),
@@ -130,7 +129,7 @@ class OffloadedRows:
     def start_routing(self, hidden: Tensor) -> RoutedTokens:
         cfg = self.adapter.config
         self.wait_for_update()
-        flat = hidden.reshape(-1, hidden.shape[-1]).to(self.runtime.dtype)
+        flat = self.adapter.key_input(hidden.reshape(-1, hidden.shape[-1]).to(self.runtime.dtype))
         stages = stages_for(flat, cfg.backend)
         with torch.no_grad():
             router_weight = self.adapter.router.weight.to(flat.dtype)

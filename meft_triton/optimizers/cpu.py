@@ -13,7 +13,9 @@ from .sparse_adamw import clip_grad_norm_
 class OffloadedAdamW(torch.optim.AdamW):
     """One ``torch.optim.Optimizer`` for a model whose adapters have placement "cpu".
 
-    The routers (device parameters) get a plain AdamW (no weight decay); each layer's keys and
+    The routers (device parameters) get a plain AdamW (no weight decay), and so do the low-key
+    projections L of ``low_key_dim`` (in a second parameter group, with ``weight_decay`` as
+    placement "gpu" gives them); each layer's keys and
     values get its row-sparse AdamW (:class:`meft_triton.optimizers.SparseRowAdamW`, lazy: only rows
     that fired move, with decoupled ``weight_decay``) on the CPU master. ``step()`` steps the
     routers, hands every layer's gradient rows to its sparse optimizer, clips them to
@@ -44,8 +46,11 @@ class OffloadedAdamW(torch.optim.AdamW):
         self.layer_ids = list(range(len(self.adapters)) if layer_ids is None else layer_ids)
         if len(self.layer_ids) != len(self.adapters):
             raise ValueError(f"layer_ids has {len(self.layer_ids)} entries for {len(self.adapters)} adapters")
-        super().__init__([a.router.weight for a in self.adapters], lr=lr, betas=betas, eps=eps,
-                         weight_decay=0.0)
+        groups = [{"params": [a.router.weight for a in self.adapters], "weight_decay": 0.0}]
+        low_keys = [a.low_key.weight for a in self.adapters if a.low_key is not None]
+        if low_keys:  # a second group only when there is one: older states keep loading
+            groups.append({"params": low_keys, "weight_decay": weight_decay})
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.max_grad_norm = max_grad_norm
         self.nonfinite = check_nonfinite_mode(nonfinite)
         self.nonfinite_steps = 0
@@ -55,9 +60,12 @@ class OffloadedAdamW(torch.optim.AdamW):
                        for a, layer in zip(self.adapters, self.layer_ids)]
 
     def nonfinite_report(self) -> list[NonFiniteRows]:
-        """Non-finite rows among the routers' ``.grad`` and the layers' collected gradient rows."""
-        report = dense_report((layer, "router", a.router.weight.grad)
-                              for layer, a in zip(self.layer_ids, self.adapters))
+        """Non-finite rows among the routers' and low-key projections' ``.grad`` and the layers'
+        collected gradient rows."""
+        report = dense_report((layer, part, p.grad) for layer, a in zip(self.layer_ids, self.adapters)
+                              for part, p in (("router", a.router.weight),
+                                              ("low_key", None if a.low_key is None else a.low_key.weight))
+                              if p is not None)
         for sparse in self.sparse:
             report += sparse.nonfinite_report()
         return report

@@ -105,7 +105,7 @@ def _check_norm_type(value: Any) -> float:
 
 
 class _RowGradAccumulator:
-    """Row-sparse sum of gradient records: neuron id -> one [2, d] fp32 slot.
+    """Row-sparse sum of gradient records: neuron id -> one [r + d] fp32 slot (the store's layout).
 
     ``slot_of[i]`` is the slot of neuron i (-1: none yet); slots ``0..count-1`` hold the
     sums, ``ids[s]`` the neuron of slot s. A pending clip scale (set by gradient clipping and
@@ -113,11 +113,11 @@ class _RowGradAccumulator:
     if the clip had scaled the gradients when it was called.
     """
 
-    def __init__(self, num_rows: int, hidden_size: int) -> None:
-        self.num_rows, self.hidden_size = num_rows, hidden_size
-        self.slot_of = torch.full((num_rows,), -1, dtype=torch.int64)
+    def __init__(self, store: CPURowStore) -> None:
+        self.num_rows, self.split = store.num_rows, store.split
+        self.slot_of = torch.full((self.num_rows,), -1, dtype=torch.int64)
         self.ids = torch.empty(0, dtype=torch.int64)
-        self.buf = torch.empty(0, 2, hidden_size, dtype=torch.float32)
+        self.buf = torch.empty(0, store.row_width, dtype=torch.float32)
         self.count = 0
         self.scale: float | None = None
         # non-finite gradients seen since the last clear: (part, neuron ids or None)
@@ -128,7 +128,7 @@ class _RowGradAccumulator:
         if need <= cap:
             return
         new_cap = min(self.num_rows, max(need, 2 * cap))
-        buf = cpu_rowops.empty_rows((new_cap, 2, self.hidden_size))
+        buf = cpu_rowops.empty_rows((new_cap, self.buf.shape[1]))
         ids = torch.empty(new_cap, dtype=torch.int64)
         if self.count:
             buf[: self.count].copy_(self.buf[: self.count])
@@ -160,15 +160,11 @@ class _RowGradAccumulator:
             # (index_copy_ / index_fill_: torch's `t[idx] = x` is ~1000x slower on CPU here)
             self.slot_of.index_copy_(0, ids, torch.arange(lo, lo + n, dtype=torch.int64))
             self.ids[lo : lo + n].copy_(ids)
-            dst = self.buf[lo : lo + n]
-            if key_rows is None:
-                dst[:, 0].zero_()
-            else:
-                dst[:, 0].copy_(key_rows)
-            if value_rows is None:
-                dst[:, 1].zero_()
-            else:
-                dst[:, 1].copy_(value_rows)
+            for dst, rows in zip(self.split(self.buf[lo : lo + n]), (key_rows, value_rows)):
+                if rows is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(rows)
             self.count = lo + n
             return
         if n_new:
@@ -180,10 +176,9 @@ class _RowGradAccumulator:
             self.buf[lo : lo + n_new].zero_()
             self.count = lo + n_new
         target = self.slot_of[ids]
-        if key_rows is not None:
-            self.buf[:, 0].index_add_(0, target, key_rows)
-        if value_rows is not None:
-            self.buf[:, 1].index_add_(0, target, value_rows)
+        for dst, rows in zip(self.split(self.buf), (key_rows, value_rows)):
+            if rows is not None:
+                dst.index_add_(0, target, rows)
 
     def norm(self, norm_type: float) -> Tensor:
         """Norm of the accumulated (clip-scaled) gradients; 0 when empty."""
@@ -276,7 +271,7 @@ class SparseRowAdamW:
         self.nonfinite_steps = 0
         self.last_nonfinite: tuple[NonFiniteRows, ...] | None = None
         self._step = 0
-        self._acc = _RowGradAccumulator(store.num_rows, store.hidden_size)
+        self._acc = _RowGradAccumulator(store)
         self._spare: _RowGradAccumulator | None = None
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -304,14 +299,15 @@ class SparseRowAdamW:
     # ------------------------------------------------------------------ gradients
     def accumulate(self, row_ids: Tensor, key_rows: Tensor | None = None,
                    value_rows: Tensor | None = None) -> None:
-        """Add row-sparse gradients: ``key_rows[k]`` / ``value_rows[k]`` (fp32 ``[U, d]``) to
-        neuron ``row_ids[k]`` (int64 ``[U]``). Repeated ids sum; sums carry over until
+        """Add row-sparse gradients: ``key_rows[k]`` (fp32 ``[U, r]``) / ``value_rows[k]`` (fp32
+        ``[U, d]``) to neuron ``row_ids[k]`` (int64 ``[U]``). Repeated ids sum; sums carry over until
         :meth:`step` or :meth:`zero_grad`. ``None`` for one half means a zero gradient there
         (the neuron still counts as touched). Safe while a :meth:`step_async` is running."""
         ids = check_row_ids(row_ids, self.store.num_rows)
         if key_rows is None and value_rows is None:
             raise ValueError("key_rows and value_rows are both None: pass at least one")
-        d = self.store.hidden_size
+        widths = {"key_rows": ("key_size", self.store.key_size),
+                  "value_rows": ("hidden_size", self.store.hidden_size)}
         for name, rows in (("key_rows", key_rows), ("value_rows", value_rows)):
             if rows is None:
                 continue
@@ -321,9 +317,10 @@ class SparseRowAdamW:
                 raise TypeError(f"{name} must be float32, got dtype {rows.dtype}")
             if rows.device.type != "cpu":
                 raise ValueError(f"{name} must be a CPU tensor, got device {rows.device}")
-            if tuple(rows.shape) != (ids.numel(), d):
+            width_name, width = widths[name]
+            if tuple(rows.shape) != (ids.numel(), width):
                 raise ValueError(
-                    f"{name} must have shape [len(row_ids), hidden_size] = [{ids.numel()}, {d}], "
+                    f"{name} must have shape [len(row_ids), {width_name}] = [{ids.numel()}, {width}], "
                     f"got {tuple(rows.shape)}"
                 )
         for part, rows in (("keys", key_rows), ("values", value_rows)):
@@ -386,7 +383,7 @@ class SparseRowAdamW:
         """Take the current accumulator (a fresh one takes its place) and freeze the
         hyperparameters of the step about to run."""
         acc = self._acc
-        nxt = self._spare if self._spare is not None else _RowGradAccumulator(self.store.num_rows, self.store.hidden_size)
+        nxt = self._spare if self._spare is not None else _RowGradAccumulator(self.store)
         self._spare = None
         self._acc = nxt
         hp = dict(lr=self._lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
@@ -411,11 +408,9 @@ class SparseRowAdamW:
             step_size = lr * math.sqrt(bc2) / bc1
             if n:
                 s = self.store
-                w = s.row_width
+                # whole [r + d] records: one pass over each neuron's key and value row
                 cpu_rowops.adamw_rows(
-                    s.records.view(s.num_rows, w), s.exp_avg.view(s.num_rows, w),
-                    s.exp_avg_sq.view(s.num_rows, w), acc.buf.view(acc.buf.shape[0], w),
-                    sorted_ids, order,
+                    s.records, s.exp_avg, s.exp_avg_sq, acc.buf, sorted_ids, order,
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
                     eps=hp["eps"], neg_step_size=-step_size, grad_scale=scale,
                     num_threads=self.num_threads,
@@ -423,7 +418,7 @@ class SparseRowAdamW:
                 )
                 if perf_slowdown("optim"):  # needless extra passes over the touched rows (perf gate test)
                     for a in (s.records, s.exp_avg, s.exp_avg_sq) * 2:
-                        a.view(s.num_rows, w).index_copy_(0, sorted_ids, a.view(s.num_rows, w)[sorted_ids])
+                        a.index_copy_(0, sorted_ids, a[sorted_ids])
             self._step = t
             return sorted_ids
         finally:
@@ -489,6 +484,7 @@ class SparseRowAdamW:
             "max_grad_norm": self.max_grad_norm,
             "num_rows": s.num_rows,
             "hidden_size": s.hidden_size,
+            "key_size": s.key_size,
             "exp_avg": s.exp_avg,
             "exp_avg_sq": s.exp_avg_sq,
         }
@@ -499,27 +495,31 @@ class SparseRowAdamW:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"state must be a dict saved by SparseRowAdamW.state_dict() (format {_FORMAT!r})")
         s = self.store
-        if (state["num_rows"], state["hidden_size"]) != (s.num_rows, s.hidden_size):
+        # states saved before low_key_dim existed hold no key_size: their keys were d wide
+        saved = (state["num_rows"], state["hidden_size"], state.get("key_size", state["hidden_size"]))
+        if saved != (s.num_rows, s.hidden_size, s.key_size):
             raise ValueError(
-                f"state is for num_rows={state['num_rows']}, hidden_size={state['hidden_size']}, "
-                f"but the store has num_rows={s.num_rows}, hidden_size={s.hidden_size}"
+                f"state is for num_rows={saved[0]}, hidden_size={saved[1]}, key_size={saved[2]}, but the "
+                f"store has num_rows={s.num_rows}, hidden_size={s.hidden_size}, key_size={s.key_size}"
             )
         step = state["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"state['step'] must be an int >= 0, got {step!r}")
+        moments = {}
         for key in ("exp_avg", "exp_avg_sq"):
             t = state[key]
-            if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(s.records.shape):
+            if not isinstance(t, Tensor) or t.dtype != torch.float32:
                 raise ValueError(f"state[{key!r}] must be a float32 tensor of shape {tuple(s.records.shape)}")
+            moments[key] = s.as_records(t, f"state[{key!r}]")
         lr = _check_lr(state["lr"])
         betas = _check_betas(tuple(state["betas"]))
         eps = _check_nonneg("eps", state["eps"])
         wd = _check_nonneg("weight_decay", state["weight_decay"])
         mgn = _check_max_norm("max_grad_norm", state["max_grad_norm"])
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key, t in moments.items():
             dst = getattr(s, key)
-            if state[key].data_ptr() != dst.data_ptr():
-                dst.copy_(state[key])
+            if t.data_ptr() != dst.data_ptr():
+                dst.copy_(t)
         self._step, self._lr, self.betas, self.eps, self.weight_decay, self.max_grad_norm = step, lr, betas, eps, wd, mgn
 
     def __repr__(self) -> str:

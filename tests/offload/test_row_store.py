@@ -13,26 +13,33 @@ from meft_triton.offload import CPURowStore
 HAS_C = cpu_rowops.backend_name() == "c"
 
 
-def random_dense(n: int, d: int):
-    return torch.randn(n, d), torch.randn(n, d)
+def random_dense(n: int, d: int, r: int | None = None):
+    """Keys [n, r] (r = d by default) and values [n, d]."""
+    return torch.randn(n, d if r is None else r), torch.randn(n, d)
 
 
-def test_from_dense_layout_one_record_per_neuron(seed):
-    keys, values = random_dense(33, 7)
+KEY_WIDTHS = [None, 3, 11]  # r = d, r < d (low_key_dim), r > d
+
+
+@pytest.mark.parametrize("r", KEY_WIDTHS)
+def test_from_dense_layout_one_record_per_neuron(seed, r):
+    keys, values = random_dense(33, 7, r)
+    width = keys.shape[1] + 7
     store = CPURowStore.from_dense(keys, values)
-    assert store.records.shape == (33, 2, 7) and store.records.dtype == torch.float32
+    assert store.key_size == keys.shape[1] and store.hidden_size == 7 and store.row_width == width
+    assert store.records.shape == (33, width) and store.records.dtype == torch.float32
     assert store.records.is_contiguous()
     assert torch.equal(store.keys(), keys) and torch.equal(store.values(), values)
     # neuron i is one contiguous record [key_i, value_i]
-    flat = store.records.view(33, 14)
-    assert torch.equal(flat, torch.cat([keys, values], dim=1))
+    assert torch.equal(store.records, torch.cat([keys, values], dim=1))
     assert store.keys().data_ptr() == store.records.data_ptr()
-    assert store.values().stride() == (14, 1)
+    assert store.values().stride() == (width, 1)
     for t in (store.exp_avg, store.exp_avg_sq):
-        assert t.shape == (33, 2, 7) and not t.any()
+        assert t.shape == (33, width) and not t.any()
+        assert [p.shape[1] for p in store.split(t)] == [keys.shape[1], 7]
     # views write through
     store.values()[3] = 1.5
-    assert torch.all(store.records[3, 1] == 1.5)
+    assert torch.all(store.records[3, keys.shape[1]:] == 1.5) and not (store.records[3, :keys.shape[1]] == 1.5).any()
 
 
 def test_from_dense_converts_dtype_and_copies(seed):
@@ -46,22 +53,23 @@ def test_from_dense_converts_dtype_and_copies(seed):
 
 @pytest.mark.parametrize("part", ["values", "keys", "both"])
 @pytest.mark.parametrize("sort", [True, False])
-def test_gather_matches_indexing(seed, part, sort, poison_outputs):
+@pytest.mark.parametrize("r", KEY_WIDTHS)
+def test_gather_matches_indexing(seed, part, sort, r, poison_outputs):
     n, d, u = 200, 24, 57
-    keys, values = random_dense(n, d)
+    keys, values = random_dense(n, d, r)
     store = CPURowStore.from_dense(keys, values)
     ids = torch.randint(0, n, (u,))  # repeats allowed
     rows, got_ids = store.gather(ids, part=part, sort=sort)
     expect_ids = torch.sort(ids).values if sort else ids
     assert torch.equal(got_ids, expect_ids)
-    ref = {"keys": keys, "values": values, "both": torch.stack([keys, values], 1)}[part][expect_ids]
+    ref = {"keys": keys, "values": values, "both": torch.cat([keys, values], 1)}[part][expect_ids]
     assert torch.equal(rows, ref)
     assert rows.is_contiguous()
 
 
 def test_gather_into_larger_staging_buffer(seed, poison_outputs):
     n, d = 64, 16
-    keys, values = random_dense(n, d)
+    keys, values = random_dense(n, d, 5)
     store = CPURowStore.from_dense(keys, values)
     buf = store.staging_buffer(40, "values")
     assert buf.shape == (40, d) and buf.is_pinned() == store.pinned
@@ -72,7 +80,8 @@ def test_gather_into_larger_staging_buffer(seed, poison_outputs):
     assert torch.equal(rows, values[sorted_ids])
     both = store.staging_buffer(30, "both")
     rows, sorted_ids = store.gather(ids, out=both, part="both")
-    assert torch.equal(rows[:, 0], keys[sorted_ids]) and torch.equal(rows[:, 1], values[sorted_ids])
+    assert both.shape == (30, 5 + d)
+    assert torch.equal(rows[:, :5], keys[sorted_ids]) and torch.equal(rows[:, 5:], values[sorted_ids])
     rows, _ = store.gather(torch.empty(0, dtype=torch.int64), out=buf)
     assert rows.shape == (0, d)
 
@@ -89,10 +98,10 @@ def test_gather_rounds_into_a_compute_dtype_buffer(seed, dtype):
 @pytest.mark.skipif(not HAS_C, reason="no C compiler")
 def test_compiled_gather_equals_torch_gather(seed):
     n, d = 500, 48
-    keys, values = random_dense(n, d)
+    keys, values = random_dense(n, d, 13)
     store = CPURowStore.from_dense(keys, values)
     ids = torch.sort(torch.randint(0, n, (300,))).values
-    for src in (store.values(), store.keys(), store.records.view(n, 2 * d)):
+    for src in (store.values(), store.keys(), store.records):
         a = torch.empty(300, src.shape[1])
         b = torch.empty(300, src.shape[1])
         cpu_rowops.gather_rows(src, ids, a, num_threads=3, backend="c")
@@ -100,13 +109,14 @@ def test_compiled_gather_equals_torch_gather(seed):
         assert torch.equal(a, b) and torch.equal(a, src[ids])
 
 
-def test_nbytes_accounting():
-    store = CPURowStore(100, 12)
-    per_array = 100 * 2 * 12 * 4
+@pytest.mark.parametrize("key_size, width", [(None, 24), (5, 17)])
+def test_nbytes_accounting(key_size, width):
+    store = CPURowStore(100, 12, key_size=key_size)
+    per_array = 100 * width * 4
     assert store.master_nbytes == per_array
     assert store.state_nbytes == 2 * per_array
     assert store.nbytes == 3 * per_array
-    assert store.row_width == 24
+    assert store.row_width == width
 
 
 def test_pinning_falls_back_with_a_recorded_flag(monkeypatch):
@@ -133,13 +143,26 @@ def test_pinning_falls_back_with_a_recorded_flag(monkeypatch):
 
 
 def test_state_dict_round_trip(seed):
-    keys, values = random_dense(9, 5)
+    keys, values = random_dense(9, 5, 2)
     a = CPURowStore.from_dense(keys, values)
-    b = CPURowStore(9, 5)
+    b = CPURowStore(9, 5, key_size=2)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.records, b.records)
     with pytest.raises(ValueError, match="records"):
         CPURowStore(9, 6).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"records.*\(9, 8\)"):  # same d, other key width
+        CPURowStore(9, 5, key_size=3).load_state_dict(a.state_dict())
+
+
+def test_loads_records_saved_in_the_layout_before_low_key_dim(seed):
+    """Saves from before low_key_dim held [N, 2, d] records (keys and values both d wide): the
+    same bytes as [N, 2d], so they load unchanged; a store with r != d refuses them."""
+    keys, values = random_dense(9, 5)
+    store = CPURowStore(9, 5)
+    store.load_state_dict({"records": torch.stack([keys, values], dim=1)})
+    assert torch.equal(store.keys(), keys) and torch.equal(store.values(), values)
+    with pytest.raises(ValueError, match="records"):
+        CPURowStore(9, 5, key_size=5 - 1).load_state_dict({"records": torch.stack([keys, values], dim=1)})
 
 
 def test_bad_arguments_name_the_argument():
@@ -153,6 +176,8 @@ def test_bad_arguments_name_the_argument():
         CPURowStore(4, 4, pin_memory="yes")
     with pytest.raises(ValueError, match="keys and values"):
         CPURowStore.from_dense(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="key_size"):
+        CPURowStore(4, 4, key_size=0)
     with pytest.raises(TypeError, match="keys"):
         CPURowStore.from_dense(torch.ones(4, 3, dtype=torch.int64), torch.randn(4, 3))
     with pytest.raises(ValueError, match="values"):

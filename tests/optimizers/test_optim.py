@@ -22,15 +22,16 @@ BACKENDS = [pytest.param("c", marks=pytest.mark.skipif(not HAS_C, reason="no C c
 PARAM_TOL = dict(rtol=1e-6, atol=1e-7)
 
 
-def random_store(n: int, d: int, *, zero_values: bool = False) -> CPURowStore:
-    keys = torch.randn(n, d)
+def random_store(n: int, d: int, *, zero_values: bool = False, r: int | None = None) -> CPURowStore:
+    """Keys [n, r] (r = d by default: low_key_dim unset) and values [n, d]."""
+    keys = torch.randn(n, d if r is None else r)
     values = torch.zeros(n, d) if zero_values else torch.randn(n, d)
     return CPURowStore.from_dense(keys, values)
 
 
-def random_grads(n: int, d: int, u: int, *, unique: bool = True, scale: float = 1.0):
+def random_grads(n: int, d: int, u: int, *, unique: bool = True, scale: float = 1.0, r: int | None = None):
     ids = torch.randperm(n)[:u] if unique else torch.randint(0, n, (u,))
-    return ids, torch.randn(u, d) * scale, torch.randn(u, d) * scale
+    return ids, torch.randn(u, d if r is None else r) * scale, torch.randn(u, d) * scale
 
 
 def sparse(ids: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -43,27 +44,31 @@ def snapshot(store: CPURowStore):
 
 # ---------------------------------------------------------------------------------- equality
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_torch_sparse_adam(seed, backend, poison_outputs):
+@pytest.mark.parametrize("r", [None, 7])  # keys d wide, or low_key_dim = 7
+def test_matches_torch_sparse_adam(seed, backend, r, poison_outputs):
     n, d, u = 97, 24, 13
-    store = random_store(n, d)
+    store = random_store(n, d, r=r)
     lr, betas, eps = 3e-3, (0.8, 0.99), 1e-6
     opt = SparseRowAdamW(store, lr=lr, betas=betas, eps=eps, backend=backend)
     pk = torch.nn.Parameter(store.keys().clone())
     pv = torch.nn.Parameter(store.values().clone())
     ref = torch.optim.SparseAdam([pk, pv], lr=lr, betas=betas, eps=eps)
     for _ in range(5):
-        ids, gk, gv = random_grads(n, d, u)
+        ids, gk, gv = random_grads(n, d, u, r=r)
         opt.accumulate(ids, gk, gv)
         touched = opt.step()
         assert torch.equal(touched, torch.sort(ids).values)
         pk.grad, pv.grad = sparse(ids, gk, n), sparse(ids, gv, n)
         ref.step()
     assert opt.step_count == 5
+    if r is not None:
+        with pytest.raises(ValueError, match=r"key_rows must have shape \[len\(row_ids\), key_size\] = \[13, 7\]"):
+            opt.accumulate(ids, gv, gv)
     torch.testing.assert_close(store.keys(), pk.detach(), **PARAM_TOL)
     torch.testing.assert_close(store.values(), pv.detach(), **PARAM_TOL)
-    for half, p in ((0, pk), (1, pv)):
-        torch.testing.assert_close(store.exp_avg[:, half], ref.state[p]["exp_avg"], rtol=0, atol=0)
-        torch.testing.assert_close(store.exp_avg_sq[:, half], ref.state[p]["exp_avg_sq"], rtol=0, atol=0)
+    for part, p in ((0, pk), (1, pv)):
+        torch.testing.assert_close(store.split(store.exp_avg)[part], ref.state[p]["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(store.split(store.exp_avg_sq)[part], ref.state[p]["exp_avg_sq"], rtol=0, atol=0)
 
 
 def lazy_adamw_f64(p, m, v, grads_by_step, lr, betas, eps, wd):
@@ -91,7 +96,7 @@ def test_matches_float64_lazy_adamw_with_weight_decay(seed, backend):
         ids, gk, gv = random_grads(n, d, int(torch.randint(1, n // 2, ())))
         opt.accumulate(ids, gk, gv)
         opt.step()
-        history.append({int(i): torch.stack([gk[k], gv[k]]).double() for k, i in enumerate(ids)})
+        history.append({int(i): torch.cat([gk[k], gv[k]]).double() for k, i in enumerate(ids)})
     lazy_adamw_f64(p, m, v, history, lr, betas, eps, wd)
     torch.testing.assert_close(store.records.double(), p, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(store.exp_avg.double(), m, rtol=1e-5, atol=1e-7)
@@ -318,6 +323,24 @@ def test_load_state_dict_rejects_mismatch(seed):
         opt.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="format"):
         opt.load_state_dict({"step": 1})
+    with pytest.raises(ValueError, match="key_size=3"):  # other low_key_dim
+        SparseRowAdamW(random_store(10, 4, r=3)).load_state_dict(opt.state_dict())
+
+
+def test_loads_moments_saved_before_low_key_dim(seed):
+    """Checkpoints from before low_key_dim hold [N, 2, d] moments and no key_size: the same
+    bytes as today's [N, 2d] records, so they load and the next step is unchanged."""
+    store = random_store(10, 4)
+    opt = SparseRowAdamW(store, lr=1e-2)
+    opt.accumulate(*random_grads(10, 4, 5))
+    opt.step()
+    state = opt.state_dict()
+    old = {k: v for k, v in state.items() if k != "key_size"}
+    old["exp_avg"], old["exp_avg_sq"] = (state[k].clone().view(10, 2, 4) for k in ("exp_avg", "exp_avg_sq"))
+    fresh = SparseRowAdamW(CPURowStore.from_dense(store.keys().clone(), store.values().clone()))
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.store.exp_avg, store.exp_avg) and torch.equal(fresh.store.exp_avg_sq, store.exp_avg_sq)
+    assert fresh.step_count == 1
 
 
 # ---------------------------------------------------------------------------------- async
