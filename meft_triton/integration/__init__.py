@@ -1,10 +1,11 @@
-"""Hugging Face transformers integration: find a model's FFNs, wrap each with a MEFT adapter
-(:class:`MEFTMLP`), attach and detach."""
+"""Hugging Face transformers integration: find a model's FFNs, attach a MEFT adapter beside each
+in place (:class:`AttachedFFN`), attach and detach."""
 
 from .attach import (attach_meft, attached_state, detach_meft, is_meft_attached, meft_adapters,
-                     meft_named_parameters, meft_parameters, meft_state_tensors)
-from .discovery import find_decoder_layers, find_mlp
-from .wrapper import MEFTMLP
+                     meft_named_parameters, meft_owner, meft_parameters, meft_state_tensors)
+from .discovery import FFNSite, find_decoder_layers, find_mlp, find_site
+from .wrapper import AttachedFFN
 
-__all__ = ["MEFTMLP", "attach_meft", "attached_state", "detach_meft", "find_decoder_layers", "find_mlp",
-           "is_meft_attached", "meft_adapters", "meft_named_parameters", "meft_parameters", "meft_state_tensors"]
+__all__ = ["AttachedFFN", "FFNSite", "attach_meft", "attached_state", "detach_meft", "find_decoder_layers",
+           "find_mlp", "find_site", "is_meft_attached", "meft_adapters", "meft_named_parameters", "meft_owner",
+           "meft_parameters", "meft_state_tensors"]

@@ -12,9 +12,10 @@ Typical use::
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 from ..config import MEFTConfig
 from ..layer.adapter import MEFTAdapter
 from ..offload.runtime import OffloadRuntime
-from .discovery import find_decoder_layers, find_mlp, mlp_hidden_size, module_device, module_dtype
-from .wrapper import MEFTMLP
+from .discovery import FFNSite, check_target, find_decoder_layers, find_site, mlp_hidden_size, module_device, module_dtype
+from .guard import guard_router, unguard_router
+from .wrapper import AttachedFFN
 
 # --------------------------------------------------------------------------------------------
 # attach / detach
@@ -33,15 +35,15 @@ from .wrapper import MEFTMLP
 @dataclass
 class _Slot:
     layer: int
-    parent: nn.Module
-    attr: str
-    wrapper: MEFTMLP
+    ffn: AttachedFFN
 
 
 @dataclass
 class _MEFTState:
     config: MEFTConfig
     layers_name: str
+    num_layers: int
+    target: FFNSite | None
     slots: list[_Slot]
     requires_grad: list[tuple[nn.Parameter, bool]]
     embed_hook: tuple[nn.Module, int] | None = None
@@ -51,8 +53,17 @@ class _MEFTState:
 STATE_ATTR = "_meft_state"
 
 
+def meft_owner(model: nn.Module) -> nn.Module | None:
+    """The module :func:`attach_meft` was called on: ``model`` itself or, when MEFT was attached
+    before wrapping (a peft ``PeftModel`` around it), the first submodule holding adapters."""
+    if STATE_ATTR in model.__dict__:
+        return model
+    return next((m for m in model.modules() if STATE_ATTR in m.__dict__), None)
+
+
 def attached_state(model: nn.Module) -> _MEFTState | None:
-    return model.__dict__.get(STATE_ATTR)
+    owner = meft_owner(model)
+    return None if owner is None else owner.__dict__[STATE_ATTR]
 
 
 def is_meft_attached(model: nn.Module) -> bool:
@@ -87,99 +98,113 @@ def _check_dtype(dtype: Any) -> None:
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
 
 
-def _resolve_path(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parts = path.split(".")
-    parent = root
-    for part in parts[:-1]:
-        parent = getattr(parent, part)
-    return parent, parts[-1]
-
-
 def attach_meft(
     model: nn.Module,
     config: MEFTConfig,
     layers: str | Sequence[int] = "all",
     *,
+    target: str | Sequence[str] | Mapping[str, str] | None = None,
     dtype: torch.dtype | None = torch.float32,
     input_require_grads: bool = True,
 ) -> nn.Module:
-    """Put a MEFT adapter beside the MLP of each chosen decoder layer and freeze the backbone.
+    """Put a MEFT adapter beside the FFN of each chosen layer and freeze the backbone.
 
     Args:
-        model: a transformers causal LM (any ``nn.Module`` with a ModuleList of decoder layers).
+        model: a transformers model (any ``nn.Module`` with a ModuleList of layers), or a peft
+            ``PeftModel`` around one.
         config: the adapters' :class:`MEFTConfig` (the same for every layer).
-        layers: ``"all"`` or a list of distinct decoder-layer indices.
+        layers: ``"all"`` or a list of distinct layer indices.
+        target: where each layer's FFN reads its input and where its output is added, as paths
+            inside one layer (like peft's ``target_modules``): ``None`` finds them by structure
+            (:mod:`~meft_triton.integration.discovery`), ``"mlp"`` one module that does both,
+            ``("fc1", "fc2")`` or ``{"input": "fc1", "output": "fc2"}`` two modules.
         dtype: the adapter parameters' dtype. Default float32: an fp32 master that the adapter
             casts to the input's dtype at compute time (bf16/fp16 models, autocast). ``None``:
-            the MLP's own parameter dtype.
+            the FFN's own parameter dtype.
         input_require_grads: while the model is gradient-checkpointing, make the input
             embeddings' output require grad, so reentrant checkpointing (whose segment inputs
             must require grad) still reaches the adapters behind a frozen embedding. Costs
             nothing without checkpointing.
 
-    Returns the same model, modified in place. Adapters are created on each MLP's device; later
-    ``model.to(device)`` moves them along, but ``model.to(dtype)``/``model.half()`` would also
-    cast the fp32 masters, so cast the backbone before attaching. Every parameter of the model
-    other than the adapters gets ``requires_grad=False``; the previous flags are remembered for
-    :func:`detach_meft`. Raises ``ValueError`` naming the model class when no decoder layers
-    with an MLP are found, and ``ValueError``/``TypeError`` for bad ``layers``/``config``/
-    ``dtype``; on any error the model is left unchanged.
+    Returns the same model, modified in place: no backbone module is replaced (hooks run the
+    adapter), so ``state_dict()``/``save_pretrained`` keep the backbone's own key names and the
+    adapters appear as ``<FFN output module>.adapter.*``. Adapters are created on each FFN's
+    device; later ``model.to(device)`` moves them along, but ``model.to(dtype)``/``model.half()``
+    would also cast the fp32 masters, so cast the backbone before attaching. Every parameter
+    other than the adapters gets ``requires_grad=False``, unless the model holds peft tuner
+    layers (LoRA, ...): then peft has already chosen what trains and no flag is changed. The
+    previous flags are remembered for :func:`detach_meft`. Raises ``ValueError`` naming the model
+    class (and the ``target`` to pass) when no layers with an FFN are found, and
+    ``ValueError``/``TypeError`` for bad ``layers``/``target``/``config``/``dtype``; on any
+    error the model is left unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, MEFTConfig):
         raise TypeError(f"config must be a MEFTConfig, got {type(config).__name__}")
     _check_dtype(dtype)
+    site_spec = check_target(target)
     if is_meft_attached(model):
         raise ValueError(f"attach_meft: {type(model).__name__} already has MEFT adapters; "
                          "call detach_meft(model) first")
-    layers_name, stack = find_decoder_layers(model)
+    layers_name, stack = find_decoder_layers(model, site_spec)
     indices = check_layers(layers, len(stack))
 
-    found = []
-    for index in indices:
-        path, mlp = find_mlp(stack[index])
-        if isinstance(mlp, MEFTMLP):
-            raise ValueError(f"attach_meft: layer {index} of {type(model).__name__} already "
-                             "holds a MEFTMLP not registered with this model")
-        found.append((index, path, mlp))
-
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    slots = []
+    slots: list[_Slot] = []
     runtime = None
     try:
-        for index, path, mlp in found:
-            hidden = mlp_hidden_size(mlp, model)
-            device = module_device(mlp, model)
+        for index in indices:
+            layer = stack[index]
+            ffn_in = layer.get_submodule(find_site(layer, site_spec).input_path)
+            hidden = mlp_hidden_size(ffn_in, model)
+            device = module_device(ffn_in, model)
             if config.placement == "cpu" and runtime is None:
                 # One slot pool for every layer, in the model's compute dtype (the fp32 masters
                 # stay on the CPU); layers register in forward order.
-                runtime = OffloadRuntime(device, module_dtype(mlp), hidden, transfer=config.transfer,
+                runtime = OffloadRuntime(device, module_dtype(ffn_in), hidden, transfer=config.transfer,
                                          keep_rows=config.backward_rows == "keep")
             adapter = MEFTAdapter(hidden, config, device=device,
-                                  dtype=dtype if dtype is not None else module_dtype(mlp),
+                                  dtype=dtype if dtype is not None else module_dtype(ffn_in),
                                   runtime=runtime)
-            wrapper = MEFTMLP(mlp, adapter)
-            parent, attr = _resolve_path(stack[index], path)
-            setattr(parent, attr, wrapper)
-            slots.append(_Slot(index, parent, attr, wrapper))
+            ffn = AttachedFFN(layer, find_site(layer, site_spec), adapter)
+            ffn.install()
+            slots.append(_Slot(index, ffn))
     except BaseException:
         for slot in slots:
-            setattr(slot.parent, slot.attr, slot.wrapper.base)
+            slot.ffn.remove()
         if runtime is not None:
             runtime.close()
         raise
 
-    adapter_params = {id(p) for slot in slots for p in slot.wrapper.adapter.parameters()}
+    adapter_params = {id(p) for slot in slots for p in slot.ffn.adapter.parameters()}
+    keep_flags = _has_peft_layers(model)
     for param in model.parameters():
-        param.requires_grad_(id(param) in adapter_params)
+        if id(param) in adapter_params:
+            param.requires_grad_(True)
+        elif not keep_flags:
+            param.requires_grad_(False)
+    if config.placement == "cpu":
+        for slot in slots:
+            guard_router(slot.ffn.adapter)
 
-    state = _MEFTState(config=config, layers_name=layers_name, slots=slots,
+    state = _MEFTState(config=config, layers_name=layers_name, num_layers=len(stack),
+                       target=site_spec, slots=slots,
                        requires_grad=requires_grad)
     if input_require_grads:
         state.embed_hook = _register_input_grad_hook(model)
     model.__dict__[STATE_ATTR] = state
     return model
+
+
+def _has_peft_layers(model: nn.Module) -> bool:
+    """Whether peft has put tuner layers (LoRA, ...) into the model; peft not imported: no."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -222,7 +247,8 @@ def detach_meft(model: nn.Module) -> nn.Module:
         raise ValueError(f"detach_meft: {type(model).__name__} has no MEFT adapters attached")
     runtimes, failures = {}, []
     for slot in state.slots:
-        rows = slot.wrapper.adapter.offload
+        unguard_router(slot.ffn.adapter)
+        rows = slot.ffn.adapter.offload
         if rows is not None:
             runtimes[id(rows.runtime)] = rows.runtime
             try:
@@ -232,13 +258,13 @@ def detach_meft(model: nn.Module) -> nn.Module:
     for runtime in runtimes.values():
         runtime.close()
     for slot in state.slots:
-        setattr(slot.parent, slot.attr, slot.wrapper.base)
+        slot.ffn.remove()
     for param, flag in state.requires_grad:
         param.requires_grad_(flag)
     if state.embed_hook is not None:
         module, hook_id = state.embed_hook
         module._forward_hooks.pop(hook_id, None)
-    del model.__dict__[STATE_ATTR]
+    del meft_owner(model).__dict__[STATE_ATTR]
     if failures:
         layer, exc = failures[0]
         raise RuntimeError(f"detach_meft: the model is detached, but layer {layer}'s last background "
@@ -251,7 +277,7 @@ def meft_adapters(model: nn.Module) -> dict[int, MEFTAdapter]:
     state = attached_state(model)
     if state is None:
         return {}
-    return {slot.layer: slot.wrapper.adapter for slot in state.slots}
+    return {slot.layer: slot.ffn.adapter for slot in state.slots}
 
 
 def meft_parameters(model: nn.Module) -> list[nn.Parameter]:

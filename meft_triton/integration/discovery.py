@@ -1,13 +1,25 @@
-"""Finding a transformers model's decoder layers, their MLPs and the MLPs' hidden size, by
-structure (no list of model classes).
+"""Finding a transformers model's decoder layers and, in each, where its FFN reads its input and
+where its output is added, by structure (no list of model classes) or by the user's ``target``.
 
-The decoder stack is the largest ``nn.ModuleList`` whose every child holds an MLP-like
-submodule. Inside a layer the MLP is the child named ``mlp`` / ``feed_forward`` / ``ffn`` /
-... (:data:`MLP_NAMES`), or else the shallowest descendant whose children include a known set
-of FFN projections (:data:`PROJECTION_SETS`).
+An FFN *site* is two dotted paths inside one layer: the module whose input is the FFN's input
+and the module whose output is the FFN's output (the adapter's output is added to it). By
+structure, in this order:
+
+1. a child named ``mlp`` / ``feed_forward`` / ``ffn`` / ... (:data:`MLP_NAMES`): both paths are
+   that child (Llama, Mistral, Qwen, Gemma, Phi-3, GPT-NeoX, GPT-2, MoE blocks, ...);
+2. projections of a known set kept inline in the layer (:data:`PROJECTION_SETS`, OPT's
+   ``fc1``/``fc2``): the first projection reads, the last one's output is the FFN's;
+3. ``intermediate`` + ``output.dense`` (BERT / RoBERTa encoders: ``output`` adds the residual
+   and normalises after its ``dense``, so the adapter is added to ``output.dense``);
+4. the shallowest descendant whose children are a known set of FFN projections.
+
+The decoder stack is the largest ``nn.ModuleList`` in which every layer has a site.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,25 +38,60 @@ PROJECTION_SETS = (
 )
 # The projection that reads the MLP's input, in order of preference, for the hidden size.
 INPUT_PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "c_fc",
-                     "dense_h_to_4h", "wi", "fc_in")
+                     "dense_h_to_4h", "wi", "fc_in", "dense")
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+ENCODER_SITE = ("intermediate", "output.dense")
+TARGET_HELP = ("pass target=(input path, output path) inside one layer, e.g. target=('fc1', 'fc2') "
+               "or target='mlp' when one module reads the FFN's input and returns its output")
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """Where one layer's FFN reads its input (``input_path``) and where the adapter's output is
+    added (``output_path``), as dotted paths inside the layer."""
+
+    input_path: str
+    output_path: str
+
+
+def check_target(target: Any) -> FFNSite | None:
+    """Validate a user's ``target``: None (find by structure), a dotted path (one module reads
+    and returns), a pair ``(input path, output path)`` or ``{"input": ..., "output": ...}``."""
+    if target is None:
+        return None
+    if isinstance(target, str):
+        paths: tuple = (target, target)
+    elif isinstance(target, Mapping):
+        if set(target) != {"input", "output"}:
+            raise ValueError(f"target: a mapping must have exactly the keys 'input' and 'output', "
+                             f"got {sorted(map(str, target))}")
+        paths = (target["input"], target["output"])
+    elif isinstance(target, (tuple, list)):
+        if len(target) != 2:
+            raise ValueError(f"target: a sequence must be (input path, output path), got {len(target)} items")
+        paths = tuple(target)
+    else:
+        raise TypeError(f"target must be None, a module path, an (input, output) pair or a mapping, "
+                        f"got {type(target).__name__}")
+    for path in paths:
+        if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+            raise ValueError(f"target: paths must be non-empty dotted module names inside a layer, got {path!r}")
+    return FFNSite(*paths)
 
 
 def child_names(module: nn.Module) -> set[str]:
     return {name for name, _ in module.named_children()}
 
 
-def looks_like_ffn(module: nn.Module) -> bool:
+def projection_set(module: nn.Module) -> tuple[str, ...] | None:
     names = child_names(module)
-    return any(all(p in names for p in group) for group in PROJECTION_SETS)
+    return next((group for group in PROJECTION_SETS if all(p in names for p in group)), None)
 
 
 def find_mlp(layer: nn.Module) -> tuple[str, nn.Module] | None:
-    """The MLP of one decoder layer as ``(dotted path inside the layer, module)``, or None.
-
-    A child with a conventional FFN name wins; otherwise the shallowest strict descendant whose
-    children are a known set of FFN projections. The layer itself never counts (OPT-style layers
-    keep fc1/fc2 inline and have no MLP module to wrap)."""
+    """The MLP module of one layer as ``(dotted path inside the layer, module)``, or None: a
+    child with a conventional FFN name, else the shallowest strict descendant whose children
+    are a known set of FFN projections. The layer itself never counts (see :func:`find_site`)."""
     for name, child in layer.named_children():
         if name in MLP_NAMES:
             return name, child
@@ -54,31 +101,62 @@ def find_mlp(layer: nn.Module) -> tuple[str, nn.Module] | None:
         for prefix, module in frontier:
             for name, child in module.named_children():
                 path = f"{prefix}.{name}" if prefix else name
-                if looks_like_ffn(child):
+                if projection_set(child) is not None:
                     return path, child
                 next_frontier.append((path, child))
         frontier = next_frontier
     return None
 
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(name, ModuleList)`` of the decoder stack: the largest ModuleList whose every child has
-    an MLP (ties: the first in module order). Raises ValueError naming the model class."""
+def _has_module(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def find_site(layer: nn.Module, target: FFNSite | None = None) -> FFNSite | None:
+    """The FFN site of one layer: ``target`` when given (both paths must exist in the layer),
+    else by structure (the module docstring's order); None when there is none."""
+    if target is not None:
+        ok = _has_module(layer, target.input_path) and _has_module(layer, target.output_path)
+        return target if ok else None
+    for name, _ in layer.named_children():
+        if name in MLP_NAMES:
+            return FFNSite(name, name)
+    inline = projection_set(layer)
+    if inline is not None:
+        return FFNSite(inline[0], inline[-1])
+    if all(_has_module(layer, path) for path in ENCODER_SITE):
+        return FFNSite(*ENCODER_SITE)
+    found = find_mlp(layer)
+    return FFNSite(found[0], found[0]) if found is not None else None
+
+
+def find_decoder_layers(model: nn.Module, target: FFNSite | None = None) -> tuple[str, nn.ModuleList]:
+    """``(name, ModuleList)`` of the layer stack: the largest ModuleList in which every layer has
+    an FFN site (ties: the first in module order). Raises ValueError naming the model class and
+    the ``target`` to pass."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if best is not None and len(module) <= len(best[1]):
             continue
-        if all(find_mlp(layer) is not None for layer in module):
+        if all(find_site(layer, target) is not None for layer in module):
             best = (name, module)
     if best is None:
+        if target is not None:
+            raise ValueError(
+                f"attach_meft: no nn.ModuleList in {type(model).__name__} has, in every layer, both "
+                f"target modules (input {target.input_path!r}, output {target.output_path!r}); "
+                f"{TARGET_HELP}")
         raise ValueError(
-            f"attach_meft: could not find decoder layers with an MLP in {type(model).__name__}: "
-            "looked for an nn.ModuleList whose every layer has a child named "
-            f"{'/'.join(MLP_NAMES)} or a submodule with FFN projections "
-            f"({'; '.join('/'.join(g) for g in PROJECTION_SETS)})"
-        )
+            f"attach_meft: could not find layers with an FFN in {type(model).__name__}: looked for "
+            f"an nn.ModuleList whose every layer has a child named {'/'.join(MLP_NAMES)}, inline "
+            f"FFN projections ({'; '.join('/'.join(g) for g in PROJECTION_SETS)}) or "
+            f"{' + '.join(ENCODER_SITE)}; {TARGET_HELP}")
     return best
 
 
@@ -98,17 +176,24 @@ def config_hidden_size(model: nn.Module) -> int | None:
     return None
 
 
+def _in_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])  # GPT-2's Conv1D stores [in, out]
+    return None
+
+
 def mlp_hidden_size(mlp: nn.Module, model: nn.Module) -> int:
-    """The width of the MLP's input: its input projection's in_features, else the model config's
-    hidden size."""
+    """The width of the FFN's input read at module ``mlp``: its own in_features (a projection),
+    its input projection's, else the model config's hidden size."""
+    size = _in_features(mlp)
+    names = child_names(mlp)
     for name in INPUT_PROJECTIONS:
-        proj = getattr(mlp, name, None) if name in child_names(mlp) else None
-        if isinstance(proj, nn.Linear):
-            return proj.in_features
-        weight = getattr(proj, "weight", None)
-        if type(proj).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
-            return int(weight.shape[0])  # GPT-2's Conv1D stores [in, out]
-    size = config_hidden_size(model)
+        if size is None and name in names:
+            size = _in_features(getattr(mlp, name))
+    size = size if size is not None else config_hidden_size(model)
     if size is None:
         raise ValueError(
             f"attach_meft: cannot tell the hidden size of {type(mlp).__name__} in "

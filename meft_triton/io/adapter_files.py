@@ -18,17 +18,16 @@ from torch import Tensor, nn
 from ..config import MEFTConfig
 from ..integration.attach import (attach_meft, attached_state, detach_meft, is_meft_attached, meft_adapters,
                                   meft_state_tensors)
+from ..integration.identity import check_same_backbone, model_identity
 from ..layer.adapter import MEFTAdapter
 from .atomic import file_sha256, fsync_dir, fsync_file, temp_path
 
-COMPUTE_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "gate", "low_key_dim")
+COMPUTE_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "gate")
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "meft_config.json"
 FORMAT_NAME = "meft-triton-adapter"
-# 2: gate "softmax" is MEFT's softmax over all E experts (version 1 renormalised over the P
-# chosen ones); low_key_dim exists. Version-1 "logit" adapters mean the same under both.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 
 
 def _tensor_digest(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
@@ -90,7 +89,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "layers": list(adapters),
         "hidden_size": _hidden_size_of(adapters),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "model_class": type(model).__name__,
+        **model_identity(model),  # model_class, model_type, num_layers, target: checked on load
         "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
     }
     metadata = {"meft": json.dumps(info, sort_keys=True)}
@@ -159,19 +158,11 @@ def _check_format(info: dict[str, Any], where: Path) -> None:
 
 
 def saved_config(info: dict[str, Any], caller: str, path: Any) -> tuple[MEFTConfig, list[int]]:
-    """The MEFTConfig and layer indices recorded by :func:`save_adapter`. Refuses a version-1
-    adapter with gate "softmax": its weights were trained for another gate than today's."""
+    """The MEFTConfig and layer indices recorded by :func:`save_adapter`."""
     try:
-        config, layers = MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
+        return MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{caller}: {path} holds an invalid MEFT config: {exc}") from exc
-    if info.get("format_version") == 1 and config.gate == "softmax":
-        raise ValueError(
-            f"{caller}: {path} is a format-1 adapter with gate 'softmax', which then renormalised the "
-            "softmax over each token's P chosen experts; gate 'softmax' now means MEFT's softmax over "
-            "all E experts, so these weights would compute something else. Load it with the meft-triton "
-            "version that saved it, or train a new adapter (gate 'softmax' is now MEFT's own)")
-    return config, layers
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -227,8 +218,8 @@ def load_adapter(
     If the model has no adapters and ``attach`` is true (the default), they are first attached
     with :func:`attach_meft` using the saved config, layers and dtype (backbone frozen). If it
     already has adapters, the saved config must match theirs in every field that changes the
-    computation (``num_neurons``, ``num_experts``, ``experts_per_token``, ``topk``, ``gate``,
-    ``low_key_dim``; ``backend`` and the init settings may differ), the saved layers must equal the attached
+    computation (``num_neurons``, ``num_experts``, ``experts_per_token``, ``topk``, ``gate``;
+    ``backend`` and the init settings may differ), the saved layers must equal the attached
     layers, and every tensor's shape and dtype must equal the parameter's. Any mismatch, a
     missing/extra tensor, or a truncated/corrupt file raises ``ValueError`` naming what
     differs, and the model's adapters are left unchanged (adapters attached by this call are
@@ -237,6 +228,7 @@ def load_adapter(
     """
     info, tensors = read_adapter(path)
     config, saved_layers = saved_config(info, "load_adapter", path)
+    check_same_backbone(info, model, "load_adapter")
 
     attached_here = False
     if not is_meft_attached(model):
@@ -246,7 +238,7 @@ def load_adapter(
         # the routers' dtype (placement "cpu" keeps fp32 master keys/values whatever it is)
         dtypes = {t.dtype for name, t in tensors.items() if name.endswith("router.weight")}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        attach_meft(model, config, saved_layers, dtype=dtype,
+        attach_meft(model, config, saved_layers, target=info.get("target"), dtype=dtype,
                     input_require_grads=input_require_grads)
         attached_here = True
     try:
