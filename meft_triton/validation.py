@@ -3,6 +3,8 @@ names the argument and its allowed range, before anything is changed."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,14 @@ def check_float(name: str, value: Any, minimum: float = 0.0) -> float:
     if not value >= minimum or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
     return float(value)
+
+
+def check_path(name: str, value: Any, caller: str) -> Path:
+    """``value`` as a ``Path`` if it is a ``str`` or ``os.PathLike``; otherwise a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or value == "":
+        raise TypeError(f"{caller}: {name} must be a non-empty str or os.PathLike (a directory), "
+                        f"got {type(value).__name__} {value!r}")
+    return Path(value)
 
 
 def describe(x: object) -> str:

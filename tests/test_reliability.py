@@ -34,7 +34,7 @@ from meft_triton.optimizers import NonFiniteRows
 from meft_triton.offload import OffloadRuntime
 from meft_triton import SparseRowAdamW
 from meft_triton.optimizers import clip_grad_norm_
-from meft_triton.offload import CopyFailedError
+from meft_triton.offload import CopyFailedError, LayerUpdateError
 from fake_copy_engine import FakeCopyEngine
 from meft_triton.offload import CPURowStore
 from oracle import assert_placements_agree, rel_err
@@ -254,40 +254,77 @@ def test_non_finite_input_stays_in_its_token_placement_cpu(seed, backend, bad):
 # ------------------------------------------------------------------------ faults, layer level
 
 
-def test_background_update_error_surfaces_once_at_the_next_forward(seed, monkeypatch):
-    """An exception inside SparseRowAdamW's worker (the CPU update of a layer) is raised by that
-    layer's next forward, once; the failed update wrote nothing; training then goes on."""
+def fail_layer_update(monkeypatch, adapter, times: int | None):
+    """Layer ``adapter``'s row update raises (``times`` times, or until undone); the others run."""
+    real, left = cpu_rowops.adamw_rows, [times]
+
+    def update(param, *args, **kwargs):
+        if param.data_ptr() == adapter.offload.store.records.data_ptr() and left[0] != 0:
+            left[0] = None if left[0] is None else left[0] - 1
+            raise RuntimeError("injected failure in the row update")
+        return real(param, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_rowops, "adamw_rows", update)
+
+
+def test_a_failed_layer_update_is_completed_and_named(seed, monkeypatch):
+    """One layer's CPU update fails on its worker while the routers and the other layer took the
+    step: that layer's next forward completes the update (it kept its gradients) and raises
+    LayerUpdateError naming the layer, once; every layer then holds exactly what a run without
+    the fault holds (step counts [1, 1], outputs equal), and training goes on."""
+    adapters, _ = cpu_stack()
+    twin, _ = cpu_stack()
+    opt, twin_opt = OffloadedAdamW(adapters, lr=1e-2, layer_ids=[4, 7]), OffloadedAdamW(twin, lr=1e-2)
+    hidden = torch.randn(6, D)
+    poisoned_backward(adapters, hidden, bad_token=None)
+    poisoned_backward(twin, hidden, bad_token=None)
+    twin_opt.step()
+    fail_layer_update(monkeypatch, adapters[1], times=1)
+    opt.step()
+    adapters[0](hidden)
+    with pytest.raises(LayerUpdateError, match="layer 7 failed.*injected failure.*completed"):
+        adapters[1](hidden)
+    assert [s.step_count for s in opt.sparse] == [1, 1]
+    assert_bitwise(state_of(adapters, opt), state_of(twin, twin_opt))
+    for a, b in zip(adapters, twin):
+        assert torch.equal(a(hidden), b(hidden))  # the key cache holds the completed rows too
+    poisoned_backward(adapters, hidden, bad_token=None)
+    poisoned_backward(twin, hidden, bad_token=None)
+    opt.step()
+    twin_opt.step()
+    assert [s.step_count for s in opt.sparse] == [2, 2]
+    assert_bitwise(state_of(adapters, opt), state_of(twin, twin_opt))
+
+
+def test_a_layer_update_that_keeps_failing_blocks_the_next_step(seed, monkeypatch):
+    """While the failed update cannot complete, the layer's forward raises every time (nothing
+    reads its stale rows) and the next step raises before it changes anything."""
     adapters, _ = cpu_stack()
     opt = OffloadedAdamW(adapters, lr=1e-2)
     hidden = torch.randn(6, D)
     poisoned_backward(adapters, hidden, bad_token=None)
-    before = state_of(adapters)
-    real = cpu_rowops.adamw_rows
-
-    calls = threading.Semaphore(0)
-
-    def boom(*args, **kwargs):
-        calls.release()
-        raise RuntimeError("injected failure in the row update")
-
-    monkeypatch.setattr(cpu_rowops, "adamw_rows", boom)
-    opt.step()  # the routers step; each layer's update starts on its worker and fails there
-    opt.zero_grad()
-    assert calls.acquire(timeout=30) and calls.acquire(timeout=30)  # both workers ran into it
-    monkeypatch.setattr(cpu_rowops, "adamw_rows", real)
-    with pytest.raises(RuntimeError, match="injected failure in the row update"):
-        adapters[0](hidden)
-    with pytest.raises(RuntimeError, match="injected failure in the row update"):
-        adapters[1](hidden)  # each layer reports its own failed update
-    after = state_of(adapters)
-    for i in range(2):  # rows and moments untouched by the failed update
-        assert_bitwise(after[4 * i:4 * i + 3], before[4 * i:4 * i + 3])
-    assert [s.step_count for s in opt.sparse] == [0, 0]
-    poisoned_backward(adapters, hidden, bad_token=None)  # not raised a second time
+    fail_layer_update(monkeypatch, adapters[1], times=None)
     opt.step()
-    opt.zero_grad()
-    assert not torch.equal(state_of(adapters)[0], before[0])  # (waits for the updates)
-    assert [s.step_count for s in opt.sparse] == [1, 1]
+    for _ in range(2):
+        with pytest.raises(LayerUpdateError, match="layer 1 failed.*kept"):
+            adapters[1](hidden)
+    poisoned_backward(adapters[:1], hidden, bad_token=None)  # (waited for layer 0's update)
+
+    def everything():  # without waiting for layer 1's update (that raises)
+        stores = [a.offload.store for a in adapters]
+        return ([t.clone() for s in stores for t in (s.records, s.exp_avg, s.exp_avg_sq)]
+                + [a.router.weight.detach().clone() for a in adapters]
+                + [v.clone() for st_ in opt.state.values() for v in st_.values() if torch.is_tensor(v)])
+
+    before = everything()
+    with pytest.raises(LayerUpdateError, match="layer 1"):
+        opt.step()
+    assert_bitwise(everything(), before)
+    assert adapters[0].offload.pending_grads  # layer 0's new gradients wait for the next step
+    monkeypatch.undo()
+    opt.step()  # completes layer 1's first step, then takes the second
+    state_of(adapters)
+    assert [s.step_count for s in opt.sparse] == [2, 1]  # layer 1 had no gradient rows the second time
 
 
 def test_failed_copies_surface_where_their_rows_are_needed(seed, monkeypatch):

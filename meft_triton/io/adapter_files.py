@@ -3,8 +3,6 @@ atomically and verified on load."""
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os
@@ -20,14 +18,17 @@ from ..integration.attach import (attach_meft, attached_state, detach_meft, is_m
                                   meft_state_tensors)
 from ..integration.identity import check_same_backbone, model_identity
 from ..layer.adapter import MEFTAdapter
-from .atomic import file_sha256, fsync_dir, fsync_file, temp_path
+from ..validation import check_path
+from .atomic import file_sha256, fsync_dir, fsync_file, remove_temp_files, temp_path, write_error
 
-COMPUTE_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "gate")
+COMPUTE_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "gate", "low_key_dim")
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "meft_config.json"
 FORMAT_NAME = "meft-triton-adapter"
-FORMAT_VERSION = 1
+# 2: gate "softmax" is MEFT's softmax over all E experts (version 1 renormalised over the P
+# chosen ones); low_key_dim exists. Version-1 "logit" adapters mean the same under both.
+FORMAT_VERSION = 2
 
 
 def _tensor_digest(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
@@ -65,16 +66,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     before it leaves the previous adapter untouched; one interrupted between the two renames
     leaves the new, complete weights file with a stale JSON, which :func:`load_adapter`
     detects (checksum), verifies through the file's own digest and loads with a warning. Either
-    way a load sees a whole adapter, never a mix. Temp files are removed on errors; a hard kill
-    can leave ``.*.tmp`` files behind, which loading ignores.
+    way a load sees a whole adapter, never a mix. Temp files are removed on errors; those a
+    hard kill left behind (``.<file>.<pid>-<8 hex>.meft-tmp``) the next save removes. A failed
+    write (full disk, read-only directory) raises an ``OSError`` naming the file.
     """
     from safetensors.torch import save_file
 
+    directory = check_path("path", path, "save_adapter")
     state = attached_state(model)
     adapters = meft_adapters(model)
     if state is None or not adapters:
         raise ValueError(f"save_adapter: {type(model).__name__} has no MEFT adapters attached")
-    directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_adapter: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -111,12 +113,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         os.replace(tmp_weights, directory / WEIGHTS_NAME)  # commit point
         os.replace(tmp_config, directory / CONFIG_NAME)
         fsync_dir(directory)
+    except Exception as exc:  # noqa: BLE001 - a full disk or a read-only directory: one OSError
+        error = write_error(exc, directory / WEIGHTS_NAME)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         for tmp in (tmp_weights, tmp_config):
             try:
                 tmp.unlink()
             except FileNotFoundError:
                 pass
+    remove_temp_files(directory, (WEIGHTS_NAME, CONFIG_NAME))  # left by killed saves
     return directory
 
 
@@ -158,11 +166,19 @@ def _check_format(info: dict[str, Any], where: Path) -> None:
 
 
 def saved_config(info: dict[str, Any], caller: str, path: Any) -> tuple[MEFTConfig, list[int]]:
-    """The MEFTConfig and layer indices recorded by :func:`save_adapter`."""
+    """The MEFTConfig and layer indices recorded by :func:`save_adapter`. Refuses a version-1
+    adapter with gate "softmax": its weights were trained for another gate than today's."""
     try:
-        return MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
+        config, layers = MEFTConfig.from_dict(info["meft_config"]), [int(i) for i in info["layers"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{caller}: {path} holds an invalid MEFT config: {exc}") from exc
+    if info.get("format_version") == 1 and config.gate == "softmax":
+        raise ValueError(
+            f"{caller}: {path} is a format-1 adapter with gate 'softmax', which then renormalised the "
+            "softmax over each token's P chosen experts; gate 'softmax' now means MEFT's softmax over "
+            "all E experts, so these weights would compute something else. Load it with the meft-triton "
+            "version that saved it, or train a new adapter (gate 'softmax' is now MEFT's own)")
+    return config, layers
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -171,7 +187,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
     Returns ``(info, tensors)``. Raises ``FileNotFoundError`` for a missing directory or weights
     file and ``ValueError`` for a truncated or corrupt file (size/checksum/digest mismatch, bad
     header) or an unknown format version."""
-    directory = Path(path)
+    directory = check_path("path", path, "load_adapter")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {directory}")
@@ -199,7 +215,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
                 "checksum, loading it with the config stored in its header", stacklevel=3)
         _check_format(header_info, weights)
         info = header_info
+    else:
+        _check_against_header(info, header_info, directory / CONFIG_NAME, weights)
     return info, tensors
+
+
+def _check_against_header(info: dict[str, Any], header: Any, config_path: Path, weights: Path) -> None:
+    """The JSON's description must equal the one in the weights' header (which the weights'
+    sha256 and digest cover): an edited ``meft_config.json`` would otherwise change the model."""
+    if not isinstance(header, dict):
+        raise ValueError(f"load_adapter: {weights} is corrupt (its 'meft' header is not an object)")
+    for key, value in header.items():
+        saved = info.get(key)
+        if isinstance(value, dict) and isinstance(saved, dict):
+            fields = sorted(set(value) | set(saved))
+            diff = [(f"{key}.{f}", saved.get(f), value.get(f)) for f in fields if saved.get(f) != value.get(f)]
+        else:
+            diff = [(key, saved, value)] if saved != value else []
+        if diff:
+            name, a, b = diff[0]
+            raise ValueError(f"load_adapter: {config_path} does not match the header of {weights}: "
+                             f"{name} is {a!r} in the JSON but {b!r} in the weights (edited by hand?)")
 
 
 def _same_compute_config(a: MEFTConfig, b: MEFTConfig) -> bool:
@@ -218,14 +254,15 @@ def load_adapter(
     If the model has no adapters and ``attach`` is true (the default), they are first attached
     with :func:`attach_meft` using the saved config, layers and dtype (backbone frozen). If it
     already has adapters, the saved config must match theirs in every field that changes the
-    computation (``num_neurons``, ``num_experts``, ``experts_per_token``, ``topk``, ``gate``;
-    ``backend`` and the init settings may differ), the saved layers must equal the attached
+    computation (``num_neurons``, ``num_experts``, ``experts_per_token``, ``topk``, ``gate``,
+    ``low_key_dim``; ``backend`` and the init settings may differ), the saved layers must equal the attached
     layers, and every tensor's shape and dtype must equal the parameter's. Any mismatch, a
     missing/extra tensor, or a truncated/corrupt file raises ``ValueError`` naming what
     differs, and the model's adapters are left unchanged (adapters attached by this call are
     detached again). Values are copied into the existing
     parameters in place (optimizers holding them stay valid).
     """
+    path = check_path("path", path, "load_adapter")
     info, tensors = read_adapter(path)
     config, saved_layers = saved_config(info, "load_adapter", path)
     check_same_backbone(info, model, "load_adapter")
@@ -252,6 +289,19 @@ def load_adapter(
 
 def check_and_copy(model: nn.Module, config: MEFTConfig, saved_layers: list[int],
                     tensors: dict[str, Tensor]) -> None:
+    """:func:`check_fits`, then copy ``tensors`` into the model's adapters in place."""
+    check_fits(model, config, saved_layers, tensors)
+    with torch.no_grad():
+        for i, adapter in meft_adapters(model).items():
+            # in place; placement "cpu" copies into the row store and refreshes its key cache
+            prefix = f"layers.{i}."
+            adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def check_fits(model: nn.Module, config: MEFTConfig, saved_layers: list[int],
+               tensors: dict[str, Tensor]) -> None:
+    """Raise ``ValueError`` naming what differs unless ``tensors`` (saved with ``config`` on
+    ``saved_layers``) fit the model's adapters exactly; changes nothing."""
     state = attached_state(model)
     adapters = meft_adapters(model)
 
@@ -277,11 +327,6 @@ def check_and_copy(model: nn.Module, config: MEFTConfig, saved_layers: list[int]
         if t.dtype != param.dtype:
             raise ValueError(f"load_adapter: {name} is {t.dtype} in the file but {param.dtype} in "
                              "the model; attach with attach_meft(..., dtype=...) to match")
-    with torch.no_grad():
-        for i, adapter in adapters.items():
-            # in place; placement "cpu" copies into the row store and refreshes its key cache
-            prefix = f"layers.{i}."
-            adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "read_adapter", "save_adapter"]

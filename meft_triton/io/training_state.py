@@ -33,11 +33,13 @@ One writer per directory at a time.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import os
 import random
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +49,18 @@ import torch
 from torch import nn
 
 from ..integration.attach import attached_state, meft_adapters
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_and_copy, read_adapter, save_adapter, saved_config
-from .atomic import file_sha256, fsync_dir, write_atomic
+from .adapter_files import (CONFIG_NAME, WEIGHTS_NAME, check_and_copy, check_fits, read_adapter, save_adapter,
+                            saved_config)
+from ..validation import check_path
+from .atomic import file_sha256, fsync_dir, is_temp_name, remove_temp_files, write_atomic
 
 MANIFEST_NAME = "training_state.json"
 FORMAT_NAME = "meft-triton-training-state"
 FORMAT_VERSION = 1
-_PREFIXES = ("adapter-", "optimizer-", "trainer-")
+# The names a save gives its files, ``<step>-<pid>-<8 hex>`` (earlier versions: ``<pid>-<8 hex>``):
+# cleanups remove only these (and this package's temp files), never a user's ``adapter-best/``.
+_TOKEN = r"(?:\d+-)?\d+-[0-9a-f]{8}"
+_OWN_NAME = re.compile(rf"adapter-{_TOKEN}|optimizer-{_TOKEN}\.pt|trainer-{_TOKEN}\.pt")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class TrainingState:
     scheduler_state: Any
     rng_state: dict[str, Any] | None
     ist_state: dict[str, Any] | None = None
+    scheduler_class: str | None = None
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -94,13 +102,16 @@ def _torch_bytes(obj: Any, what: str) -> bytes:
     """torch.save bytes of ``obj``, checked to load back with ``weights_only=True`` (so the
     checkpoint never holds something its own load would refuse)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
     try:
+        torch.save(obj, buf)
+        data = buf.getvalue()
         torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except (OSError, MemoryError):
+        raise
     except Exception as exc:  # noqa: BLE001 - explain which argument is not storable
         raise TypeError(f"save_training_state: {what} must hold only tensors and plain Python "
-                        f"values (it is loaded with torch.load(weights_only=True)): {exc}") from exc
+                        f"values (it is loaded with torch.load(weights_only=True)); nothing was "
+                        f"written: {type(exc).__name__}: {exc}") from exc
     return data
 
 
@@ -132,7 +143,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _ours(name: str) -> bool:
-    return name.startswith(_PREFIXES) or (name.startswith(".") and name.endswith(".tmp"))
+    """A name only this package gives a checkpoint's files or their temp files."""
+    return bool(_OWN_NAME.fullmatch(name)) or is_temp_name(
+        name, lambda target: target == MANIFEST_NAME or bool(_OWN_NAME.fullmatch(target)))
 
 
 def _remove(path: Path) -> None:
@@ -166,6 +179,7 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     saved. Saving into an existing checkpoint replaces it only at the final rename.
     """
     step = _check_step(step)
+    directory = check_path("path", path, "save_training_state")
     state = attached_state(model) if isinstance(model, nn.Module) else None
     if state is None or not meft_adapters(model):
         raise ValueError(f"save_training_state: {type(model).__name__} has no MEFT adapters attached")
@@ -174,17 +188,19 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
         raise TypeError(f"scheduler must have a state_dict() (or be None), got {type(scheduler).__name__}")
     _check_ist(ist)
-    directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_training_state: {directory} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
 
-    # Everything in memory first (the adapter save and optimizer.state_dict() wait for in-flight
-    # CPU updates; the bytes are checked to load back), then the files.
+    # Everything in memory first, each part checked to load back (naming the argument that
+    # cannot be stored), before the directory is created or anything is written.
+    _torch_bytes(extra, "extra")
     trainer_bytes = _torch_bytes({"step": step, "extra": extra,
                                   "scheduler": None if scheduler is None else scheduler.state_dict(),
+                                  "scheduler_class": None if scheduler is None else type(scheduler).__name__,
                                   "ist": None if ist is None else ist.state_dict(),
-                                  "rng": _rng_state() if rng else None}, "extra / the scheduler states")
+                                  "rng": _rng_state() if rng else None}, "the scheduler states")
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
     token = f"{step}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     adapter_dir = f"adapter-{token}"
     optimizer_file = None if optimizer is None else f"optimizer-{token}.pt"
@@ -194,6 +210,7 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
         written.append(directory / optimizer_file)
     committed = False
     try:
+        # (the adapter save and optimizer.state_dict() wait for in-flight CPU updates)
         save_adapter(model, directory / adapter_dir)
         if optimizer is not None:
             # streamed (the CPU moments can be many GiB): torch.save reads the row store's own
@@ -228,11 +245,20 @@ def save_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
         if not committed:
             for item in written:
                 _remove(item)
+            if created:
+                _remove_if_empty(directory)
     keep = {adapter_dir, trainer_file, optimizer_file, MANIFEST_NAME}
     for item in directory.iterdir():  # the superseded checkpoint and leftovers of killed saves
         if item.name not in keep and _ours(item.name):
             _remove(item)
     return directory
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (the user's files), or gone
+        pass
 
 
 # ---------------------------------------------------------------------------------- load
@@ -255,7 +281,40 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
                          f"meft-triton reads versions 1..{FORMAT_VERSION}")
     if manifest.get("manifest_sha256") != _json_digest(manifest):
         raise ValueError(f"load_training_state: {where} is corrupt (its sha256 does not match)")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"load_training_state: {where} lists no files")
+    for name in files:
+        _inside(directory, name, where)
+    # every file the load reads is one whose size and sha256 the manifest lists
+    needed = [manifest.get("trainer_file")]
+    adapter_dir = manifest.get("adapter_dir")
+    if not isinstance(adapter_dir, str):
+        raise ValueError(f"load_training_state: {where} names no adapter directory")
+    needed += [f"{adapter_dir}/{WEIGHTS_NAME}", f"{adapter_dir}/{CONFIG_NAME}"]
+    if manifest.get("optimizer_file") is not None:
+        needed.append(manifest["optimizer_file"])
+    for name in needed:
+        if not isinstance(name, str) or name not in files:
+            raise ValueError(f"load_training_state: {where} names {name!r} without its size and "
+                             "sha256 (a hand-edited manifest?)")
     return manifest
+
+
+def _inside(directory: Path, name: Any, where: Path) -> Path:
+    """``directory / name`` if ``name`` is a relative path that stays inside ``directory``."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"load_training_state: {where} names {name!r}, which is not a file inside "
+                         f"the checkpoint {directory}")
+    file = directory / name
+    try:
+        inside = file.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        inside = False
+    if not inside:
+        raise ValueError(f"load_training_state: {where} names {name!r}, which leads outside the "
+                         f"checkpoint {directory} (a link?)")
+    return file
 
 
 def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
@@ -282,7 +341,7 @@ def read_training_state(path: str | os.PathLike) -> TrainingState:
     """Verify a checkpoint (manifest, sizes, sha256) and read its step, ``extra``, scheduler
     and RNG states, without touching a model. Raises ``FileNotFoundError`` when ``path`` holds
     no committed checkpoint and ``ValueError`` for a truncated or corrupt one."""
-    directory = Path(path)
+    directory = check_path("path", path, "read_training_state")
     manifest = _read_manifest(directory)
     _verify_files(directory, manifest)
     trainer = _load_torch(directory / manifest["trainer_file"])
@@ -292,7 +351,8 @@ def read_training_state(path: str | os.PathLike) -> TrainingState:
                          f"vs {manifest['step']})")
     return TrainingState(step=manifest["step"], extra=trainer.get("extra"), path=directory,
                          manifest=manifest, scheduler_state=trainer.get("scheduler"),
-                         rng_state=trainer.get("rng"), ist_state=trainer.get("ist"))
+                         rng_state=trainer.get("rng"), ist_state=trainer.get("ist"),
+                         scheduler_class=trainer.get("scheduler_class"))
 
 
 def _check_optimizer_state(optimizer: Any, saved: Any, manifest: dict[str, Any]) -> None:
@@ -301,6 +361,12 @@ def _check_optimizer_state(optimizer: Any, saved: Any, manifest: dict[str, Any])
     if cls != type(optimizer).__name__:
         raise ValueError(f"load_training_state: the checkpoint holds a {cls} state, the optimizer is a "
                          f"{type(optimizer).__name__}")
+    check = getattr(optimizer, "check_state_dict", None)
+    if callable(check):  # OffloadedAdamW: every layer's sparse state, before any is loaded
+        try:
+            check(saved)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"load_training_state: {manifest.get('optimizer_file')}: {exc}") from exc
     if not isinstance(optimizer, torch.optim.Optimizer):
         return
     if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
@@ -341,40 +407,71 @@ def load_training_state(model: nn.Module, optimizer: Any, path: str | os.PathLik
     truncated or corrupt file, or a state that does not fit, it raises (``FileNotFoundError`` /
     ``ValueError``) and writes nothing. The next step then equals the step an uninterrupted run
     would have taken."""
+    directory = check_path("path", path, "load_training_state")
     if not isinstance(model, nn.Module) or attached_state(model) is None:
         raise ValueError(f"load_training_state: {type(model).__name__} has no MEFT adapters attached; "
                          "attach_meft with the checkpoint's config and create the optimizer first")
     _check_ist(ist)
-    ckpt = read_training_state(path)
-    manifest, directory = ckpt.manifest, ckpt.path
-    info, tensors = read_adapter(directory / manifest["adapter_dir"])
+    ckpt = read_training_state(directory)
+    manifest = ckpt.manifest
+    adapter_dir = directory / manifest["adapter_dir"]
+    info, tensors = read_adapter(adapter_dir)
     config, layers = saved_config(info, "load_training_state", directory)
+    check_fits(model, config, layers, tensors)
     saved_opt = None
     if optimizer is not None:
         if manifest.get("optimizer_file") is None:
             raise ValueError(f"load_training_state: {directory} was saved without an optimizer state")
         saved_opt = _load_torch(directory / manifest["optimizer_file"])
         _check_optimizer_state(optimizer, saved_opt, manifest)
-    if scheduler is not None and ckpt.scheduler_state is None:
-        raise ValueError(f"load_training_state: {directory} was saved without a scheduler state")
+    if scheduler is not None:
+        _check_scheduler_state(scheduler, ckpt, directory / manifest["trainer_file"])
     if ist is not None:
         if ckpt.ist_state is None:
             raise ValueError(f"load_training_state: {directory} was saved without an IST scheduler state")
         try:
             ist.check_state_dict(ckpt.ist_state)
         except ValueError as exc:
-            raise ValueError(f"load_training_state: {directory}: {exc}") from exc
-    # checks every name, shape, dtype and the config before the first copy
+            raise ValueError(f"load_training_state: {directory / manifest['trainer_file']}: {exc}") from exc
+    rng = ckpt.rng_state if restore_rng else None
+    # Everything is checked. The small states go first, each undone if a later part still
+    # fails; the optimizer and the adapters (too large to keep a copy of) go last.
+    undo: list[Any] = []
+    try:
+        if scheduler is not None:
+            undo.append((scheduler.load_state_dict, copy.deepcopy(scheduler.state_dict())))
+            scheduler.load_state_dict(ckpt.scheduler_state)
+        if ist is not None:
+            undo.append((ist.load_state_dict, copy.deepcopy(ist.state_dict())))
+            ist.load_state_dict(ckpt.ist_state)
+        if rng is not None:
+            undo.append((_set_rng_state, _rng_state()))
+            _set_rng_state(rng)
+        if optimizer is not None:
+            optimizer.load_state_dict(saved_opt)
+    except Exception as exc:
+        for restore, state in reversed(undo):
+            restore(state)
+        raise ValueError(f"load_training_state: {directory} does not fit "
+                         f"({type(exc).__name__}: {exc}); nothing was loaded") from exc
     check_and_copy(model, config, layers, tensors)
-    if optimizer is not None:
-        optimizer.load_state_dict(saved_opt)
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt.scheduler_state)
-    if ist is not None:
-        ist.load_state_dict(ckpt.ist_state)
-    if restore_rng and ckpt.rng_state is not None:
-        _set_rng_state(ckpt.rng_state)
     return ckpt.step
+
+
+def _check_scheduler_state(scheduler: Any, ckpt: TrainingState, where: Path) -> None:
+    """The saved LR scheduler state must come from a scheduler of the same class and keys."""
+    saved = ckpt.scheduler_state
+    if saved is None:
+        raise ValueError(f"load_training_state: {ckpt.path} was saved without a scheduler state")
+    name = type(scheduler).__name__
+    if ckpt.scheduler_class is not None and ckpt.scheduler_class != name:
+        raise ValueError(f"load_training_state: {where} holds the state of a {ckpt.scheduler_class}, "
+                         f"the scheduler is a {name}")
+    current = scheduler.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"load_training_state: the scheduler state in {where} has keys {keys}, "
+                         f"a {name} has {sorted(current)} (another scheduler class?)")
 
 
 __all__ = ["MANIFEST_NAME", "TrainingState", "load_training_state", "read_training_state",

@@ -32,6 +32,17 @@ class EngineWorkerError(PrefetchError):
     """A background thread of a copy engine died; the original error is the ``__cause__``."""
 
 
+class LayerUpdateError(RuntimeError):
+    """A layer's row-sparse optimizer update failed on its worker thread. It wrote nothing; its
+    step was completed on the thread that waited for it (``touched``: the updated neuron ids),
+    or, when that failed too, is kept to be completed at the next wait (``touched`` None)."""
+
+    def __init__(self, message: str, layer: object = None, touched: torch.Tensor | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.touched = touched
+
+
 class SlotAllocationError(PrefetchError, torch.OutOfMemoryError):
     """Not enough memory for the requested slots; the message says which sizes would fit.
 

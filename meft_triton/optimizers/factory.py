@@ -10,6 +10,7 @@ from torch import nn
 from ..integration.attach import meft_adapters, meft_named_parameters
 from .cpu import OffloadedAdamW
 from .gpu import MEFTAdamW
+from .hyperparameters import check_adamw
 from .nonfinite import check_nonfinite_mode
 
 
@@ -41,6 +42,11 @@ def create_meft_optimizer(
     the row-sparse CPU AdamW, which clips its rows to ``max_grad_norm`` itself), or ``"auto"``
     (the one the adapters' placement needs).
 
+    Every hyper-parameter is checked first, by the same rules for both kinds (``lr`` >= 0,
+    ``betas`` in [0, 1), ``eps`` >= 0, ``weight_decay`` >= 0, ``max_grad_norm`` > 0, or 0 / None
+    for no clipping, all finite): a bad one raises ``ValueError`` / ``TypeError`` naming it and
+    nothing is created or changed.
+
     ``nonfinite``: ``"raise"`` (default) or ``"skip"``, what a step does when a gradient holds
     NaN/Inf: either way nothing is written (see :mod:`meft_triton.nonfinite`); both kinds check
     every adapter gradient before updating and name the layer, part and rows.
@@ -65,10 +71,16 @@ def create_meft_optimizer(
         lr = getattr(args, "learning_rate", 1e-3)
     if weight_decay is None:
         weight_decay = getattr(args, "weight_decay", 0.0)
+    # the HF Trainer reads max_grad_norm 0 (or None) as "no clipping"; a negative one is an error
+    max_grad_norm = getattr(args, "max_grad_norm", None)
+    if max_grad_norm == 0 and not isinstance(max_grad_norm, bool):
+        max_grad_norm = None
+    # the same rules for both placements, before anything is created
+    lr, betas, eps, weight_decay, max_grad_norm = check_adamw(lr, betas, eps, weight_decay, max_grad_norm)
     if kind == "sparse":
         return OffloadedAdamW(adapters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                              max_grad_norm=getattr(args, "max_grad_norm", None) or None,
-                              nonfinite=nonfinite, layer_ids=list(meft_adapters(model)))
+                              max_grad_norm=max_grad_norm, nonfinite=nonfinite,
+                              layer_ids=list(meft_adapters(model)))
     decay = [p for n, p in params if not n.endswith("router.weight")]
     no_decay = [p for n, p in params if n.endswith("router.weight")]
     groups = [{"params": decay, "weight_decay": weight_decay},

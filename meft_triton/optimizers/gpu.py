@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .hyperparameters import check_adamw
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, dense_report
 
 
@@ -23,8 +24,13 @@ class MEFTAdamW(torch.optim.AdamW):
 
     def __init__(self, params, *, param_names: dict[int, str] | None = None, nonfinite: str = "raise",
                  **adamw_kwargs: Any) -> None:
-        super().__init__(params, **adamw_kwargs)
         self.nonfinite = check_nonfinite_mode(nonfinite)
+        super().__init__(params, **adamw_kwargs)
+        for i, group in enumerate(self.param_groups):  # the rules of placement "cpu" too
+            try:
+                check_adamw(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc}" + (f" (param_groups[{i}])" if len(self.param_groups) > 1 else "")) from None
         self.param_names = dict(param_names or {})
         self.nonfinite_steps = 0
         self.last_nonfinite: tuple[NonFiniteRows, ...] | None = None

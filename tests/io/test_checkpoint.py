@@ -4,6 +4,8 @@ Tiny random Llama models on CPU (hidden 32, 2 layers, vocab 100), both placement
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -156,7 +158,8 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def dying_save(obj, f, *a, **k):
         real_save(obj, f, *a, **k)
-        raise OSError("disk full (injected)")
+        if not isinstance(f, io.BytesIO):  # a file, not the in-memory check of what is saved
+            raise OSError("disk full (injected)")
 
     monkeypatch.setattr(ckpt.torch, "save", dying_save)
     with pytest.raises(OSError, match="disk full"):
@@ -178,14 +181,25 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert load_training_state(model2, opt2, tmp_path / "ckpt", scheduler=sched2) == 1
     assert_same(snapshot(model2), at_step_1)
 
-    # A hard kill leaves temp files and uncommitted files behind: loads ignore them, the next
-    # successful save removes them and the superseded checkpoint.
-    (tmp_path / "ckpt" / ".optimizer-9-1-x.pt.1234.tmp").write_bytes(b"partial")
-    (tmp_path / "ckpt" / "adapter-9-1-x").mkdir()
+    # A hard kill leaves temp files (this version's and earlier ones' exact patterns) and
+    # uncommitted files behind: loads ignore them, the next successful save removes them and the
+    # superseded checkpoint, and nothing else: the user's files with similar names stay.
+    ours = [".optimizer-9-1-0badcafe.pt.1234-deadbeef.tmp", ".trainer-9-1-0badcafe.pt.0badcafe.tmp",
+            ".training_state.json.77-deadbeef.meft-tmp", "trainer-9-1-0badcafe.pt", "optimizer-1-2-0badcafe.pt"]
+    users = ["trainer-notes.txt", "optimizer-sweep.yaml", ".notes.tmp", ".x.1-2.tmp", "adapter-9-1-x.pt",
+             ".trainer-notes.txt.12-deadbeef.tmp"]
+    for name in ours + users:
+        (tmp_path / "ckpt" / name).write_bytes(b"partial")
+    for name in ("adapter-9-1-0badcafe", "adapter-best"):
+        (tmp_path / "ckpt" / name).mkdir()
+        (tmp_path / "ckpt" / name / "adapter.safetensors").write_bytes(b"x")
     assert read_training_state(tmp_path / "ckpt").step == 1
     save_training_state(model, opt, tmp_path / "ckpt", step=2)
     names = sorted(os.listdir(tmp_path / "ckpt"))
-    assert len(names) == 4 and ckpt.MANIFEST_NAME in names and all("-2-" in n for n in names if n != ckpt.MANIFEST_NAME)
+    new = [n for n in names if n.startswith(("adapter-2-", "optimizer-2-", "trainer-2-"))]
+    assert len(new) == 3
+    assert set(names) == {ckpt.MANIFEST_NAME, *new, *users, "adapter-best"}  # the user's files stay
+    assert (tmp_path / "ckpt" / "adapter-best" / "adapter.safetensors").read_bytes() == b"x"
     assert read_training_state(tmp_path / "ckpt").step == 2
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from meft_triton.offload import cpu_rowops
+from meft_triton.offload import LayerUpdateError, cpu_rowops
 from meft_triton import SparseRowAdamW
 from meft_triton.optimizers import clip_grad_norm_
 from meft_triton.offload import CPURowStore
@@ -370,8 +370,12 @@ def test_step_async_equals_step_and_overlaps_accumulate(seed):
 
 @pytest.mark.parametrize("surface", ["step", "step_async", "wait"])
 def test_worker_exception_surfaces_at_next_call(seed, monkeypatch, surface):
+    """A worker exception (raised before the row loop writes) is carried by the future; the next
+    call completes that step from the gradients it kept and raises LayerUpdateError naming the
+    layer, with the ids it touched. The state then equals a run that never failed."""
     store = random_store(20, 4)
-    opt = SparseRowAdamW(store)
+    twin_store = CPURowStore.from_dense(store.keys().clone(), store.values().clone())
+    opt, twin = SparseRowAdamW(store, name=3), SparseRowAdamW(twin_store)
     real = cpu_rowops.adamw_rows
     started = threading.Event()
 
@@ -379,21 +383,53 @@ def test_worker_exception_surfaces_at_next_call(seed, monkeypatch, surface):
         started.set()
         raise RuntimeError("boom in the worker")
 
+    first, second = random_grads(20, 4, 5), random_grads(20, 4, 5)
     monkeypatch.setattr(cpu_rowops, "adamw_rows", boom)
-    opt.accumulate(*random_grads(20, 4, 5))
+    opt.accumulate(*first)
     fut = opt.step_async()
     with pytest.raises(RuntimeError, match="boom"):
         fut.result()  # the future carries it ...
-    assert started.is_set()
+    assert started.is_set() and opt.update_failed and opt.step_count == 0
     monkeypatch.setattr(cpu_rowops, "adamw_rows", real)
+    opt.accumulate(*second)  # the next step's gradients, kept apart
+    with pytest.raises(LayerUpdateError, match="layer 3 failed.*boom.*completed") as info:
+        getattr(opt, surface)()  # ... and the next call completes the step and says so
+    assert torch.equal(info.value.touched, torch.sort(first[0]).values)
+    twin.accumulate(*first)
+    twin.step()
+    assert opt.step_count == 1 and not opt.update_failed
+    for x, y in zip(snapshot(store), snapshot(twin_store)):
+        assert torch.equal(x, y)
+    opt.step()  # then the optimizer works on, with the gradients accumulated meanwhile
+    twin.accumulate(*second)
+    twin.step()
+    assert opt.step_count == 2
+    for x, y in zip(snapshot(store), snapshot(twin_store)):
+        assert torch.equal(x, y)
+    opt.close()
+
+
+def test_an_update_that_keeps_failing_raises_at_every_call_and_writes_nothing(seed, monkeypatch):
+    store = random_store(20, 4)
+    opt = SparseRowAdamW(store, name=1)
+
+    def boom(*args, **kwargs):
+        raise MemoryError("no memory for the update")
+
+    monkeypatch.setattr(cpu_rowops, "adamw_rows", boom)
     opt.accumulate(*random_grads(20, 4, 5))
-    with pytest.raises(RuntimeError, match="boom"):  # ... and so does the next call
-        getattr(opt, surface)()
-    assert opt.step_count == 0  # the failed step did not count
     before = snapshot(store)
-    opt.step()  # then the optimizer works again, with the gradients kept for it
-    assert opt.step_count == 1
-    assert not torch.equal(before[0], store.records)
+    with pytest.raises(MemoryError):
+        opt.step()
+    for _ in range(2):
+        with pytest.raises(LayerUpdateError, match="layer 1 failed.*kept") as info:
+            opt.wait()
+        assert info.value.touched is None and opt.update_failed
+    assert opt.step_count == 0
+    for x, y in zip(snapshot(store), before):
+        assert torch.equal(x, y)
+    monkeypatch.undo()
+    assert opt.wait() is not None and opt.step_count == 1  # completed once the fault is gone
     opt.close()
 
 
