@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..layer.backend import stages_for
+from .errors import LayerUpdateError
 from .key_cache import KeyCache
 from .prefetcher import Ticket
 from .row_store import CPURowStore
@@ -103,14 +104,26 @@ class OffloadedRows:
 
     def wait_for_update(self) -> None:
         """Finish an in-flight optimizer step and copy its updated key rows into the cache.
-        A failed background step raises its exception here (the layer's next forward), once:
-        the optimizer's own ``wait`` consumes it, so its next step does not raise it again."""
-        if self.pending_step is None:
-            return
+        A background step that failed is completed here by the optimizer's ``wait`` (it wrote
+        nothing and kept its gradients), which raises ``LayerUpdateError`` naming the layer once;
+        while it cannot complete, every call raises, and nothing reads the layer's stale rows."""
         future, self.pending_step = self.pending_step, None
-        if self.optimizer is not None and self.optimizer._pending is future:
-            self.optimizer.wait()  # raises a worker error once, and forgets it
-        self.key_cache.write_back(future.result())
+        optimizer = self.optimizer
+        if optimizer is None or (future is None and not optimizer.update_failed):
+            return
+        try:
+            touched = optimizer.wait()
+        except LayerUpdateError as exc:
+            if exc.touched is not None:
+                self.key_cache.write_back(exc.touched)
+            raise
+        if touched is None and future is not None:  # someone else waited for it (state_dict)
+            if future.exception() is not None:  # and completed it there: its ids went with the error
+                self.key_cache.refresh()
+                return
+            touched = future.result()
+        if touched is not None:
+            self.key_cache.write_back(touched)
 
     def close(self) -> None:
         """The adapter is being dropped: let in-flight gradient copies and the optimizer update

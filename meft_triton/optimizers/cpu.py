@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .hyperparameters import check_adamw, check_lr
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, dense_report
 from .sparse_adamw import clip_grad_norm_
 
@@ -40,6 +41,9 @@ class OffloadedAdamW(torch.optim.AdamW):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, max_grad_norm: float | None = None, *,
                  nonfinite: str = "raise", layer_ids: Sequence[int] | None = None) -> None:
+        # every argument checked before any adapter's optimizer is replaced
+        lr, betas, eps, weight_decay, max_grad_norm = check_adamw(lr, betas, eps, weight_decay, max_grad_norm)
+        nonfinite = check_nonfinite_mode(nonfinite)
         self.adapters = list(adapters)
         if not self.adapters or any(a.offload is None for a in self.adapters):
             raise ValueError("OffloadedAdamW needs adapters with placement='cpu'")
@@ -72,10 +76,16 @@ class OffloadedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of the routers and every layer, all or nothing: everything that can refuse
+        the step (a previous layer update that cannot complete, a bad learning rate, a failed
+        gradient copy, non-finite gradients) does so before the first write."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for adapter in self.adapters:
+            adapter.offload.wait_for_update()  # the previous step, complete in every layer
+        lr = check_lr(self.param_groups[0]["lr"], "param_groups[0]['lr']")
         try:
             for adapter in self.adapters:
                 adapter.offload.collect_grads()
@@ -93,10 +103,9 @@ class OffloadedAdamW(torch.optim.AdamW):
             self.last_nonfinite = tuple(report)
             act_on(report, self.nonfinite, "the optimizer step")
             return loss
-        super().step()
         if self.max_grad_norm is not None:
             clip_grad_norm_(self.sparse, self.max_grad_norm)
-        lr = self.param_groups[0]["lr"]
+        super().step()
         for adapter, sparse in zip(self.adapters, self.sparse):
             sparse.lr = lr
             if sparse.pending_rows == 0:
@@ -115,17 +124,31 @@ class OffloadedAdamW(torch.optim.AdamW):
             adapter.offload.discard_grads()
 
     def state_dict(self) -> dict[str, Any]:
+        for adapter in self.adapters:
+            adapter.offload.wait_for_update()  # (a failed update completes, and its rows reach the cache)
         state = super().state_dict()
         state["meft_sparse"] = [sparse.state_dict() for sparse in self.sparse]
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        sparse_states = state_dict.pop("meft_sparse", None)
-        if sparse_states is None or len(sparse_states) != len(self.sparse):
-            raise ValueError(f"the state has {0 if sparse_states is None else len(sparse_states)} "
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError`` naming what does not fit unless :meth:`load_state_dict` can load
+        ``state_dict`` into every layer; changes nothing."""
+        sparse_states = state_dict.get("meft_sparse") if isinstance(state_dict, dict) else None
+        if not isinstance(sparse_states, list) or len(sparse_states) != len(self.sparse):
+            raise ValueError(f"the state has {len(sparse_states) if isinstance(sparse_states, list) else 0} "
                              f"sparse optimizer states, this model has {len(self.sparse)} offloaded layers")
-        super().load_state_dict(state_dict)
-        for adapter, sparse, state in zip(self.adapters, self.sparse, sparse_states):
+        for layer, sparse, state in zip(self.layer_ids, self.sparse, sparse_states):
+            try:
+                sparse.check_state_dict(state)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"the sparse optimizer state of layer {layer} does not fit: {exc}") from exc
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
+        state_dict = dict(state_dict)
+        sparse_states = state_dict.pop("meft_sparse")
+        for adapter in self.adapters:
             adapter.offload.wait_for_update()
+        super().load_state_dict(state_dict)
+        for sparse, state in zip(self.sparse, sparse_states):
             sparse.load_state_dict(state)

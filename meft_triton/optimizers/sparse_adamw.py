@@ -37,7 +37,9 @@ import torch
 from torch import Tensor
 
 from ..offload import cpu_rowops
+from ..offload.errors import LayerUpdateError
 from ..offload.row_store import CPURowStore, check_row_ids
+from .hyperparameters import check_betas, check_lr, check_max_norm, check_nonneg, check_norm_type
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, nonfinite_rows
 
 _FORMAT = "meft_triton.SparseRowAdamW/1"
@@ -49,59 +51,6 @@ def perf_slowdown(part: str) -> bool:
     fails. Never set it otherwise; the needless work leaves every result unchanged."""
     flag = os.environ.get("MEFT_PERF_SLOWDOWN", "").strip().lower()
     return flag in ("1", "all") or part in flag.split(",")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_lr(value: Any) -> float:
-    value = _number("lr", value)
-    if value < 0:
-        raise ValueError(f"lr must be >= 0, got {value}")
-    return value
-
-
-def _check_betas(value: Any) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}")
-    out = []
-    for i, b in enumerate(value):
-        b = _number(f"betas[{i}]", b)
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
-        out.append(b)
-    return out[0], out[1]
-
-
-def _check_nonneg(name: str, value: Any) -> float:
-    value = _number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _check_max_norm(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    value = _number(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0 (or None for no clipping), got {value}")
-    return value
-
-
-def _check_norm_type(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"norm_type must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (value > 0 or value == math.inf):
-        raise ValueError(f"norm_type must be > 0 or inf, got {value}")
-    return value
 
 
 class _RowGradAccumulator:
@@ -252,11 +201,11 @@ class SparseRowAdamW:
         if not isinstance(store, CPURowStore):
             raise TypeError(f"store must be a CPURowStore, got {type(store).__name__}")
         self.store = store
-        self._lr = _check_lr(lr)
-        self.betas = _check_betas(betas)
-        self.eps = _check_nonneg("eps", eps)
-        self.weight_decay = _check_nonneg("weight_decay", weight_decay)
-        self.max_grad_norm = _check_max_norm("max_grad_norm", max_grad_norm)
+        self._lr = check_lr(lr)
+        self.betas = check_betas(betas)
+        self.eps = check_nonneg("eps", eps)
+        self.weight_decay = check_nonneg("weight_decay", weight_decay)
+        self.max_grad_norm = check_max_norm("max_grad_norm", max_grad_norm)
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"num_threads must be an int >= 1 or None, got {num_threads!r}")
@@ -273,6 +222,7 @@ class SparseRowAdamW:
         self._step = 0
         self._acc = _RowGradAccumulator(store)
         self._spare: _RowGradAccumulator | None = None
+        self._failed: tuple[_RowGradAccumulator, dict[str, Any]] | None = None  # a step to complete
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._finalizer: weakref.finalize | None = None
@@ -284,7 +234,7 @@ class SparseRowAdamW:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = _check_lr(value)
+        self._lr = check_lr(value)
 
     @property
     def step_count(self) -> int:
@@ -335,19 +285,47 @@ class SparseRowAdamW:
 
     def grad_norm(self, norm_type: float = 2.0) -> Tensor:
         """``norm_type``-norm of the accumulated gradients (0-dim fp32 tensor)."""
-        return self._acc.norm(_check_norm_type(norm_type))
+        return self._acc.norm(check_norm_type(norm_type))
 
     # ------------------------------------------------------------------ stepping
     def _collect(self) -> Any:
-        """Wait for the in-flight step; re-raise its exception if it failed."""
+        """Wait for the in-flight step. One that failed is completed here, on the calling thread,
+        from the gradients it kept, and :class:`LayerUpdateError` reports it (once)."""
         fut, self._pending = self._pending, None
-        if fut is None:
+        error = None
+        if fut is not None:
+            try:
+                return fut.result()
+            except BaseException as exc:  # noqa: BLE001 - completed below, or re-raised
+                error = exc
+        if self._failed is None:
+            if error is not None:
+                raise error
             return None
-        return fut.result()
+        who = "SparseRowAdamW" if self.name is None else f"layer {self.name}"
+        try:
+            touched = self._apply(*self._failed)
+        except BaseException as again:  # noqa: BLE001 - still failing: the step stays to complete
+            raise LayerUpdateError(
+                f"the optimizer update of {who} failed ({type(again).__name__}: {again}); its gradients "
+                "are kept and the update is retried at the layer's next forward or step (the other "
+                "layers and the routers already took this step)", self.name) from again
+        if error is None:
+            return touched  # reported when it failed; completed now
+        raise LayerUpdateError(
+            f"the optimizer update of {who} failed on its worker thread ({type(error).__name__}: "
+            f"{error}); retried here, it completed: every layer took this step", self.name,
+            touched) from error
+
+    @property
+    def update_failed(self) -> bool:
+        """True while a failed step waits to be completed (by :meth:`wait` or the next step)."""
+        return self._failed is not None
 
     def wait(self) -> Tensor | None:
         """Block until the in-flight :meth:`step_async` finished; return its touched ids (None
-        if nothing was in flight). A failed background step raises its exception here."""
+        if nothing was in flight). A failed background step is completed here and raises
+        :class:`LayerUpdateError` (its ``touched`` holds the ids when it completed)."""
         return self._collect()
 
     def nonfinite_report(self) -> list[NonFiniteRows]:
@@ -391,6 +369,7 @@ class SparseRowAdamW:
         return acc, hp
 
     def _apply(self, acc: _RowGradAccumulator, hp: dict[str, Any]) -> Tensor:
+        self._failed = None
         try:
             n = acc.count
             ids = acc.ids[:n]
@@ -420,10 +399,14 @@ class SparseRowAdamW:
                     for a in (s.records, s.exp_avg, s.exp_avg_sq) * 2:
                         a.index_copy_(0, sorted_ids, a[sorted_ids])
             self._step = t
-            return sorted_ids
-        finally:
-            acc.clear()  # a failed step drops its gradients (the exception reports it)
-            self._spare = acc
+        except BaseException:
+            # Nothing was written (the row loop fails, if at all, before its first write): keep
+            # the gradients and hyperparameters, so the next wait completes this step.
+            self._failed = (acc, hp)
+            raise
+        acc.clear()
+        self._spare = acc
+        return sorted_ids
 
     def step(self) -> Tensor:
         """Apply the update to the touched neurons, clear the accumulated gradients and return
@@ -439,8 +422,10 @@ class SparseRowAdamW:
         """Like :meth:`step`, on this optimizer's worker thread; returns a Future of the touched
         ids. Gradients accumulated after this call go to the next step. Reading the store's
         rows before the future completes sees a partial update: wait on it (or on
-        :meth:`wait`) before reading. An exception in the worker is raised by the future and
-        again by the next :meth:`step` / :meth:`step_async` / :meth:`wait` of this optimizer."""
+        :meth:`wait`) before reading. An exception in the worker is raised by the future; the
+        next :meth:`step` / :meth:`step_async` / :meth:`wait` of this optimizer completes the
+        failed update (it wrote nothing and kept its gradients) and raises
+        :class:`LayerUpdateError` naming the layer."""
         self._collect()
         if self._refuse_nonfinite():
             skipped: Future = Future()
@@ -492,8 +477,21 @@ class SparseRowAdamW:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved: the moments are copied into the store."""
         self._collect()
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"state must be a dict saved by SparseRowAdamW.state_dict() (format {_FORMAT!r})")
+        step, moments, lr, betas, eps, wd, mgn = self.check_state_dict(state)
+        for key, t in moments.items():
+            dst = getattr(self.store, key)
+            if t.data_ptr() != dst.data_ptr():
+                dst.copy_(t)
+        self._step, self._lr, self.betas, self.eps, self.weight_decay, self.max_grad_norm = step, lr, betas, eps, wd, mgn
+
+    def check_state_dict(self, state: Any) -> tuple:
+        """Raise ``ValueError`` naming what does not fit unless :meth:`load_state_dict` can load
+        ``state``; changes nothing. Returns the checked values."""
+        keys = ("format", "step", "lr", "betas", "eps", "weight_decay", "max_grad_norm", "num_rows",
+                "hidden_size", "exp_avg", "exp_avg_sq")
+        if not isinstance(state, dict) or state.get("format") != _FORMAT or any(k not in state for k in keys):
+            raise ValueError(f"state must be a dict saved by SparseRowAdamW.state_dict() (format {_FORMAT!r}, "
+                             f"keys {', '.join(keys)})")
         s = self.store
         # states saved before low_key_dim existed hold no key_size: their keys were d wide
         saved = (state["num_rows"], state["hidden_size"], state.get("key_size", state["hidden_size"]))
@@ -511,16 +509,12 @@ class SparseRowAdamW:
             if not isinstance(t, Tensor) or t.dtype != torch.float32:
                 raise ValueError(f"state[{key!r}] must be a float32 tensor of shape {tuple(s.records.shape)}")
             moments[key] = s.as_records(t, f"state[{key!r}]")
-        lr = _check_lr(state["lr"])
-        betas = _check_betas(tuple(state["betas"]))
-        eps = _check_nonneg("eps", state["eps"])
-        wd = _check_nonneg("weight_decay", state["weight_decay"])
-        mgn = _check_max_norm("max_grad_norm", state["max_grad_norm"])
-        for key, t in moments.items():
-            dst = getattr(s, key)
-            if t.data_ptr() != dst.data_ptr():
-                dst.copy_(t)
-        self._step, self._lr, self.betas, self.eps, self.weight_decay, self.max_grad_norm = step, lr, betas, eps, wd, mgn
+        lr = check_lr(state["lr"])
+        betas = check_betas(state["betas"])
+        eps = check_nonneg("eps", state["eps"])
+        wd = check_nonneg("weight_decay", state["weight_decay"])
+        mgn = check_max_norm("max_grad_norm", state["max_grad_norm"])
+        return step, moments, lr, betas, eps, wd, mgn
 
     def __repr__(self) -> str:
         return (
@@ -541,8 +535,8 @@ def clip_grad_norm_(optimizers: SparseRowAdamW | Iterable[SparseRowAdamW], max_n
     for i, o in enumerate(opts):
         if not isinstance(o, SparseRowAdamW):
             raise TypeError(f"optimizers[{i}] must be a SparseRowAdamW, got {type(o).__name__}")
-    max_norm = _check_max_norm("max_norm", max_norm)
-    norm_type = _check_norm_type(norm_type)
+    max_norm = check_max_norm("max_norm", max_norm)
+    norm_type = check_norm_type(norm_type)
     if not opts:
         return torch.zeros((), dtype=torch.float32)
     norms = [o._acc.norm(norm_type) for o in opts]
