@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def segments_by_key(keys: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable order that groups equal keys, and offsets [num_keys + 1] of each key's run."""
-    keys = keys.reshape(-1).long()
+def expert_segments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat pair indices (token * P + slot) in a stable order grouped by expert, and offsets
+    [num_experts + 1] of each expert's run. Searchsorted on the sorted ids, not bincount: the
+    offsets' size is known on the host, so nothing waits for the device."""
+    keys = expert_ids.reshape(-1).long()
     order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=num_keys)
-    offsets = torch.zeros(num_keys + 1, dtype=torch.int64, device=keys.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return order, offsets
+    bounds = torch.arange(num_experts + 1, dtype=torch.int64, device=keys.device)
+    return order, torch.searchsorted(keys[order], bounds)
 
 
 def expert_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -28,7 +28,7 @@ def expert_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int):
     block_end[b]]`` are flat pair indices (token * P + slot) of expert ``block_expert[b]``,
     capped to ``block_m`` by the kernel. Blocks past the real count have start == end.
     """
-    order, offsets = segments_by_key(expert_ids, num_experts)
+    order, offsets = expert_segments(expert_ids, num_experts)
     counts = offsets[1:] - offsets[:-1]
     blocks_per_expert = (counts + block_m - 1) // block_m
     block_end_cum = torch.cumsum(blocks_per_expert, 0)
@@ -41,20 +41,6 @@ def expert_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int):
     start = torch.where(valid, offsets[expert] + (block - first_block) * block_m, 0)
     end = torch.where(valid, offsets[expert + 1], 0)
     return order, start, end, expert
-
-
-def unique_row_segments(row_ids: torch.Tensor):
-    """Distinct rows among ``row_ids`` and, per distinct row, the run of its occurrences.
-
-    Returns ``(rows [U] int64, order, offsets [U + 1])``. U is data-dependent, so this
-    synchronizes once with the device.
-    """
-    flat = row_ids.reshape(-1).long()
-    rows, counts = torch.unique(flat, sorted=True, return_counts=True)
-    order = torch.argsort(flat, stable=True)
-    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return rows, order, offsets
 
 
 def surplus_neurons(expert_ids: torch.Tensor, neurons_per_expert: int, num_experts: int,

@@ -14,12 +14,13 @@ Gate "softmax" (w_e = softmax(g)_e over all E, not renormalised): every expert g
     dx_t = sum_j dr_j K_j + sum_e dg_te G_e                  dG = dg^T x
 a dense [T, E] dg (E is at most a few thousand; there is never a [T, N] tensor).
 
-Launches: one per-token kernel for dr and dw (it gathers the token's K and V rows), the row
-gather-sum for dx's key term, and segmented reductions for the row-sparse dK/dV. The router
-term: "logit" adds the P gathered router rows in the same gather-sum and reduces dG by
-expert segments; "softmax" recomputes each [T, E] logit tile on tensor cores (fp32
-accumulation, the forward's log-sum-exp) to write dg in the compute dtype, then two dense
-GEMMs (cuBLAS on a GPU): dg G into dx and dg^T x for dG.
+Launches: one per-token kernel for dr and dw (it gathers the token's K and V rows and
+scatters dr and a into the candidate tables), the row gather-sum for dx's key term, and the
+per-expert grouped GEMMs of meft_triton.kernels.expert_grads for dK, dV (and dG under
+"logit"). The router term: "logit" adds the P gathered router rows in the same gather-sum;
+"softmax" recomputes each [T, E] logit tile on tensor cores (fp32 accumulation, the forward's
+log-sum-exp) to write dg in the compute dtype, then two dense GEMMs (cuBLAS on a GPU): dg G
+into dx and dg^T x for dG.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouping import segments_by_key, unique_row_segments
+from .expert_grads import expert_grads, picked_rows
+from .grouping import expert_segments
 from .router_topk import router_topk
 from .row_gather_sum import row_gather_sum
-from .segment_sum import segment_sum
 from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in_range,
                          check_same_dtype, check_shape, check_tensor, dot_precision, pow2_block)
 
@@ -44,12 +45,15 @@ GATES = ("logit", "softmax")
 def _score_grads_kernel(
     grad_y_ptr, hidden_ptr, keys_ptr, values_ptr,
     expert_ids_ptr, gate_weights_ptr, neuron_ids_ptr, value_ids_ptr, activations_ptr,
-    grad_raw_ptr, grad_gate_ptr,
+    grad_raw_ptr, grad_gate_ptr, grad_raw_table_ptr, act_table_ptr,
     key_width, value_width, neurons_per_expert, experts_per_token, num_picks,
     stride_gyt, stride_gyd, stride_ht, stride_hd, stride_kn, stride_kd, stride_vn, stride_vd,
     P_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    WRITE_TABLES: tl.constexpr,
 ):
-    """Per token: dr = w ds for each pick, and dw [P] (each selected expert's gate gradient)."""
+    """Per token: dr = w ds for each pick, and dw [P] (each selected expert's gate gradient).
+    With WRITE_TABLES also dr and a at each pick's place in the zeroed [T * P, S] candidate
+    tables of the per-expert dK/dV GEMMs (picks outside the token's experts have none)."""
     token = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, P_PAD)
     slot_ok = slots < experts_per_token
@@ -83,6 +87,13 @@ def _score_grads_kernel(
         weight = tl.sum(tl.where(owner, weights[None, :], 0.0), axis=1)
         grad_w += tl.sum(tl.where(owner, (grad_score * raw)[:, None], 0.0), axis=0)
         tl.store(grad_raw_ptr + token * num_picks + picks, grad_score * weight, mask=pick_ok)
+        if WRITE_TABLES:
+            slot = tl.max(tl.where(owner, slots[None, :], -1), axis=1).to(tl.int64)
+            at = (token * experts_per_token + slot) * neurons_per_expert + ids % neurons_per_expert
+            table_ok = pick_ok & (slot >= 0)
+            tl.store(grad_raw_table_ptr + at, (grad_score * weight).to(grad_raw_table_ptr.dtype.element_ty),
+                     mask=table_ok)
+            tl.store(act_table_ptr + at, act.to(act_table_ptr.dtype.element_ty), mask=table_ok)
     tl.store(grad_gate_ptr + token * experts_per_token + slots, grad_w, mask=slot_ok)
 
 
@@ -146,9 +157,10 @@ def _softmax_gate_grad(hidden, router_weight, expert_ids, gate_weights, grad_w, 
 
 class SparseKVGrads(NamedTuple):
     """Gradients of one adapter call. ``hidden`` is d(key input) [T, r]. Key/value gradients
-    are row-sparse: ``row_ids`` [U] (sorted, distinct) with ``key_rows`` [U, r] and
-    ``value_rows`` [U, d] fp32; ``keys``/``values`` are the same scattered into dense tensors of
-    the parameters' dtype, when asked for. Without parameter gradients (``param_grads=False``)
+    come in the form asked for: dense ``keys`` [N, r] / ``values`` [N, d] in the parameters'
+    dtype (``dense=True``; the row fields are None), or row-sparse (``dense=False``): ``row_ids``
+    [U] (the distinct picked neurons, ascending) with ``key_rows`` [U, r] and ``value_rows``
+    [U, d] fp32 (``keys``/``values`` None). Without parameter gradients (``param_grads=False``)
     only ``hidden`` is set, the rest is None."""
 
     hidden: torch.Tensor
@@ -183,8 +195,11 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     [T, K] giving each pick's row in it; keys stay the whole [N, r] table. ``dense=True``
     then needs the whole table and is refused.
 
+    ``dense`` picks the form of the key/value gradients (SparseKVGrads): the per-expert GEMMs
+    write either form directly; the row-sparse one finds the distinct rows (one device sync).
+
     ``param_grads=False`` computes only dx (a frozen layer still passes the gradient on):
-    the segmented reductions for dK and dV and the router GEMM for dG are skipped.
+    the per-expert GEMMs for dK, dV and dG and the softmax gate's dG GEMM are skipped.
     """
     check_tensor("grad_y", grad_y, 2, FLOAT_DTYPES)
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
@@ -235,21 +250,29 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
             check_ids_in_range("value_ids", value_ids, values.shape[0])
 
     device = hidden.device
+    neurons_per_expert = num_neurons // num_experts
     expert_ids, neuron_ids = expert_ids.contiguous(), neuron_ids.contiguous()
     gate_weights, activations = gate_weights.contiguous(), activations.contiguous()
     value_ids = neuron_ids if value_ids is None else value_ids.contiguous()
     grad_raw = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
     grad_w = torch.empty(num_tokens, experts_per_token, dtype=torch.float32, device=device)
+    if param_grads:
+        # [T * P, S] in the compute dtype: the operands of the per-expert dK/dV GEMMs
+        table_shape = (num_tokens * experts_per_token, neurons_per_expert)
+        grad_raw_table = torch.zeros(table_shape, dtype=hidden.dtype, device=device)
+        act_table = torch.zeros(table_shape, dtype=hidden.dtype, device=device)
+    else:
+        grad_raw_table = act_table = grad_raw
     if num_tokens:
         _score_grads_kernel[(num_tokens,)](
             grad_y, hidden, keys, values, expert_ids, gate_weights, neuron_ids, value_ids,
-            activations, grad_raw, grad_w,
-            key_width, value_width, num_neurons // num_experts, experts_per_token, topk,
+            activations, grad_raw, grad_w, grad_raw_table, act_table,
+            key_width, value_width, neurons_per_expert, experts_per_token, topk,
             grad_y.stride(0), grad_y.stride(1), hidden.stride(0), hidden.stride(1),
             keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
             P_PAD=triton.next_power_of_2(experts_per_token),
             BLOCK_K=pow2_block(topk, 16, 32), BLOCK_DK=pow2_block(key_width, 16, 64),
-            BLOCK_DV=pow2_block(value_width, 16, 64),
+            BLOCK_DV=pow2_block(value_width, 16, 64), WRITE_TABLES=param_grads,
         )
     if gate == "logit":
         grad_hidden = torch.empty(num_tokens, key_width, dtype=hidden.dtype, device=device)
@@ -264,17 +287,26 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     if not param_grads:
         return SparseKVGrads(grad_hidden, None, None, None, None, None, None)
 
-    row_ids, order, offsets = unique_row_segments(neuron_ids)
-    key_rows, value_rows = segment_sum(order, offsets, topk, grad_raw, hidden, activations, grad_y)
+    order, offsets = expert_segments(expert_ids, num_experts)
+    grad_router = rows = None
     if gate == "logit":
-        expert_order, expert_offsets = segments_by_key(expert_ids, num_experts)
-        grad_router = segment_sum(expert_order, expert_offsets, experts_per_token, grad_w, hidden)
-    else:
-        grad_router = grad_logits.T @ hidden
-
-    grad_keys = grad_values = None
+        # row-sparse outputs run only the experts owning a picked row; the rest have dG = 0
+        grad_router = (torch.empty if dense else torch.zeros)(
+            num_experts, key_width, dtype=router_weight.dtype, device=device)
+    row_ids = key_rows = value_rows = grad_keys = grad_values = None
     if dense:
-        grad_keys = torch.zeros_like(keys).index_copy_(0, row_ids, key_rows.to(keys.dtype))
-        grad_values = torch.zeros_like(values).index_copy_(0, row_ids, value_rows.to(values.dtype))
-    return SparseKVGrads(grad_hidden, grad_router.to(router_weight.dtype), row_ids, key_rows,
-                         value_rows, grad_keys, grad_values)
+        grad_keys = torch.empty(num_neurons, key_width, dtype=keys.dtype, device=device)
+        grad_values = torch.empty(num_neurons, value_width, dtype=values.dtype, device=device)
+        key_out, value_out = grad_keys, grad_values
+    else:
+        row_ids, *rows = picked_rows(neuron_ids, num_neurons, num_experts)
+        key_rows = torch.empty(row_ids.numel(), key_width, dtype=torch.float32, device=device)
+        value_rows = torch.empty(row_ids.numel(), value_width, dtype=torch.float32, device=device)
+        key_out, value_out = key_rows, value_rows
+    expert_grads(grad_raw_table, act_table, grad_w, hidden, grad_y, order, offsets,
+                 experts_per_token, neurons_per_expert, key_out, value_out, grad_router, rows,
+                 dot_precision(hidden.dtype))
+    if gate == "softmax":
+        grad_router = (grad_logits.T @ hidden).to(router_weight.dtype)
+    return SparseKVGrads(grad_hidden, grad_router, row_ids, key_rows, value_rows, grad_keys,
+                         grad_values)

@@ -84,6 +84,11 @@ def floor_dg(c):
             + c["E"] * c["d"] * 4), 2 * c["T"] * c["P"] * c["d"], 0
 
 
+def floor_dk_dv_dg(c):
+    # the per-expert GEMMs of dK, dV and the "logit" gate's dG in one launch
+    return tuple(a + b for a, b in zip(floor_dk_dv(c), floor_dg(c)))
+
+
 def floor_softmax_gate_grad(c):
     # reads x [T, d], G [E, d], dense dw [T, E] fp32, lse + weighted dw [T]; writes dg [T, E]
     return ((c["T"] + c["E"]) * c["d"] * c["es"] + c["T"] * c["E"] * (4 + c["es"]) + c["T"] * 8), \
@@ -149,6 +154,14 @@ def loops_segment_sum(a, g):
     return [L("run", avg)]
 
 
+def loops_expert_grads(a, g):
+    # each expert's run of pairs in BLOCK_M steps, averaged over the experts (programs)
+    off = a["offsets_ptr"].long()
+    runs = off[1:] - off[:-1]
+    avg = float(((runs + a["BLOCK_M"] - 1) // a["BLOCK_M"]).float().mean()) if runs.numel() else 0.0
+    return [L("pairs", avg)]
+
+
 def loops_softmax_gate_grad(a, g):
     return [L("d", cdiv(a["width"], a["BLOCK_D"]))]
 
@@ -177,6 +190,7 @@ STAGES = {
     "dx": StageModel(floor_dx, loops_row_gather_sum, True),
     "dK_dV": StageModel(floor_dk_dv, loops_segment_sum, True),
     "dG": StageModel(floor_dg, loops_segment_sum, True),
+    "dK_dV_dG": StageModel(floor_dk_dv_dg, loops_expert_grads, True),
     "softmax_gate_grad": StageModel(floor_softmax_gate_grad, loops_softmax_gate_grad, True),
     "smt_block_grad": StageModel(floor_smt_block_grad, loops_smt_block_grad, True),
     "zero_copy_gather": StageModel(floor_zero_copy_gather, loops_zero_copy_gather, False),

@@ -53,14 +53,14 @@ STAGE_LABELS = {
     "forward": {"_key_scores_kernel": ["key_scores"], "_select_topk_kernel": ["select_topk"],
                 "_row_gather_sum_kernel": ["values"]},
     "backward": {"_score_grads_kernel": ["score_grads"], "_row_gather_sum_kernel": ["dx"],
-                 "_segment_sum_kernel": ["dK_dV", "dG"],
+                 "_expert_grads_kernel": ["dK_dV_dG"],
                  "_softmax_gate_grad_kernel": ["softmax_gate_grad"]},
     "smt": {"_smt_block_grad_kernel": ["smt_block_grad"]},
     "zero_copy": {"_zero_copy_gather_kernel": ["zero_copy_gather"]},
 }
 
 
-KERNEL_MODULES = ("router_topk", "row_gather_sum", "segment_sum", "smt_block_grad",
+KERNEL_MODULES = ("expert_grads", "router_topk", "row_gather_sum", "smt_block_grad",
                   "sparse_kv_backward", "sparse_kv_forward", "validation", "zero_copy_gather")
 
 

@@ -19,7 +19,7 @@ SHAPES = [  # T, d, E, S, P, K_top
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 
-def run_kernels(shape, dtype, device, gate, pass_lse=True):
+def run_kernels(shape, dtype, device, gate, pass_lse=True, dense=True):
     """Router, forward and backward kernels on fresh inputs; the softmax gate's log-sum-exp
     goes from router_topk to the backward (``pass_lse``) or is recomputed there."""
     T, d, E, S, P, K = shape
@@ -29,8 +29,18 @@ def run_kernels(shape, dtype, device, gate, pass_lse=True):
     gate_weights, expert_ids, lse = router_topk(hidden, router, P, gate=gate, return_lse=True)
     _, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, E, K)
     grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_weights,
-                               neuron_ids, activations, gate, gate_lse=lse if pass_lse else None)
+                               neuron_ids, activations, gate, gate_lse=lse if pass_lse else None,
+                               dense=dense)
     return (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads
+
+
+def scattered(grads, num_neurons):
+    """Row-sparse key/value gradients as dense [N, width] tables (float64)."""
+    out = []
+    for rows in (grads.key_rows, grads.value_rows):
+        table = torch.zeros(num_neurons, rows.shape[1], dtype=torch.float64)
+        out.append(table.index_copy_(0, grads.row_ids.cpu(), rows.double().cpu()))
+    return out
 
 
 @pytest.mark.parametrize("gate", ["logit", "softmax"])
@@ -81,14 +91,16 @@ def test_surplus_picks_get_zero_gradients(seed, device, poison_outputs):
     """K_top > P*S: the non-candidate picks are gradient rows (they are picks) whose dK, dV are 0."""
     shape = (5, 20, 6, 3, 2, 14)  # P*S = 6
     (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads = run_kernels(
-        shape, torch.float32, device, "softmax")
+        shape, torch.float32, device, "softmax", dense=False)
     candidates = set(reference.candidate_ids(expert_ids.long().cpu(), 3).flatten().tolist())
     assert torch.equal(grads.row_ids.cpu(), neuron_ids.long().unique().cpu())
+    assert set(grads.row_ids.tolist()) - candidates  # some surplus pick is a gradient row
     for row_id, key_row, value_row in zip(grads.row_ids.tolist(), grads.key_rows, grads.value_rows):
         if row_id not in candidates:
             assert (key_row == 0).all() and (value_row == 0).all(), row_id
     _, expected = float64_grads(hidden, router, keys, values, 2, 14, "softmax", grad_y, expert_ids, neuron_ids)
-    for actual, want in zip([grads.hidden, grads.router_weight, grads.keys, grads.values], expected):
+    actual = [grads.hidden, grads.router_weight, *scattered(grads, keys.shape[0])]
+    for actual, want in zip(actual, expected):
         assert rel_err(actual, want) < TOLERANCE[torch.float32]
 
 
@@ -109,7 +121,12 @@ def test_low_key_widths(seed, device, poison_outputs, gate, dtype):
     y, neuron_ids, activations = sparse_kv_forward(x, keys, values, expert_ids, gate_weights, E, K)
     grads = sparse_kv_backward(grad_y, x, router, keys, values, expert_ids, gate_weights, neuron_ids,
                                activations, gate, gate_lse=lse)
-    assert grads.hidden.shape == (T, r) and grads.key_rows.shape[1] == r and grads.value_rows.shape[1] == d
+    rows = sparse_kv_backward(grad_y, x, router, keys, values, expert_ids, gate_weights, neuron_ids,
+                              activations, gate, gate_lse=lse, dense=False)
+    assert grads.hidden.shape == (T, r) and grads.keys.shape == (E * S, r) and grads.values.shape == (E * S, d)
+    assert rows.key_rows.shape[1] == r and rows.value_rows.shape[1] == d
+    for a, b in zip(scattered(rows, E * S), (grads.keys, grads.values)):
+        assert rel_err(a, b) < TOLERANCE[dtype]  # the dense form is rounded to the compute dtype
 
     y64, expected = float64_grads(x, router, keys, values, P, K, gate, grad_y, expert_ids, neuron_ids)
     assert rel_err(y, y64) < TOLERANCE[dtype]
@@ -129,16 +146,52 @@ def test_low_key_widths(seed, device, poison_outputs, gate, dtype):
         assert rel_err(a, leaf.grad) < TOLERANCE[dtype], name
 
 
-def test_row_sparse_and_dense_agree(seed, device):
+def test_row_sparse_and_dense_agree(seed, device, poison_outputs):
+    """Both forms from the same per-expert GEMMs: the dense one writes every row (zeros where
+    nothing was picked), the row-sparse one exactly the distinct picks, with the same sums."""
     shape = (40, 24, 8, 6, 2, 5)
-    (_, _, keys, _, _), (_, neuron_ids), grads = run_kernels(shape, torch.float32, device, "logit")
-    assert torch.equal(grads.row_ids.cpu(), neuron_ids.long().unique().cpu())
-    assert grads.key_rows.dtype == grads.value_rows.dtype == torch.float32
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), dense = run_kernels(
+        shape, torch.float32, device, "logit")
+    gate_logits, _ = router_topk(hidden, router, 2)
+    _, _, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, 8, 5)
+    rows = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits,
+                              neuron_ids, activations, dense=False)
+    assert dense.row_ids is None and dense.key_rows is None and rows.keys is None
+    assert torch.equal(rows.row_ids.cpu(), neuron_ids.long().unique().cpu())
+    assert rows.key_rows.dtype == rows.value_rows.dtype == torch.float32
     untouched = torch.ones(keys.shape[0], dtype=torch.bool)
-    untouched[grads.row_ids.cpu()] = False
-    assert (grads.keys.cpu()[untouched] == 0).all() and (grads.values.cpu()[untouched] == 0).all()
-    assert torch.equal(grads.keys[grads.row_ids], grads.key_rows)
-    assert torch.equal(grads.values[grads.row_ids], grads.value_rows)
+    untouched[rows.row_ids.cpu()] = False
+    assert untouched.any()
+    assert (dense.keys.cpu()[untouched] == 0).all() and (dense.values.cpu()[untouched] == 0).all()
+    assert torch.equal(dense.keys[rows.row_ids], rows.key_rows)
+    assert torch.equal(dense.values[rows.row_ids], rows.value_rows)
+    assert torch.equal(dense.router_weight, rows.router_weight)
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_expert_tiles_and_runs(seed, device, poison_outputs, gate):
+    """S past one neuron tile (BLOCK_S = 64), widths past one width tile (r != d), and experts
+    with runs of pairs longer than one BLOCK_M (every token on one of two experts): the grouped
+    GEMMs' tile edges and their loop over each expert's pairs, in both output forms; bitwise
+    the same on a second run (fixed summation order, no atomics)."""
+    T, d, r, E, S, P, K = 70, 97, 72, 2, 70, 1, 9
+    x, router, keys, values, grad_y = (torch.randn(*s, device=device)
+                                       for s in [(T, r), (E, r), (E * S, r), (E * S, d), (T, d)])
+    router = router / r**0.5
+    gate_weights, expert_ids, lse = router_topk(x, router, P, gate=gate, return_lse=True)
+    _, neuron_ids, activations = sparse_kv_forward(x, keys, values, expert_ids, gate_weights, E, K)
+    args = (grad_y, x, router, keys, values, expert_ids, gate_weights, neuron_ids, activations, gate)
+    dense = sparse_kv_backward(*args, gate_lse=lse)
+    rows = sparse_kv_backward(*args, gate_lse=lse, dense=False)
+    again = sparse_kv_backward(*args, gate_lse=lse, dense=False)
+    _, expected = float64_grads(x, router, keys, values, P, K, gate, grad_y, expert_ids, neuron_ids)
+    for name, a, want in zip(["x", "router", "keys", "values"],
+                             [dense.hidden, dense.router_weight, dense.keys, dense.values], expected):
+        assert rel_err(a, want) < TOLERANCE[torch.float32], name
+    for a, want in zip(scattered(rows, E * S), expected[2:]):
+        assert rel_err(a, want) < TOLERANCE[torch.float32]
+    for name in ("router_weight", "key_rows", "value_rows"):
+        assert torch.equal(getattr(rows, name), getattr(again, name)), name
 
 
 def test_sparse_only_skips_dense(device):
@@ -166,16 +219,19 @@ def test_hidden_gradient_only(seed, device, poison_outputs):
 
 
 @pytest.mark.parametrize("gate", ["logit", "softmax"])
-def test_empty_tokens(device, gate):
+def test_empty_tokens(device, poison_outputs, gate):
     d, E, N = 8, 2, 6
     empty_ids = torch.zeros(0, 1, dtype=torch.int32, device=device)
-    grads = sparse_kv_backward(torch.zeros(0, d, device=device), torch.zeros(0, d, device=device),
-                               torch.randn(E, d, device=device), torch.randn(N, d, device=device),
-                               torch.randn(N, d, device=device), empty_ids,
-                               torch.zeros(0, 1, device=device), torch.zeros(0, 2, dtype=torch.int32, device=device),
-                               torch.zeros(0, 2, device=device), gate)
-    assert grads.hidden.shape == (0, d) and grads.row_ids.numel() == 0
-    assert (grads.router_weight == 0).all() and (grads.keys == 0).all()
+    args = (torch.zeros(0, d, device=device), torch.zeros(0, d, device=device),
+            torch.randn(E, d, device=device), torch.randn(N, d, device=device),
+            torch.randn(N, d, device=device), empty_ids,
+            torch.zeros(0, 1, device=device), torch.zeros(0, 2, dtype=torch.int32, device=device),
+            torch.zeros(0, 2, device=device), gate)
+    grads = sparse_kv_backward(*args)
+    assert grads.hidden.shape == (0, d)
+    assert (grads.router_weight == 0).all() and (grads.keys == 0).all() and (grads.values == 0).all()
+    rows = sparse_kv_backward(*args, dense=False)
+    assert rows.row_ids.numel() == 0 and rows.key_rows.shape == (0, d) and (rows.router_weight == 0).all()
 
 
 def test_rejects_bad_arguments(device):
@@ -211,9 +267,11 @@ def test_value_rows_from_a_slot(seed, device):
     slot = values[active]
     grads = sparse_kv_backward(grad_y, hidden, router, keys, slot, expert_ids, gate_logits, neuron_ids,
                                activations, dense=False, value_ids=local)
-    assert torch.equal(grads.row_ids, full.row_ids)
+    rows = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits, neuron_ids,
+                              activations, dense=False)
+    assert torch.equal(grads.row_ids, rows.row_ids)
     for name in ("hidden", "router_weight", "key_rows", "value_rows"):
-        assert rel_err(getattr(grads, name), getattr(full, name)) < 1e-6, name
+        assert rel_err(getattr(grads, name), getattr(rows, name)) < 1e-6, name
     with pytest.raises(ValueError, match="dense=True needs the whole values table"):
         sparse_kv_backward(grad_y, hidden, router, keys, slot, expert_ids, gate_logits, neuron_ids,
                            activations, value_ids=local)

@@ -1,0 +1,159 @@
+"""dK, dV and the "logit" gate's dG as grouped GEMMs per expert (DESIGN.md, "Performance model").
+
+The (token, expert) pairs are sorted by expert (``expert_segments``); pair q = t * P + p owns
+row q of two [T * P, S] coefficient tables in the candidate layout of the forward's scores:
+dr (the score gradient times the gate weight) and a = ReLU(s) at the token's picks of expert
+e_p, zero elsewhere. For expert e with pairs Q_e, tokens t(Q_e):
+
+    dK_e [S, r] = dR[Q_e]^T x[t(Q_e)]      dV_e [S, d] = A[Q_e]^T dy[t(Q_e)]
+    dG_e [r]    = dw[Q_e]^T x[t(Q_e)]      (gate "logit": one more row, fed by the same x tile)
+
+Each program owns one expert, a tile of its S neurons and a tile of the width, and runs over
+the expert's pairs in their sorted order: tensor-core products, deterministic sums, no
+atomics. Picks outside the token's experts (K_top > P * S) are zero in both tables, so their
+rows come out zero like every untouched neuron of a written expert.
+
+Outputs go where the optimizer reads them: the dense [N, width] gradients in the parameters'
+dtype (every row written, no zero-fill and scatter), or fp32 rows [U, width] of the distinct
+picked neurons, each program writing its neurons at their place in that list.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_config import launch_config
+
+
+@triton.jit
+def _expert_grads_kernel(
+    key_out_ptr, value_out_ptr, router_out_ptr,
+    grad_raw_ptr, act_ptr, grad_w_ptr, x_ptr, dy_ptr,
+    order_ptr, offsets_ptr, row_pos_ptr, row_experts_ptr,
+    num_experts, key_width, value_width, neurons_per_expert, experts_per_token,
+    stride_xt, stride_xd, stride_yt, stride_yd, stride_ko, stride_vo, stride_go,
+    HAS_ROUTER: tl.constexpr, ROW_MAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    if ROW_MAP:
+        # only experts owning a picked row have rows to write; the list's padding is E
+        expert = tl.load(row_experts_ptr + tl.program_id(0)).to(tl.int64)
+        if expert >= num_experts:
+            return
+    else:
+        expert = tl.program_id(0).to(tl.int64)
+    s_tile = tl.program_id(1)
+    offs_s = s_tile * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < neurons_per_expert
+    dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    key_ok = dims < key_width
+    value_ok = dims < value_width
+    do_key = tl.program_id(2) * BLOCK_D < key_width
+    do_value = tl.program_id(2) * BLOCK_D < value_width
+    do_router = do_key & (s_tile == 0)
+    start = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+
+    acc_k = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    # dG rides on a 16-row operand (the smallest tensor-core M) whose row 0 is dw
+    acc_g = tl.zeros([16, BLOCK_D], tl.float32)
+    g_row = tl.arange(0, 16)
+    for m0 in range(start, end, BLOCK_M):
+        idx = m0 + tl.arange(0, BLOCK_M)
+        pair_ok = idx < end
+        pair = tl.load(order_ptr + idx, mask=pair_ok, other=0).to(tl.int64)
+        token = pair // experts_per_token
+        coef_at = pair[None, :] * neurons_per_expert + offs_s[:, None]
+        coef_ok = s_ok[:, None] & pair_ok[None, :]
+        if do_key:
+            x = tl.load(x_ptr + token[:, None] * stride_xt + dims[None, :] * stride_xd,
+                        mask=pair_ok[:, None] & key_ok[None, :], other=0.0)
+            dr = tl.load(grad_raw_ptr + coef_at, mask=coef_ok, other=0.0)
+            acc_k = tl.dot(dr, x, acc_k, input_precision=DOT_PRECISION)
+            if HAS_ROUTER:
+                if do_router:
+                    dw = tl.load(grad_w_ptr + pair, mask=pair_ok, other=0.0)
+                    dw = tl.where(g_row[:, None] == 0, dw[None, :], 0.0).to(x.dtype)
+                    acc_g = tl.dot(dw, x, acc_g, input_precision=DOT_PRECISION)
+        if do_value:
+            dy = tl.load(dy_ptr + token[:, None] * stride_yt + dims[None, :] * stride_yd,
+                         mask=pair_ok[:, None] & value_ok[None, :], other=0.0)
+            act = tl.load(act_ptr + coef_at, mask=coef_ok, other=0.0)
+            acc_v = tl.dot(act, dy, acc_v, input_precision=DOT_PRECISION)
+
+    neuron = expert * neurons_per_expert + offs_s
+    if ROW_MAP:
+        # fp32 rows of the distinct picked neurons; -1 marks a neuron no token picked
+        row = tl.load(row_pos_ptr + neuron, mask=s_ok, other=-1).to(tl.int64)
+        row_ok = s_ok & (row >= 0)
+    else:
+        row = neuron
+        row_ok = s_ok
+    if do_key:
+        tl.store(key_out_ptr + row[:, None] * stride_ko + dims[None, :],
+                 acc_k.to(key_out_ptr.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
+    if do_value:
+        tl.store(value_out_ptr + row[:, None] * stride_vo + dims[None, :],
+                 acc_v.to(value_out_ptr.dtype.element_ty), mask=row_ok[:, None] & value_ok[None, :])
+    if HAS_ROUTER:
+        if do_router:
+            tl.store(router_out_ptr + expert * stride_go + g_row[:, None] * 0 + dims[None, :],
+                     acc_g.to(router_out_ptr.dtype.element_ty),
+                     mask=(g_row[:, None] == 0) & key_ok[None, :])
+
+
+def picked_rows(neuron_ids: torch.Tensor, num_neurons: int, num_experts: int):
+    """The distinct picked neurons, ascending (``row_ids`` [U] int64), each neuron's place in
+    them (``row_pos`` [N] int32, -1 if unpicked) and the experts owning them, ascending and
+    padded with E to min(E, U) entries (``row_experts``). U is data-dependent: one device
+    sync; the rest has host-known sizes."""
+    touched = torch.zeros(num_neurons, dtype=torch.int32, device=neuron_ids.device)
+    touched.index_fill_(0, neuron_ids.reshape(-1).long(), 1)
+    row_pos = torch.cumsum(touched, 0, dtype=torch.int32).sub_(1).masked_fill_(touched == 0, -1)
+    row_ids = touched.nonzero().squeeze(1)
+    owner = row_ids // (num_neurons // num_experts)
+    first = torch.ones_like(owner, dtype=torch.bool)
+    first[1:] = owner[1:] != owner[:-1]
+    row_experts = torch.full((min(num_experts, owner.numel()),), num_experts, dtype=torch.int64,
+                             device=owner.device)
+    row_experts[torch.cumsum(first, 0) - 1] = owner  # repeats write the same value
+    return row_ids, row_pos, row_experts
+
+
+def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, experts_per_token,
+                 neurons_per_expert, key_out, value_out, router_out=None, rows=None,
+                 dot_precision="tf32"):
+    """Fill ``key_out`` with dK, ``value_out`` with dV and (if given) ``router_out`` [E, r]
+    with the "logit" gate's dG, all per expert (module docstring).
+
+    Internal launcher: ``grad_raw_table``/``act_table`` [T * P, S] in x's dtype and
+    ``grad_w`` [T * P] fp32 are contiguous; ``order``/``offsets`` come from
+    grouping.expert_segments. Outputs are [N, width] (``rows`` None) or [U, width] rows placed
+    by ``rows`` = (row_pos, row_experts) of ``picked_rows``, with unit stride along the width.
+    With ``rows``, only experts owning a picked row run, so ``router_out`` must come zeroed:
+    an expert none of whose neurons was picked has dw = 0 at every pair.
+    """
+    num_experts = offsets.numel() - 1
+    key_width, value_width = x.shape[1], dy.shape[1]
+    cfg = launch_config("expert_grads", x.device, x.dtype,
+                        pairs_per_expert=grad_w.numel() / num_experts,
+                        neurons_per_expert=neurons_per_expert, width=max(key_width, value_width))
+    row_pos, row_experts = rows if rows is not None else (offsets, offsets)
+    grid = (num_experts if rows is None else row_experts.numel(),
+            triton.cdiv(neurons_per_expert, cfg["BLOCK_S"]),
+            triton.cdiv(max(key_width, value_width), cfg["BLOCK_D"]))
+    has_router = router_out is not None
+    _expert_grads_kernel[grid](
+        key_out, value_out, router_out if has_router else key_out,
+        grad_raw_table, act_table, grad_w, x, dy, order, offsets, row_pos, row_experts,
+        num_experts, key_width, value_width, neurons_per_expert, experts_per_token,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        key_out.stride(0), value_out.stride(0), router_out.stride(0) if has_router else 0,
+        HAS_ROUTER=has_router, ROW_MAP=rows is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
+        DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )

@@ -1,0 +1,61 @@
+"""Launch parameters as data: per-device JSON tables under ``configs/`` (like vLLM's fused_moe
+configs), falling back to a heuristic default per kernel.
+
+A table is ``configs/<device>.json``, ``<device>`` the CUDA device name with every run of
+characters other than letters and digits turned into "_" (``NVIDIA_H200``). It maps a kernel
+name to entries by dtype ("bf16", "fp16", "fp32") or "default"; an entry overrides any of the
+heuristic's keys. The GPU check writes these tables when a GPU is lent; without one (CPU, the
+interpreter, the static report's stand-in driver) the heuristic decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _pow2(size, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(int(size), 1))))
+
+
+def _expert_grads_default(dtype, pairs_per_expert, neurons_per_expert, width):
+    # [BLOCK_S, BLOCK_D] fp32 accumulators for dK and dV: 64 x 64 each at 4 warps keeps 64
+    # registers per thread for them (no spills); fp32 operands take twice the shared memory.
+    block_s = _pow2(neurons_per_expert, 16, 64)
+    return dict(BLOCK_M=_pow2(pairs_per_expert, 16, 32 if dtype == torch.float32 else 64),
+                BLOCK_S=block_s, BLOCK_D=_pow2(width, 16, 64 if block_s == 64 else 128),
+                num_warps=4, num_stages=2)
+
+
+HEURISTICS = {"expert_grads": _expert_grads_default}
+
+
+def device_key(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def _table(key: str | None) -> dict:
+    path = CONFIG_DIR / f"{key}.json"
+    if key is None or not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def launch_config(kernel: str, device: torch.device, dtype: torch.dtype, **shape) -> dict:
+    """Block sizes, warps and stages for ``kernel`` at this shape: the heuristic default, then
+    the device table's entry for the dtype (or its "default") on top."""
+    config = HEURISTICS[kernel](dtype, **shape)
+    entries = _table(device_key(device)).get(kernel, {})
+    config.update(entries.get(DTYPE_NAMES[dtype], entries.get("default", {})))
+    return config
