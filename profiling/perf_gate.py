@@ -158,18 +158,18 @@ def slowed_gather() -> Iterator[bool]:
     if not perf_slowdown("gather"):
         yield False
         return
-    real_chunk = gather._gather_chunk
+    real_chunk = gather.gather_chunk
 
     def gather_chunk_thrice(*args, **kwargs):
         real_chunk(*args, **kwargs)
         real_chunk(*args, **kwargs)
         return real_chunk(*args, **kwargs)
 
-    gather._gather_chunk = gather_chunk_thrice
+    gather.gather_chunk = gather_chunk_thrice
     try:
         yield True
     finally:
-        gather._gather_chunk = real_chunk
+        gather.gather_chunk = real_chunk
 
 
 # --------------------------------------------------------------------------------------------

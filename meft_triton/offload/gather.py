@@ -35,6 +35,16 @@ def _check_rows_ids_out(host_rows: Tensor, ids: Tensor, out: Tensor) -> int:
     return n
 
 
+def distinct_prefix(ids: Tensor) -> int:
+    """How many of host ``ids`` to copy: all but the repeats of the last id at the end (the
+    padding of :meth:`CopyEngine.copy_in <meft_triton.offload.engine.CopyEngine.copy_in>`)."""
+    n = ids.numel()
+    if n < 2:
+        return n
+    tail = int((ids == ids[-1]).flip(0).cumprod(0).sum())
+    return n - tail + 1
+
+
 def cpu_gather(
     host_rows: Tensor, ids: Tensor, out: Tensor, *, pool: "DaemonPool | None" = None, min_rows_per_task: int = 256,
     num_threads: int | None = None,
@@ -55,14 +65,16 @@ def cpu_gather(
         tasks = min(len(pool._threads) + 1, n // min_rows_per_task)
         bounds = [n * k // tasks for k in range(tasks + 1)]
     threads = 1 if len(bounds) > 2 else num_threads
-    futures = [pool.submit(_gather_chunk, host_rows, ids, out, a, b, 1) for a, b in zip(bounds[1:-1], bounds[2:])]
-    _gather_chunk(host_rows, ids, out, bounds[0], bounds[1], threads)
+    futures = [pool.submit(gather_chunk, host_rows, ids, out, a, b, 1) for a, b in zip(bounds[1:-1], bounds[2:])]
+    gather_chunk(host_rows, ids, out, bounds[0], bounds[1], threads)
     for f in futures:
         f.result()  # re-raises a chunk's error
     return out
 
 
-def _gather_chunk(host_rows: Tensor, ids: Tensor, out: Tensor, a: int, b: int, threads: int | None) -> None:
+def gather_chunk(host_rows: Tensor, ids: Tensor, out: Tensor, a: int, b: int, threads: int | None) -> None:
+    """Rows ``a`` .. ``b`` of :func:`cpu_gather` (the unit its threads share, and the one place a
+    host row is copied: the perf gate's slowed build wraps it)."""
     if out.dtype == host_rows.dtype and host_rows.stride(1) == 1 and out.is_contiguous():
         cpu_rowops.gather_rows(host_rows, ids[a:b], out[a:b], num_threads=threads)
     else:  # gather and round to the compute dtype in one pass (fewer bytes to the device)

@@ -106,7 +106,7 @@ def compile_case(target_name: str, dtype: str, shape_name: str, workloads=None) 
     return records
 
 
-def _worker_init():
+def worker_init():
     os.environ["TRITON_INTERPRET"] = "0"
     torch.set_num_threads(1)
 

@@ -43,7 +43,7 @@ def out_dir(out: str, target: str, many: bool) -> Path:
 
 
 def run_cases(cases, jobs: int) -> list[dict]:
-    from .analyze import _worker_init, compile_case_star
+    from .analyze import worker_init, compile_case_star
     if jobs <= 1:
         return [r for case in cases for r in compile_case_star(case)]
     ctx = multiprocessing.get_context("spawn")
@@ -51,7 +51,7 @@ def run_cases(cases, jobs: int) -> list[dict]:
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=worker_init) as pool:
             return [r for recs in pool.map(compile_case_star, cases) for r in recs]
     finally:
         if saved is None:
