@@ -16,6 +16,22 @@ from .. import reference
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def unique_ids(ids: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """``(active, local)``: the distinct values of ``ids`` ascending and each entry's position
+    among them (``active[local] == ids``), computed on the device without a host read. The
+    distinct count is device data, so ``active`` has the host-known length
+    ``min(num_rows, ids.numel())`` and repeats its largest id at the end (padding no entry of
+    ``local`` points at; a copy engine copies the repeated row once)."""
+    flat = ids.reshape(-1).long()
+    ordered, order = torch.sort(flat)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    rank = torch.cumsum(first, 0) - 1
+    local = torch.empty_like(rank).scatter_(0, order, rank).view(ids.shape)
+    active = ordered[-1:].expand(min(num_rows, flat.numel())).clone()
+    return active.scatter_(0, rank, ordered), local  # equal ranks write equal ids
+
+
 def resolve_backend(requested: str, hidden: Tensor) -> str:
     """The backend a call with ``hidden`` runs on, "triton" or "torch", for the configured
     ``requested`` ("auto", "triton" or "torch")."""
@@ -86,7 +102,7 @@ class TorchStages:
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
                  activations, local_ids, gate, gate_lse=None, param_grads=True):
-        active = torch.unique(neuron_ids.long(), sorted=True)
+        active, _ = unique_ids(neuron_ids, keys.shape[0])  # the forward's slot order
         num_experts = router_weight.shape[0]
         neurons_per_expert = keys.shape[0] // num_experts
         with torch.enable_grad():

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .engine import CopyEngine, CopyHandle, Fence, SlotBuffer
 from .errors import CopyCancelledError, PrefetcherClosedError
-from .gather import GATHER_STRATEGIES, cpu_gather
+from .gather import GATHER_STRATEGIES, cpu_gather, distinct_prefix
 from .workers import LIVE, DaemonPool
 
 class _CudaFence(Fence):
@@ -192,17 +192,19 @@ class CudaCopyEngine(CopyEngine):
                 slot.staging_free.synchronize()
             if self._closed:
                 raise CopyCancelledError("the copy engine was closed")
-            staging = slot.staging[:n]
-            cpu_gather(host_rows, ids_host, staging, pool=self._gather_pool)
+            rows = distinct_prefix(ids_host)  # the padding's repeats are never read: copy one
+            staging = slot.staging[:rows]
+            cpu_gather(host_rows, ids_host[:rows], staging, pool=self._gather_pool)
             with torch.cuda.device(self.device), torch.cuda.stream(self.h2d_stream):
                 self._order_after(self.h2d_stream, after)
                 if self.timing:
                     handle.start_event = self._event()
                     handle.start_event.record(self.h2d_stream)
-                slot.tensor[:n].copy_(staging, non_blocking=True)
+                slot.tensor[:rows].copy_(staging, non_blocking=True)
                 done = self._event(blocking=True)
                 done.record(self.h2d_stream)
             slot.staging_free = done
+            handle.rows = rows
             return done
 
         handle.submitted = self._submit.submit(job)
@@ -224,7 +226,7 @@ class CudaCopyEngine(CopyEngine):
                 ids_dev = ids
             else:
                 ids_dev = (ids if ids.is_pinned() else ids.pin_memory()).to(self.device, non_blocking=True)
-            self._gather(host_rows, ids_dev, slot.tensor[:n])
+            self._gather(host_rows, ids_dev, slot.tensor[:n])  # padding included: its count is device data
             done = self._event(blocking=True)
             done.record(stream)
         if ids.is_cuda:

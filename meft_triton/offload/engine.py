@@ -46,6 +46,7 @@ class CopyHandle(Fence):
 
     def __init__(self) -> None:
         self.submitted: Future = Future()
+        self.rows: int | None = None  # rows the copy moved, set by engines that know it once submitted
 
     def cancel(self) -> bool:
         """Cancel the copy if it has not started; True if it will never write anything."""
@@ -136,7 +137,11 @@ class CopyEngine(ABC):
         """Start ``slot.tensor[i] = host_rows[ids[i]]`` for ``i < len(ids)`` (cast to the slot
         dtype). Returns at once; nothing is written into the slot before every fence in
         ``after`` finished. ``ids`` may live on the host or on the device; if on the device they
-        are read after the compute work issued so far."""
+        are read after the compute work issued so far. ``ids`` may end in repeats of their last
+        id (padding to a size the host knows without reading device data, see
+        :func:`meft_triton.layer.backend.unique_ids`): an engine may copy that row once and leave
+        the padding's slot rows as they are, and then reports the rows it copied in
+        ``handle.rows``."""
 
     @abstractmethod
     def consume(self, handle: CopyHandle, timeout: float | None = None) -> None:

@@ -59,7 +59,7 @@ from ..validation import check_int, describe, is_out_of_memory
 from .engine import CopyEngine, CopyHandle, SlotBuffer
 from .errors import (CopyCancelledError, CopyFailedError, PrefetchError, PrefetcherClosedError,
                      SlotAllocationError, SlotsExhaustedError)
-from .gather import ID_DTYPES
+from .gather import ID_DTYPES, distinct_prefix
 from .workers import LIVE, settle
 
 PHASES = ("forward", "backward")
@@ -253,7 +253,7 @@ class Prefetcher:
             raise ValueError(f"layer_idx must be in [0{upper}], got {layer_idx}")
         return layer_idx
 
-    def _check_ids(self, row_ids: Any, num_host_rows: int) -> Tensor:
+    def _check_ids(self, row_ids: Any, num_host_rows: int, values: bool = True) -> Tensor:
         if not isinstance(row_ids, Tensor):
             raise TypeError(f"row_ids must be a torch.Tensor, got {type(row_ids).__name__}")
         if row_ids.dim() != 1 or row_ids.dtype not in ID_DTYPES:
@@ -263,7 +263,7 @@ class Prefetcher:
         n = row_ids.numel()
         if n > self.max_rows:
             raise ValueError(f"row_ids has {n} ids but a slot holds max_rows={self.max_rows}")
-        if n and row_ids.device.type == "cpu":  # cheap on the host; device ids are not synced on
+        if values and n and row_ids.device.type == "cpu":  # cheap on the host; device ids are not synced on
             lo, hi = int(row_ids.min()), int(row_ids.max())
             if lo < 0 or hi >= num_host_rows:
                 raise ValueError(f"row_ids must be in [0, {num_host_rows - 1}], got values in [{lo}, {hi}]")
@@ -304,15 +304,18 @@ class Prefetcher:
 
     # -- forward / generic API -------------------------------------------------------------
     def prefetch(
-        self, layer_idx: int, row_ids: Tensor, *, phase: str = "forward", timeout: float | None = 0.0
+        self, layer_idx: int, row_ids: Tensor, *, phase: str = "forward", timeout: float | None = 0.0,
+        check_ids: bool = True,
     ) -> Ticket:
         """Start copying host rows ``row_ids`` of layer ``layer_idx`` into a free slot; returns
-        at once. ``timeout``: how long to wait for a slot when all are held (0: raise)."""
+        at once. ``timeout``: how long to wait for a slot when all are held (0: raise).
+        ``check_ids=False`` skips the range check of the id values (ids the package computed,
+        whose check on a host copy would read them on the hot path)."""
         layer_idx = self._check_layer(layer_idx)
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         host = self._check_host_rows(self._source(layer_idx), f"host rows of layer {layer_idx}", self.width)
-        ids = self._check_ids(row_ids, host.shape[0])
+        ids = self._check_ids(row_ids, host.shape[0], values=check_ids)
         if self.sort_ids and ids.numel() > 1:
             ids = torch.sort(ids).values
         with self._cond:
@@ -418,10 +421,12 @@ class Prefetcher:
         self._retire(ticket, "cancelled", ticket._prior + (ticket.handle,))
 
     # -- backward ----------------------------------------------------------------------------
-    def backward_ticket(self, layer_idx: int, row_ids: Tensor | None = None, *, timeout: float | None = 0.0) -> Ticket:
+    def backward_ticket(self, layer_idx: int, row_ids: Tensor | None = None, *, timeout: float | None = 0.0,
+                        check_ids: bool = True) -> Ticket:
         """The ticket for layer ``layer_idx``'s backward: its rows again (ids saved by the
         forward's ``release`` unless ``row_ids`` is given), then prefetches of the next layers
-        below it. Acquire and release it like a forward ticket."""
+        below it. Acquire and release it like a forward ticket. ``check_ids``: as in
+        :meth:`prefetch`, for ``row_ids``."""
         layer_idx = self._check_layer(layer_idx)
         with self._cond:
             self._check_open()
@@ -444,7 +449,9 @@ class Prefetcher:
                         f"no row ids for layer {layer_idx}'s backward: its forward did not release a "
                         "ticket (or was already consumed); pass row_ids"
                     )
-                ticket = self.prefetch(layer_idx, ids, phase="backward", timeout=timeout)
+                # saved ids were the forward's (checked then, if at all)
+                ticket = self.prefetch(layer_idx, ids, phase="backward", timeout=timeout,
+                                       check_ids=check_ids and row_ids is not None)
             self._prefetch_ahead(layer_idx)
             return ticket
 
@@ -469,7 +476,7 @@ class Prefetcher:
                 return
             if nxt in self._lookahead:
                 continue
-            self._lookahead[nxt] = self.prefetch(nxt, self._saved_ids[nxt], phase="backward")
+            self._lookahead[nxt] = self.prefetch(nxt, self._saved_ids[nxt], phase="backward", check_ids=False)
             budget -= 1
 
     def cancel_lookahead(self) -> None:
@@ -488,10 +495,13 @@ class Prefetcher:
             self._resident.clear()
 
     # -- gradients ---------------------------------------------------------------------------
-    def offload_grads(self, layer_idx: int, row_ids: Tensor, rows: Tensor) -> Future:
+    def offload_grads(self, layer_idx: int, row_ids: Tensor, rows: Tensor, *, padded: bool = False) -> Future:
         """Copy a layer's gradient rows (produced by the compute work issued so far) to pinned
         host memory, asynchronously. Returns a Future of :class:`GradRows`; it raises
-        :class:`CopyFailedError` / :class:`CopyCancelledError` from ``result()`` on a fault."""
+        :class:`CopyFailedError` / :class:`CopyCancelledError` from ``result()`` on a fault.
+        ``padded=True``: ``row_ids`` may end in repeats of the last id with zero rows (the
+        padding of :func:`~meft_triton.layer.backend.unique_ids`), which the host drops once
+        they arrive."""
         layer_idx = self._check_layer(layer_idx)
         if not isinstance(row_ids, Tensor) or row_ids.dim() != 1 or row_ids.dtype not in ID_DTYPES:
             raise ValueError(f"row_ids must be a 1-D int32/int64 tensor, got {describe(row_ids)}")
@@ -515,7 +525,8 @@ class Prefetcher:
                 settle(outer, err)
             else:
                 ids, host_rows = f.result()
-                settle(outer, None, GradRows(layer_idx, ids, host_rows))
+                kept = distinct_prefix(ids) if padded else ids.numel()
+                settle(outer, None, GradRows(layer_idx, ids[:kept], host_rows[:kept]))
 
         inner.add_done_callback(done)
         return outer

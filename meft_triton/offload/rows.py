@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..layer.backend import stages_for
+from ..layer.backend import stages_for, unique_ids
 from .errors import LayerUpdateError
 from .key_cache import KeyCache
 from .prefetcher import Ticket
@@ -149,16 +149,20 @@ class OffloadedRows:
             expert_ids, gate_weights, gate_lse = stages.route(flat, router_weight, cfg.experts_per_token, cfg.gate)
             neuron_ids, activations = stages.select(flat, self.key_cache.tensor, expert_ids, gate_weights,
                                                     cfg.num_experts, cfg.topk)
-            active, local_ids = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
+            # no host read before the backbone FFN is queued: the slot is sized by a host-known bound
+            active, local_ids = unique_ids(neuron_ids, cfg.num_neurons)
         cache = self.runtime.row_cache if not torch.is_grad_enabled() else None
         cached = cache.get(self.layer) if cache is not None else None
-        fetch = active if cached is None else active[~torch.isin(active, cached[0])]
+        fetch = active
+        if cache is not None:  # a no-grad scoring round, off the training path: exact ids
+            active = fetch = active.unique_consecutive()
+            if cached is not None:
+                fetch = active[~torch.isin(active, cached[0])]
+            self.runtime.rows_reused += active.numel() - fetch.numel()
         ticket = None
         if fetch.numel() or cache is None:
             prefetcher = self.runtime.ensure_slots(max(1, fetch.numel()))
-            ticket = prefetcher.prefetch(self.layer, fetch)
-        self.runtime.bytes_to_device += fetch.numel() * self.runtime.hidden_size * flat.element_size()
-        self.runtime.rows_reused += active.numel() - fetch.numel()
+            ticket = prefetcher.prefetch(self.layer, fetch, check_ids=False)
         return RoutedTokens(flat, expert_ids, gate_weights, gate_lse, neuron_ids, activations, local_ids,
                             ticket, hidden.dtype, hidden.shape, cached, cache)
 
@@ -185,6 +189,7 @@ class OffloadedRows:
         if routed.ticket is not None:
             prefetcher = self.runtime.prefetcher
             fresh = prefetcher.acquire(routed.ticket)
+            self.runtime.bytes_to_device += _copied_bytes(routed.ticket, fresh)
             try:
                 fresh_ids, fresh = routed.ticket.row_ids.to(fresh.device), fresh.clone()
             finally:
@@ -200,6 +205,15 @@ class OffloadedRows:
         return stages.values(routed.activations, local_ids, rows)
 
 
+def _copied_bytes(ticket: Ticket, rows: Tensor) -> int:
+    """Bytes an acquired ticket's copy moved: the rows its engine reports (the ids without their
+    padding), else all of them; none for rows kept on the device since the forward."""
+    if ticket.slot is None:
+        return 0
+    copied = ticket.num_rows if ticket.handle.rows is None else ticket.handle.rows
+    return copied * rows.shape[1] * rows.element_size()
+
+
 class _OffloadedValues(torch.autograd.Function):
     """y from the slot rows; backward refetches them and ships key/value gradient rows home."""
 
@@ -207,6 +221,7 @@ class _OffloadedValues(torch.autograd.Function):
     def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens, needs_backward: bool):
         prefetcher = rows.runtime.prefetcher
         slot = prefetcher.acquire(routed.ticket)
+        rows.runtime.bytes_to_device += _copied_bytes(routed.ticket, slot)
         try:
             stages = stages_for(hidden, rows.adapter.config.backend)
             y = stages.values(routed.activations, routed.local_ids, slot)
@@ -224,8 +239,9 @@ class _OffloadedValues(torch.autograd.Function):
         prefetcher = runtime.prefetcher
         # The forward's own ids: a second forward (or a checkpoint's recompute) before this
         # backward would have replaced the layer's saved ids.
-        ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids)
+        ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids, check_ids=False)
         slot = prefetcher.acquire(ticket)
+        runtime.bytes_to_device += _copied_bytes(ticket, slot)
         # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step) computes
         # only dh, moves no gradient rows and gives its optimizer nothing to do.
         trained = router_weight.requires_grad
@@ -237,11 +253,9 @@ class _OffloadedValues(torch.autograd.Function):
                 routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
         finally:
             prefetcher.release(ticket)
-        if ticket.slot is not None:  # copied again (not rows kept from the forward)
-            runtime.bytes_to_device += slot.numel() * slot.element_size()
         if not trained:
             return grad_hidden, None, None, None, None
         grad_rows = torch.cat([key_rows, value_rows], dim=1)
         runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
-        rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows))
+        rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows, padded=True))
         return grad_hidden, grad_router.to(router_weight.dtype), None, None, None

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .engine import CopyEngine, CopyHandle, Fence, SlotBuffer
 from .errors import PrefetcherClosedError
-from .gather import cpu_gather
+from .gather import cpu_gather, distinct_prefix
 
 
 class _Finished(Fence):
@@ -55,7 +55,9 @@ class SyncCopyEngine(CopyEngine):
         handle = _FinishedCopy()
         try:
             # compute ran on this thread, so every fence in ``after`` has finished already
-            cpu_gather(host_rows, ids.cpu(), slot.tensor[: ids.numel()])
+            ids = ids[: distinct_prefix(ids)]
+            cpu_gather(host_rows, ids, slot.tensor[: ids.numel()])
+            handle.rows = ids.numel()
         except BaseException as exc:  # noqa: BLE001 - reported through the handle, as engines do
             handle.submitted.set_exception(exc)
         else:

@@ -96,14 +96,24 @@ def act_on(report: Sequence[NonFiniteRows], mode: str, what: str) -> None:
                   f"moments): {describe(report)}", NonFiniteGradientWarning, stacklevel=3)
 
 
+def all_finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device: True when every element is finite, computed
+    without a host read. A sum is finite only if every term is (finite values that overflow
+    it give a false alarm, which the per-row search then clears)."""
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])
+    return torch.isfinite(sums).all()
+
+
+def read_flag(flag: Tensor) -> bool:
+    """The one host read of an optimizer step: the value of :func:`all_finite_flag`."""
+    return bool(flag)
+
+
 def dense_report(named_grads: Iterable[tuple[Any, str, Tensor | None]]) -> list[NonFiniteRows]:
-    """Non-finite rows of dense gradients ``(layer, part, grad)`` (grad None: skipped), with one
-    host synchronization when everything is finite."""
+    """Non-finite rows of dense gradients ``(layer, part, grad)`` (grad None: skipped): one
+    device reduction over all of them and one host read when everything is finite."""
     items = [(layer, part, g) for layer, part, g in named_grads if g is not None]
-    if not items:
-        return []
-    sums = torch.stack([g.detach().sum(dtype=torch.float32) for _, _, g in items])
-    if bool(torch.isfinite(sums).all()):
+    if not items or read_flag(all_finite_flag([g for _, _, g in items])):
         return []
     report = []
     for layer, part, g in items:
@@ -118,7 +128,9 @@ __all__ = [
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
     "NonFiniteRows",
+    "all_finite_flag",
     "check_nonfinite_mode",
     "dense_report",
     "nonfinite_rows",
+    "read_flag",
 ]

@@ -85,13 +85,12 @@ def test_transfer_accounting(seed):
     assert runtime.bytes_to_device == 48 * 12 * 4  # load_state_dict wrote every key row to the cache
     before = runtime.bytes_to_device
     hidden = torch.randn(9, 12)
-    active = None
     with torch.no_grad():
         routed = on_cpu.start_routing(hidden)
-        active = routed.ticket.row_ids.numel()
         on_cpu.finish_values(routed)
-    assert runtime.bytes_to_device - before == active * 12 * 4
-    assert active == routed.neuron_ids.unique().numel()
+    # the slot is sized by a host-known bound, min(N, T * K_top); only the active rows move
+    assert routed.ticket.row_ids.numel() == min(48, routed.neuron_ids.numel())
+    assert runtime.bytes_to_device - before == routed.neuron_ids.unique().numel() * 12 * 4
 
 
 def test_key_rows_an_update_touched_go_back_through_the_copy_engine(seed, monkeypatch):
