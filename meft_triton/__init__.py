@@ -1,6 +1,7 @@
 """meft-triton: MEFT sparse key-value adapters with fused Triton kernels and CPU offload.
 
-Public API: :class:`MEFTConfig`, :class:`MEFTAdapter`, the transformers integration
+Public API: :class:`MEFTConfig` (with the paper's preset :meth:`MEFTConfig.paper_7b` and MEFT's
+expert-count rule :func:`meft_num_experts`), :class:`MEFTAdapter`, the transformers integration
 (:func:`attach_meft`, :func:`detach_meft`, :func:`save_adapter`, :func:`load_adapter`,
 :func:`create_meft_optimizer`), the row-sparse CPU optimizer :class:`SparseRowAdamW`, training
 checkpoints (:func:`save_training_state`, :func:`load_training_state`), the non-finite gradient
@@ -13,7 +14,7 @@ error :class:`NonFiniteGradientError`, IST layer selection (:class:`ISTConfig`,
 from . import reference
 from .addons.ist import ISTConfig, ISTScheduler
 from .addons.smt import SMTConfig, SMTWarmup, apply_smt, create_smt_optimizer
-from .config import MEFTConfig
+from .config import MEFTConfig, meft_num_experts
 from .integration import attach_meft, detach_meft, meft_adapters, meft_parameters
 from .io import load_adapter, load_training_state, read_training_state, save_adapter, save_training_state
 from .layer import MEFTAdapter, adapter_parameter_count
@@ -39,6 +40,7 @@ __all__ = [
     "MEFTAdamW", "MEFTAdapter", "MEFTConfig", "NonFiniteGradientError", "NonFiniteGradientWarning",
     "OffloadedAdamW", "SparseRowAdamW", "__version__",
     "adapter_parameter_count", "attach_meft", "create_meft_optimizer", "detach_meft",
-    "load_adapter", "load_training_state", "meft_adapters", "meft_parameters", "read_training_state",
+    "load_adapter", "load_training_state", "meft_adapters", "meft_num_experts", "meft_parameters",
+    "read_training_state",
     "reference", "save_adapter", "save_training_state",
 ]

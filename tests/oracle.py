@@ -63,11 +63,13 @@ def assert_placements_agree(on_gpu, on_cpu, hidden, y_tol: float = 1e-5):
     y_cpu.backward(grad_y)
     assert rel_err(h_cpu.grad, h_gpu.grad) < 1e-5
     assert rel_err(on_cpu.router.weight.grad, on_gpu.router.weight.grad) < 1e-5
+    if on_gpu.low_key is not None:
+        assert rel_err(on_cpu.low_key.weight.grad, on_gpu.low_key.weight.grad) < 1e-5
     grads = on_cpu.offload.pending_grads[0].result()
     assert grads.rows.device.type == "cpu"
-    d, rows = on_gpu.hidden_size, grads.row_ids.to(hidden.device)
-    assert rel_err(grads.rows[:, :d], on_gpu.keys.grad[rows]) < 1e-5
-    assert rel_err(grads.rows[:, d:], on_gpu.values.grad[rows]) < 1e-5
+    r, rows = on_gpu.key_size, grads.row_ids.to(hidden.device)  # rows are [dK (r wide) | dV]
+    assert rel_err(grads.rows[:, :r], on_gpu.keys.grad[rows]) < 1e-5
+    assert rel_err(grads.rows[:, r:], on_gpu.values.grad[rows]) < 1e-5
     return grads
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from meft_triton import MEFTConfig
+from meft_triton import MEFTConfig, meft_num_experts
 
 
 def test_defaults_and_derived_sizes():
@@ -53,3 +53,48 @@ def test_rejects_bad_settings(changes, error, match):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown MEFTConfig fields: colour"):
         MEFTConfig.from_dict({"colour": "red"})
+
+
+def test_meft_num_experts_is_the_original_rule():
+    """ceil(sqrt(N)) // factor, as MEFT's KVLlamaMLP computes it (moe_expert_factor)."""
+    assert meft_num_experts(8464) == 368  # sqrt = 92, / 0.25: 368 experts of 23 neurons
+    assert meft_num_experts(8464, factor=1) == 92
+    assert meft_num_experts(4096, factor=0.5) == 128
+    assert meft_num_experts(65536) == 1024
+    assert meft_num_experts(4032, factor=1) == 64  # sqrt(4032) = 63.5: the ceiling, 64, divides 4032
+
+
+@pytest.mark.parametrize("num_neurons, factor, nearby", [
+    (8465, 0.25, "num_neurons=8464 or 8556 works"),
+    (100, 0.25, "num_neurons=72 or 144 works"),
+    (7, 0.25, "num_neurons=16 works"),
+    (5, 1000.0, "no nearby num_neurons works"),
+])
+def test_meft_num_experts_names_nearby_sizes_that_work(num_neurons, factor, nearby):
+    with pytest.raises(ValueError, match=f"num_neurons={num_neurons} with factor={factor} gives .* experts, "
+                                         f"which does not divide num_neurons.*{nearby}"):
+        meft_num_experts(num_neurons, factor)
+    for n in (int(s) for s in nearby.removeprefix("num_neurons=").removesuffix(" works").split(" or ")
+              if s.isdigit()):
+        assert n % meft_num_experts(n, factor) == 0
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((0,), ValueError, "num_neurons must be an int >= 1"),
+    ((64.0,), TypeError, "num_neurons must be an int"),
+    ((64, 0), ValueError, "factor must be a finite number > 0"),
+    ((64, float("inf")), ValueError, "factor must be a finite number > 0"),
+    ((64, True), ValueError, "factor must be a finite number > 0"),
+])
+def test_meft_num_experts_rejects_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        meft_num_experts(*args)
+
+
+def test_paper_7b_preset():
+    cfg = MEFTConfig.paper_7b()
+    assert (cfg.num_neurons, cfg.num_experts, cfg.neurons_per_expert) == (8464, 368, 23)
+    assert (cfg.experts_per_token, cfg.topk, cfg.gate, cfg.low_key_dim) == (8, 64, "logit", None)
+    assert MEFTConfig.paper_7b(placement="cpu", low_key_dim=128) == cfg.replace(placement="cpu", low_key_dim=128)
+    with pytest.raises(ValueError, match="topk must be in"):
+        MEFTConfig.paper_7b(topk=8465)

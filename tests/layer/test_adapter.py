@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import meft_triton.kernels.validation as kernel_validation
-from meft_triton import MEFTAdapter, MEFTConfig, reference
+from meft_triton import MEFTAdapter, MEFTConfig, adapter_parameter_count, reference
 from oracle import float64_grads, rel_err
 
 
@@ -255,3 +255,77 @@ def test_non_finite_input_stays_in_its_token(seed, device, backend, bad):
     assert not y[2].isfinite().all()
     keep = [0, 1, 3, 4]
     assert torch.equal(y[keep], clean[keep])
+
+
+# -- low_key_dim (MEFT's shared key projection L [r, d]) -------------------------------------
+def test_low_key_initialisation_follows_meft(seed):
+    """L keeps nn.Linear's default initialisation (MEFT's add_up_low_key); keys [N, r], values
+    [N, d] = 0 and each router row [r] = its expert's mean key row x 50, all in r-space."""
+    d, r = 32, 6
+    adapter = MEFTAdapter(d, MEFTConfig(num_neurons=64, num_experts=8, experts_per_token=2, topk=4,
+                                        low_key_dim=r))
+    assert adapter.low_key.weight.shape == (r, d) and adapter.low_key.bias is None
+    bound = 1 / d**0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in = d
+    assert adapter.low_key.weight.abs().max() <= bound and adapter.low_key.weight.std() > bound / 4
+    assert adapter.keys.shape == (64, r) and adapter.values.shape == (64, d) and (adapter.values == 0).all()
+    assert adapter.router.weight.shape == (8, r)
+    torch.testing.assert_close(adapter.router.weight, adapter.keys.view(8, 8, r).mean(1) * 50.0)
+    assert adapter_parameter_count(d, adapter.config) == sum(p.numel() for p in adapter.parameters())
+    assert adapter_parameter_count(d, adapter.config.replace(low_key_dim=None)) == 32 * (8 + 2 * 64)
+    assert (adapter(torch.randn(3, d)) == 0).all()
+    assert "low_key_dim=6" in repr(adapter)
+
+
+LOW_KEY_SHAPES = [  # d, r, N, E, P, K_top
+    (12, 5, 69, 3, 1, 30),    # S = 23, K_top > P*S: 7 surplus picks
+    (16, 3, 46, 2, 2, 46),    # S = 23, P = E, K_top = N
+    (9, 9, 24, 4, 2, 5),      # r = d: L is a full square matrix, not the identity
+    (7, 11, 30, 5, 3, 8),     # r > d
+]
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("shape", LOW_KEY_SHAPES)
+def test_low_key_adapter_is_meft_original_formulation_in_float64(seed, shape, gate):
+    """x = L h before the router and the keys, against MEFT's dense-masked formula: forward and
+    the gradients of h, L, router, keys and values."""
+    d, r, N, E, P, K = shape
+    adapter = make_adapter(d, dtype=torch.float64, num_neurons=N, num_experts=E, experts_per_token=P,
+                           topk=K, gate=gate, backend="torch", low_key_dim=r)
+    hidden = torch.randn(23, d, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(23, d, dtype=torch.float64)
+    y = adapter(hidden)
+    y.backward(grad_y)
+    params = [adapter.router.weight, adapter.keys, adapter.values, adapter.low_key.weight]
+    ours = [hidden.grad] + [p.grad for p in params]
+    leaves = [t.detach().clone().requires_grad_() for t in [hidden] + params]
+    y_orig = reference.meft_original_forward(*leaves[:4], P, K, gate, low_key=leaves[4])
+    y_orig.backward(grad_y)
+    assert rel_err(y, y_orig) < 1e-9
+    for name, a, leaf in zip(["hidden", "router", "keys", "values", "low_key"], ours, leaves):
+        assert a is not None and a.abs().sum() > 0, name
+        assert rel_err(a, leaf.grad) < 1e-9, name
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+@pytest.mark.parametrize("shape", LOW_KEY_SHAPES[:2])
+def test_low_key_triton_backend_matches_reference(seed, device, shape, gate, poison_outputs):
+    """The kernels read keys and router of width r and values of width d (fp32, Triton's
+    interpreter without a GPU) against the float64 reference at the kernels' selection."""
+    d, r, N, E, P, K = shape
+    adapter = make_adapter(d, device=device, num_neurons=N, num_experts=E, experts_per_token=P,
+                           topk=K, gate=gate, backend="triton", low_key_dim=r)
+    hidden = torch.randn(23, d, device=device, requires_grad=True)
+    y = adapter(hidden)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expert_ids, neuron_ids = kernel_selection(adapter, adapter.key_input(hidden.detach()))
+    params = [adapter.router.weight, adapter.keys, adapter.values, adapter.low_key.weight]
+    leaves = [t.detach().double().cpu().requires_grad_() for t in [hidden] + params]
+    y64 = reference.meft_forward(*leaves[:4], P, K, gate, expert_ids=expert_ids.long().cpu(),
+                                 neuron_ids=neuron_ids.long().cpu(), low_key=leaves[4])
+    y64.backward(grad_y.double().cpu())
+    assert rel_err(y, y64) < 1e-4
+    for name, a, leaf in zip(["hidden", "router", "keys", "values", "low_key"],
+                             [hidden.grad] + [p.grad for p in params], leaves):
+        assert rel_err(a, leaf.grad) < 1e-4, name

@@ -33,7 +33,7 @@ def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_ro
 
 def selected_rows(adapter, hidden):
     cfg = adapter.config
-    flat = hidden.reshape(-1, adapter.hidden_size)
+    flat = adapter.key_input(hidden.reshape(-1, adapter.hidden_size))
     _, expert_ids, weights = reference.route(flat, adapter.router.weight, cfg.experts_per_token, cfg.gate)
     _, neuron_ids, _ = reference.sparse_kv_forward(flat, adapter.keys, adapter.values, expert_ids, weights,
                                                    cfg.neurons_per_expert, cfg.topk)
@@ -249,3 +249,110 @@ def test_gpu_memory_stays_at_key_cache_plus_slots_over_100_steps(seed):
         step()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= settled + 16 * 2**20
+
+
+# -- low_key_dim: keys [N, r] in the row store and the key cache, L trained on the device -------
+LOW_KEY = dict(num_neurons=69, num_experts=3, experts_per_token=2, topk=50, key_init_std=1.0,
+               value_init_std=1.0, router_init_scale=0.3, low_key_dim=5)  # S = 23, K_top > P*S
+
+
+def low_key_pair(backend="torch", device="cpu", dtype=torch.float32, **changes):
+    cfg = MEFTConfig(**{**LOW_KEY, "backend": backend, **changes})
+    on_gpu = MEFTAdapter(12, cfg.replace(placement="gpu"), device=device, dtype=dtype)
+    on_cpu = MEFTAdapter(12, cfg.replace(placement="cpu"), device=device, dtype=dtype)
+    on_cpu.load_state_dict(on_gpu.state_dict())
+    return on_gpu, on_cpu
+
+
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_low_key_cpu_placement_is_meft_original_formulation_in_float64(seed, gate):
+    """Placement "cpu" in float64 (fp32 masters, float64 key cache and slots) against MEFT's
+    formula with x = L h in float64: y, dh, dL, d router and the key/value gradient rows it ships
+    home to 1e-6 (the stages carry gate weights, activations and gradient rows in fp32, as the
+    kernels do). The store holds [N, r + d] records, the key cache [N, r]."""
+    on_gpu, on_cpu = low_key_pair(dtype=torch.float64, gate=gate)
+    store = on_cpu.offload.store
+    assert store.records.shape == (69, 5 + 12) and on_cpu.offload.key_cache.tensor.shape == (69, 5)
+    hidden = torch.randn(23, 12, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(23, 12, dtype=torch.float64)
+    on_cpu(hidden).backward(grad_y)
+    keys, values = (t.double() for t in on_cpu.master_rows())
+    leaves = [t.detach().clone().requires_grad_()
+              for t in (hidden, on_cpu.router.weight, keys, values, on_cpu.low_key.weight)]
+    y = reference.meft_original_forward(*leaves[:4], 2, 50, gate, low_key=leaves[4])
+    y.backward(grad_y)
+    assert rel_err(on_cpu(hidden.detach()), y) < 1e-6
+    for name, ours, leaf in zip(["hidden", "router", "low_key"],
+                                [hidden.grad, on_cpu.router.weight.grad, on_cpu.low_key.weight.grad],
+                                [leaves[0], leaves[1], leaves[4]]):
+        assert rel_err(ours, leaf.grad) < 1e-6, name
+    ids, rows = take_grad_rows(on_cpu.offload)
+    assert rows.shape == (ids.numel(), 5 + 12)
+    assert rel_err(rows[:, :5], leaves[2].grad[ids]) < 1e-6 and rel_err(rows[:, 5:], leaves[3].grad[ids]) < 1e-6
+    untouched = torch.ones(69, dtype=torch.bool).index_fill_(0, ids, False)
+    assert not leaves[2].grad[untouched].any() and not leaves[3].grad[untouched].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_low_key_forward_and_grads_match_gpu_placement(seed, backend, backward_rows, gate, device):
+    on_gpu, on_cpu = low_key_pair(backend, device, backward_rows=backward_rows, gate=gate)
+    assert_placements_agree(on_gpu, on_cpu, torch.randn(23, 12, device=device), y_tol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", ["logit", "softmax"])
+def test_low_key_training_with_offloaded_adamw_equals_gpu_placement(seed, gate, device):
+    """3 steps of 2 micro-batches through OffloadedAdamW (routers and L by AdamW, L with weight
+    decay as placement "gpu" gives it; keys and values by the lazy row-sparse AdamW, clipped)
+    against placement "gpu" trained the same way, fp32, to 1e-6."""
+    from meft_triton import OffloadedAdamW
+
+    on_gpu, on_cpu = low_key_pair("auto", device, gate=gate)
+    hyper = dict(lr=1e-2, weight_decay=0.1, eps=1e-6)
+    optimizer = OffloadedAdamW([on_cpu], max_grad_norm=0.5, **hyper)
+    assert [g["params"] for g in optimizer.param_groups] == [[on_cpu.router.weight], [on_cpu.low_key.weight]]
+    expected = SparseRowAdamW(CPURowStore.from_dense(on_gpu.keys.detach().cpu(), on_gpu.values.detach().cpu()),
+                              max_grad_norm=0.5, **hyper)
+    dense = torch.optim.AdamW([{"params": [on_gpu.router.weight], "weight_decay": 0.0},
+                               {"params": [on_gpu.low_key.weight], "weight_decay": 0.1}], lr=1e-2, eps=1e-6)
+    start = on_gpu.low_key.weight.detach().clone()
+    for _ in range(3):
+        for _ in range(2):
+            hidden, target = torch.randn(23, 12, device=device), torch.randn(23, 12, device=device)
+            rows = selected_rows(on_gpu, hidden)
+            on_gpu.keys.grad = on_gpu.values.grad = None
+            (on_gpu(hidden) - target).square().mean().backward()
+            expected.accumulate(rows.cpu(), on_gpu.keys.grad[rows].float().cpu(),
+                                on_gpu.values.grad[rows].float().cpu())
+            (on_cpu(hidden) - target).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        dense.step()
+        dense.zero_grad()
+        expected.step()
+        with torch.no_grad():  # the GPU placement's keys and values follow its lazy AdamW
+            on_gpu.keys.copy_(expected.store.keys())
+            on_gpu.values.copy_(expected.store.values())
+    keys, values = on_cpu.master_rows()
+    torch.testing.assert_close(keys, expected.store.keys(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(on_cpu.low_key.weight, on_gpu.low_key.weight, rtol=1e-6, atol=1e-6)
+    assert (on_cpu.low_key.weight - start).abs().max() > 1e-3, "L was not trained"
+    torch.testing.assert_close(on_cpu.offload.key_cache.tensor.cpu(), keys)
+
+
+def test_low_key_state_dict_round_trip_and_mismatch(seed):
+    _, on_cpu = low_key_pair()
+    state = on_cpu.state_dict()
+    assert state["keys"].shape == (69, 5) and state["values"].shape == (69, 12)
+    assert state["low_key.weight"].shape == (5, 12) and state["router.weight"].shape == (3, 5)
+    copy = MEFTAdapter(12, on_cpu.config)
+    copy.load_state_dict(state)
+    hidden = torch.randn(7, 12)
+    assert torch.equal(copy(hidden), on_cpu(hidden))
+    with pytest.raises(RuntimeError, match="size mismatch for keys"):
+        MEFTAdapter(12, on_cpu.config.replace(low_key_dim=4)).load_state_dict(state)
