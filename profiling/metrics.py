@@ -372,40 +372,6 @@ def pinned_memcpy_GBps(nbytes: int, direction: str = "h2d", repeats: int = 5) ->
     return n * 4 / (ms * 1e-3) / 1e9, None
 
 
-# ---------------------------------------------------------------------------------- adapter counters
-def read_transfer_stats(adapter: Any) -> dict[str, float]:
-    """The numeric counters an adapter exposes as ``transfer_stats`` (a mapping, an object with
-    attributes, a dataclass or a callable returning one of those); {} when it has none."""
-    stats = getattr(adapter, "transfer_stats", None)
-    if stats is None:
-        return {}
-    try:
-        if callable(stats):
-            stats = stats()
-        if hasattr(stats, "_asdict"):
-            stats = stats._asdict()
-        elif not isinstance(stats, Mapping):
-            stats = {k: getattr(stats, k) for k in dir(stats) if not k.startswith("_")}
-        out = {}
-        for k, v in stats.items():
-            if isinstance(v, bool):
-                continue
-            if isinstance(v, (int, float)):
-                out[str(k)] = float(v)
-            elif isinstance(v, torch.Tensor) and v.numel() == 1:
-                out[str(k)] = float(v.item())
-        return out
-    except Exception:  # noqa: BLE001 - counters are best effort
-        return {}
-
-
-def pick_counter(stats: Mapping[str, float], *needles: str, exclude: Sequence[str] = ()) -> float:
-    """Sum of the counters whose lower-cased name contains every needle and no excluded word."""
-    hits = [v for k, v in stats.items()
-            if all(n in k.lower() for n in needles) and not any(x in k.lower() for x in exclude)]
-    return float(sum(hits)) if hits else NAN
-
-
 # ---------------------------------------------------------------------------------- table
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
                    headers: Sequence[str] | None = None, digits: int = 3) -> str:

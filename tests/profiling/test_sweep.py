@@ -266,26 +266,6 @@ def test_unmeasurable_things_are_nan_not_errors():
     assert current > 0 and peak >= current * 0.5
 
 
-def test_transfer_counters_are_read_defensively():
-    class Stats:
-        h2d_bytes = 10
-        d2h_bytes = 4.0
-        label = "x"
-
-    class WithStats:
-        transfer_stats = Stats()
-
-    class Callable_:
-        def transfer_stats(self):
-            return {"h2d_bytes": torch.tensor(3), "flag": True}
-
-    assert metrics.read_transfer_stats(WithStats()) == {"h2d_bytes": 10.0, "d2h_bytes": 4.0}
-    assert metrics.read_transfer_stats(Callable_()) == {"h2d_bytes": 3.0}
-    assert metrics.read_transfer_stats(object()) == {}
-    assert metrics.pick_counter({"copy_ms": 2.0, "copy_wait_ms": 1.0}, "copy", "ms", exclude=("wait",)) == 2.0
-    assert math.isnan(metrics.pick_counter({}, "h2d"))
-
-
 def test_markdown_table():
     text = metrics.markdown_table([{"a": 1.23456, "b": "x|y"}, {"a": float("nan"), "b": None}], ["a", "b"])
     lines = text.splitlines()
