@@ -287,6 +287,14 @@ class SparseRowAdamW:
         """``norm_type``-norm of the accumulated gradients (0-dim fp32 tensor)."""
         return self._acc.norm(check_norm_type(norm_type))
 
+    def accumulated(self) -> tuple[Tensor, Tensor]:
+        """The gradients accumulated for the next step: ``(ids [U], records [U, r + d])`` with a
+        pending clip applied (views, valid until the next accumulate / step / zero_grad): what
+        a data-parallel rank sends to its node's master (meft_triton.distributed)."""
+        self._acc.materialize_scale()
+        n = self._acc.count
+        return self._acc.ids[:n], self._acc.buf[:n]
+
     # ------------------------------------------------------------------ stepping
     def _collect(self) -> Any:
         """Wait for the in-flight step. One that failed is completed here, on the calling thread,

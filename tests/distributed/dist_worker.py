@@ -1,0 +1,108 @@
+"""One rank of a distributed test (started by dist_launch.py): ``dist_worker.py SCENARIO OUT_DIR``."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import dist_scenarios as sc
+from meft_triton.distributed import (NodeSharedAdamW, load_node_state, node_topology,
+                                     register_row_sparse_hook, save_node_state)
+from meft_triton.optimizers import MEFTAdamW, OffloadedAdamW
+
+STEPS, ACCUM = 3, 2
+
+
+def ddp_gpu(out: Path, rank: int, world: int) -> None:
+    """Placement "gpu" under DDP with the row-sparse hook, accumulation over 2 micro-batches."""
+    model = sc.tiny_llama("gpu")
+    ddp = DistributedDataParallel(model)
+    stats = register_row_sparse_hook(ddp)
+    opt = MEFTAdamW([p for p in model.parameters() if p.requires_grad], lr=sc.LR)
+    sync = lambda last: contextlib.nullcontext() if last else ddp.no_sync()  # noqa: E731
+    sc.train(ddp, opt, STEPS, ACCUM, rank=rank, world=world, sync=sync)
+    torch.save({"masters": sc.masters(model), "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
+                "sparse": stats.sparse_tensors, "dense": stats.dense_tensors, "rows_sent": stats.rows_sent},
+               out / f"rank{rank}.pt")
+
+
+def node_cpu(out: Path, rank: int, world: int) -> None:
+    """Placement "cpu", one shared store per node; checkpoint after 2 steps, resumed by a fresh
+    model in the same processes, must continue bitwise as the uninterrupted run."""
+    topo = node_topology()
+    model = sc.tiny_llama("cpu")
+    opt = NodeSharedAdamW(sc.adapters_of(model), topo, lr=sc.LR)
+    sc.train(model, opt, 2, ACCUM, rank=rank, world=world)
+    save_node_state(model, opt, out / "ckpt", step=2, topology=topo, rng=False)
+    sc.train(model, opt, STEPS - 2, ACCUM, rank=rank, world=world, first_step=2)
+    result = {"masters": sc.masters(model), "bytes_sent": opt.bytes_sent, "rows_sent": opt.rows_sent}
+    fresh = sc.tiny_llama("cpu", adapter_seed=123)
+    fresh_opt = NodeSharedAdamW(sc.adapters_of(fresh), topo, lr=sc.LR)
+    step = load_node_state(fresh, fresh_opt, out / "ckpt", topology=topo, restore_rng=False)
+    sc.train(fresh, fresh_opt, STEPS - step, ACCUM, rank=rank, world=world, first_step=step)
+    result["resumed"] = sc.masters(fresh)
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+MEMORY = dict(hidden=256, num_neurons=8192, num_experts=64, low_key_dim=8)
+
+
+def memory(out: Path, rank: int, world: int, mode: str) -> None:
+    """PSS (each shared page split among its mappers) of this rank after building and training
+    a model with a 26 MB row store, minus before: summed over ranks it counts shared pages once."""
+    topo = node_topology()
+    gc.collect()
+    me = psutil.Process()
+    before = me.memory_full_info().pss
+    model = sc.Toy("cpu", hidden=MEMORY["hidden"], layers=1,
+                   **{k: v for k, v in MEMORY.items() if k != "hidden"})
+    if mode == "shared":
+        opt = NodeSharedAdamW(list(model.adapters), topo, lr=sc.LR)
+    else:
+        opt = OffloadedAdamW(list(model.adapters), lr=sc.LR)
+    sc.train(model, opt, 2, 1, rank=rank, world=world, hidden=MEMORY["hidden"])
+    gc.collect()
+    dist.barrier(topo.cpu_world)  # every rank has mapped and dropped before anyone measures
+    after = me.memory_full_info().pss
+    store = model.adapters[0].offload.store
+    (out / f"rank{rank}.json").write_text(json.dumps({"delta": after - before, "store_nbytes": store.nbytes}))
+    dist.barrier(topo.cpu_world)  # nobody unmaps before everyone measured
+
+
+def die(out: Path, rank: int, world: int) -> None:
+    """Rank 1 dies between its backward and the step; the others must raise, not hang."""
+    topo = node_topology()
+    model = sc.Toy("cpu")
+    opt = NodeSharedAdamW(list(model.adapters), topo, lr=sc.LR)
+    h, target = sc.micro_batch(0, 0, rank, world)
+    sc.loss_of(model, h, target, 1).backward()
+    if rank == 1:
+        os._exit(7)
+    opt.step()
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    try:
+        if scenario == "memory":
+            memory(out, rank, world, sys.argv[3])
+        else:
+            {"ddp_gpu": ddp_gpu, "node_cpu": node_cpu, "die": die}[scenario](out, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
