@@ -107,6 +107,9 @@ class FakeCopyEngine(CopyEngine):
         deadlock_timeout: float = 30.0,
     ) -> None:
         self.device = torch.device("cpu")
+        self._settings = dict(seed=seed + 1, workers=workers, max_delay=max_delay, async_compute=async_compute,
+                              chunk_rows=chunk_rows, memory_limit_bytes=memory_limit_bytes,
+                              deadlock_timeout=deadlock_timeout)
         self.max_delay = float(max_delay)
         self.async_compute = bool(async_compute)
         self.chunk_rows = max(1, int(chunk_rows))
@@ -136,6 +139,12 @@ class FakeCopyEngine(CopyEngine):
         for t in self._threads:
             t.start()
         LIVE.add(self)
+
+    def fault(self) -> BaseException | None:
+        return self._fatal
+
+    def renewed(self) -> "FakeCopyEngine":
+        return FakeCopyEngine(**self._settings)
 
     # -- test controls -------------------------------------------------------------------
     def fail_next(self, count: int = 1, error: Callable[[], BaseException] | None = None, kind: str = "in") -> None:

@@ -34,7 +34,7 @@ from meft_triton.optimizers import NonFiniteRows
 from meft_triton.offload import OffloadRuntime
 from meft_triton import SparseRowAdamW
 from meft_triton.optimizers import clip_grad_norm_
-from meft_triton.offload import CopyFailedError, LayerUpdateError
+from meft_triton.offload import ConcurrentUseError, CopyFailedError, EngineWorkerError, LayerUpdateError
 from fake_copy_engine import FakeCopyEngine
 from meft_triton.offload import CPURowStore
 from oracle import assert_placements_agree, rel_err
@@ -373,6 +373,73 @@ def test_failed_copies_surface_where_their_rows_are_needed(seed, monkeypatch):
     state_of(adapters)  # waits for the background updates
     assert [s.step_count for s in opt.sparse] == [1, 1]
     engine.check()  # and the slot checker saw no ordering violation
+
+
+def test_a_crashed_copy_thread_heals_at_the_next_forward(seed):
+    """A copy-engine worker thread dies: the call that needed it raises EngineWorkerError, the
+    next forward replaces the engine and works (the same outputs as an unbroken twin), training
+    goes on, and repeated crashes do not pile up threads."""
+    engine = FakeCopyEngine(max_delay=0.0, async_compute=False, workers=1)
+    runtime = OffloadRuntime("cpu", torch.float32, D, engine=engine)
+    adapters, _ = cpu_stack(runtime=runtime)
+    twin, _ = cpu_stack()
+    opt, twin_opt = OffloadedAdamW(adapters, lr=1e-2), OffloadedAdamW(twin, lr=1e-2)
+    hidden = torch.randn(6, D)
+    threads = None
+    for crash in range(3):
+        def boom(job):
+            raise KeyError("bug in the copy thread")
+
+        runtime.engine._submit = boom
+        with pytest.raises(EngineWorkerError, match="bug in the copy thread"):
+            adapters[0](hidden)
+        assert runtime.engine.fault() is not None
+        poisoned_backward(adapters, hidden, bad_token=None)  # heals first, then trains
+        poisoned_backward(twin, hidden, bad_token=None)
+        opt.step()
+        twin_opt.step()
+        opt.zero_grad()
+        twin_opt.zero_grad()
+        assert runtime.engine.fault() is None
+        assert_bitwise(state_of(adapters, opt), state_of(twin, twin_opt))
+        if threads is None:
+            threads = threading.active_count()
+        assert threading.active_count() <= threads  # the dead engine's threads are gone
+    for a, b in zip(adapters, twin):
+        assert torch.equal(a(hidden), b(hidden))
+    runtime.engine.check()
+
+
+def test_a_concurrent_forward_from_another_thread_is_one_clear_error(seed):
+    """Under placement "cpu" the layers of a model share one slot pool: a forward from a second
+    thread while the first thread's call holds slots raises ConcurrentUseError saying why (also
+    before any warm-up call sized the slots); once the slots are free, that thread may run."""
+    adapters, _ = cpu_stack()
+    small, large = torch.randn(1, D), torch.randn(6, D)
+    expected = adapters[1](large).clone()
+    adapters2, _ = cpu_stack()
+    for stack in (adapters, adapters2):  # warmed up, and not warmed up (a larger call to grow)
+        routed = stack[0].start_routing(small)
+        errors = []
+        worker = threading.Thread(target=lambda: errors.append(_raised(lambda: stack[1](large))))
+        worker.start()
+        worker.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], ConcurrentUseError), errors
+        assert "one thread at a time" in str(errors[0])
+        stack[0].finish_values(routed)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(adapters[1](large)))
+    worker.start()
+    worker.join(30)
+    assert torch.equal(result[0], expected)
+
+
+def _raised(call):
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
+    return None
 
 
 def test_runtime_refuses_an_engine_that_would_not_order_its_reads():

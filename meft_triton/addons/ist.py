@@ -51,6 +51,8 @@ other layers changes a layer's input a little, so a few tokens pick other rows).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import warnings
@@ -421,9 +423,36 @@ def _move(batch: Any, device: Any) -> Any:
 STATE_FILE = "ist_scheduler.pt"
 
 
+_MAGIC = b"meft-triton-ist-state 1"
+
+
 def save_scheduler_state(scheduler: ISTScheduler, path: str | os.PathLike) -> None:
-    """Write ``scheduler.state_dict()`` to ``path`` atomically (temp file, fsync, rename)."""
-    write_atomic(Path(path), lambda f: torch.save(scheduler.state_dict(), f))
+    """Write ``scheduler.state_dict()`` to ``path`` atomically (temp file, fsync, rename): one
+    header line (format, payload size and sha256), then the ``torch.save`` bytes."""
+    buf = io.BytesIO()
+    torch.save(scheduler.state_dict(), buf)
+    payload = buf.getvalue()
+    header = b"%s %d %s\n" % (_MAGIC, len(payload), hashlib.sha256(payload).hexdigest().encode())
+    write_atomic(Path(path), lambda f: f.write(header + payload))
+
+
+def read_scheduler_state(path: str | os.PathLike) -> dict[str, Any]:
+    """What :func:`save_scheduler_state` wrote, verified (size and sha256); a truncated or
+    corrupt file raises ``ValueError`` naming it. Files of earlier versions (no header) load
+    without the check."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(_MAGIC):
+        header, _, payload = data.partition(b"\n")
+        parts = header[len(_MAGIC):].split()
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(payload) \
+                or hashlib.sha256(payload).hexdigest().encode() != parts[1]:
+            raise ValueError(f"{path} is truncated or corrupt: its size or sha256 does not match its header")
+        data = payload
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - name the file, whatever torch raised
+        raise ValueError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
 
 
 def _make_callback_class():
@@ -442,7 +471,8 @@ def _make_callback_class():
         both leave unselected layers' state untouched.
 
         Checkpoints: every Trainer save writes the scheduler's state (layer scores, selection
-        counts, its generator) to ``ist_scheduler.pt`` in the checkpoint folder, and
+        counts, its generator) to ``ist_scheduler.pt`` in the checkpoint folder (with its size
+        and sha256: a truncated or corrupt file raises ``ValueError`` naming it), and
         ``trainer.train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``,
         from ``resume_from`` if given, else from ``<output_dir>/checkpoint-<step>``. (The
         scoring batches drawn by the callback's own iterator restart from a fresh iterator.)
@@ -503,7 +533,12 @@ def _make_callback_class():
                 warnings.warn(f"ISTCallback: resuming at step {state.global_step} without {path}; "
                               "the layer scores start again from zero", stacklevel=2)
                 return
-            self.scheduler.load_state_dict(torch.load(path, weights_only=True))
+            state = read_scheduler_state(path)
+            try:
+                self.scheduler.check_state_dict(state)
+            except ValueError as exc:
+                raise ValueError(f"ISTCallback: {path}: {exc}") from exc
+            self.scheduler.load_state_dict(state)
 
     ISTCallback.__qualname__ = "ISTCallback"
     return ISTCallback
@@ -524,4 +559,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ISTCallback", "ISTConfig", "ISTScheduler", "OutputScale", "ScoringRound",
-           "save_scheduler_state", "scaled_adapter_outputs"]
+           "read_scheduler_state", "save_scheduler_state", "scaled_adapter_outputs"]

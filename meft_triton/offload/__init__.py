@@ -10,8 +10,8 @@ layers share) -> :mod:`.rows` (one layer's two forward stages and its backward) 
 
 from .cuda_engine import CudaCopyEngine
 from .engine import CopyEngine, CopyHandle, Fence, SlotBuffer
-from .errors import (CopyCancelledError, CopyFailedError, CopyTimeoutError, EngineWorkerError, LayerUpdateError,
-                     PrefetchError, PrefetcherClosedError, SlotAllocationError, SlotsExhaustedError)
+from .errors import (ConcurrentUseError, CopyCancelledError, CopyFailedError, CopyTimeoutError, EngineWorkerError,
+                     LayerUpdateError, PrefetchError, PrefetcherClosedError, SlotAllocationError, SlotsExhaustedError)
 from .gather import GATHER_STRATEGIES, cpu_gather, zero_copy_gather
 from .prefetcher import GradRows, Prefetcher, Ticket
 from .row_store import CPURowStore
@@ -20,7 +20,7 @@ from .runtime import OffloadRuntime, RowCache
 from .sync_engine import SyncCopyEngine
 
 __all__ = [
-    "CPURowStore", "CopyCancelledError", "CopyEngine", "CopyFailedError", "CopyHandle", "CopyTimeoutError",
+    "CPURowStore", "ConcurrentUseError", "CopyCancelledError", "CopyEngine", "CopyFailedError", "CopyHandle", "CopyTimeoutError",
     "CudaCopyEngine", "EngineWorkerError", "Fence", "GATHER_STRATEGIES", "GradRows", "LayerUpdateError",
     "OffloadRuntime",
     "OffloadedRows", "PrefetchError", "Prefetcher", "PrefetcherClosedError", "RoutedTokens", "RowCache",

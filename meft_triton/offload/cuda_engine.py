@@ -108,6 +108,7 @@ class CudaCopyEngine(CopyEngine):
             raise ValueError(f"gather_threads must be an int >= 1, got {gather_threads!r}")
         self.device = device
         self.strategy = strategy
+        self.gather_threads = gather_threads
         self._gather = GATHER_STRATEGIES[strategy]
         self.timing = bool(timing)
         self._closed = False
@@ -119,6 +120,17 @@ class CudaCopyEngine(CopyEngine):
         self._gather_pool = DaemonPool(gather_threads - 1, "meft-prefetch-gather") if gather_threads > 1 else None
         self._waiter = DaemonPool(1, "meft-prefetch-d2h-wait")
         LIVE.add(self)
+
+    def fault(self) -> BaseException | None:
+        for pool in (self._submit, self._gather_pool, self._waiter):
+            fault = None if pool is None else pool.fault()
+            if fault is not None:
+                return fault
+        return None
+
+    def renewed(self) -> "CudaCopyEngine":
+        return CudaCopyEngine(self.device, strategy=self.strategy, gather_threads=self.gather_threads,
+                              timing=self.timing)
 
     # -- slots ---------------------------------------------------------------------------
     def new_slot(self, index: int, max_rows: int, width: int, dtype: torch.dtype) -> SlotBuffer:

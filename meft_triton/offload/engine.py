@@ -121,6 +121,16 @@ class CopyEngine(ABC):
 
     device: torch.device
 
+    def fault(self) -> BaseException | None:
+        """The error that broke one of this engine's background threads (every later call
+        would fail), or None while it works."""
+        return None
+
+    def renewed(self) -> "CopyEngine | None":
+        """A fresh engine of the same kind and settings, to replace this one after a
+        :meth:`fault`; None when it cannot make one."""
+        return None
+
     @abstractmethod
     def new_slot(self, index: int, max_rows: int, width: int, dtype: torch.dtype) -> SlotBuffer:
         """Allocate one slot; raises ``torch.OutOfMemoryError`` (or ``MemoryError``) if it does

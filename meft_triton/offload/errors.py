@@ -24,6 +24,12 @@ class SlotsExhaustedError(PrefetchError):
     """Every slot is held by a ticket that was not released (or cancelled) yet."""
 
 
+class ConcurrentUseError(SlotsExhaustedError):
+    """A second thread ran a forward of a placement-"cpu" model while another thread's call held
+    its value-row slots: the layers of one model share one slot pool, so their forward and
+    backward passes run one thread at a time (use one model per thread)."""
+
+
 class PrefetcherClosedError(PrefetchError):
     """The prefetcher or its engine is closed."""
 

@@ -27,6 +27,7 @@ class KeyCache:
         self.host_keys = host_keys
         self.tensor = host_keys.detach().to(runtime.device, runtime.dtype)
         self._slots: list = []
+        self._slots_engine: Any = None
 
     def refresh(self) -> None:
         """Every row again (after a load or a re-initialisation of the master rows)."""
@@ -40,7 +41,8 @@ class KeyCache:
         engine = self.runtime.engine
         width = self.host_keys.shape[1]
         chunk = min(total, WRITE_BACK_CHUNK_ROWS)
-        if not self._slots or self._slots[0].max_rows < chunk:
+        if not self._slots or self._slots[0].max_rows < chunk or self._slots_engine is not engine:
+            self._slots_engine = engine  # (a healed runtime has a new engine)
             # negative indices: never confused with the prefetcher's value slots
             self._slots = [engine.new_slot(-1 - i, chunk, width, self.runtime.dtype) for i in range(2)]
         readers_done = [(), ()]

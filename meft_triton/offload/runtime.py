@@ -3,6 +3,7 @@ pool (through the prefetcher) and the transfer counters."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -12,8 +13,10 @@ from torch import Tensor
 
 from .cuda_engine import CudaCopyEngine
 from .engine import CopyEngine
+from .errors import ConcurrentUseError
 from .prefetcher import Prefetcher
 from .sync_engine import SyncCopyEngine
+from .workers import EXIT_TIMEOUT_S
 
 
 def default_engine(device: torch.device, transfer: str) -> CopyEngine:
@@ -80,6 +83,8 @@ class OffloadRuntime:
         self.bytes_to_host = 0
         self.rows_reused = 0
         self.row_cache: RowCache | None = None
+        self._owner: int | None = None  # the thread of the last call (see ensure_slots)
+        self._owner_lock = threading.Lock()
 
     @contextmanager
     def reusing_rows(self, budget_bytes: int) -> Iterator[RowCache]:
@@ -103,7 +108,35 @@ class OffloadRuntime:
     def _host_values(self, layer: int) -> Tensor:
         return self.layers[layer].store.values()
 
+    def heal(self) -> bool:
+        """Replace a broken engine (a background thread of it died, so every later copy would
+        fail) and the prefetcher on it with fresh ones; True if it did. The call that met the
+        fault raised it; the layers' next forward calls this first, and works. Gradient rows
+        in flight on the old engine fail with it: the optimizer step that needs them raises
+        and drops the step as a whole."""
+        if self.engine.fault() is None:
+            return False
+        fresh = self.engine.renewed()
+        if fresh is None:  # an engine that cannot renew itself: its calls keep raising
+            return False
+        if self.prefetcher is not None:
+            self.prefetcher.close(timeout=EXIT_TIMEOUT_S)
+            self.prefetcher = None
+        self.engine.close(timeout=EXIT_TIMEOUT_S)
+        self.engine = fresh
+        return True
+
     def ensure_slots(self, rows_needed: int) -> Prefetcher:
+        self.heal()
+        caller = threading.get_ident()
+        with self._owner_lock:
+            if (self.prefetcher is not None and self._owner not in (None, caller)
+                    and self.prefetcher.free_slots() < self.num_slots):
+                raise ConcurrentUseError(
+                    "placement 'cpu': another thread's forward holds this model's value-row slots; "
+                    "the layers of one model share one slot pool, so run its forward and backward "
+                    "passes from one thread at a time (or use one model per thread)")
+            self._owner = caller
         if self.prefetcher is not None and rows_needed <= self.prefetcher.max_rows:
             return self.prefetcher
         max_rows = max(rows_needed, 2 * (self.prefetcher.max_rows if self.prefetcher else 0))

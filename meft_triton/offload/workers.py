@@ -66,6 +66,13 @@ class DaemonPool:
             except BaseException as exc:  # noqa: BLE001 - handed to the future's owner
                 fut.set_exception(exc)
 
+    def fault(self) -> BaseException | None:
+        """A thread of the open pool that is gone (its jobs would never run), or None."""
+        if self._closed:
+            return None
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        return RuntimeError(f"thread {dead[0]} died") if dead else None
+
     def close(self, timeout: float) -> None:
         with self._lock:
             if self._closed:

@@ -441,6 +441,7 @@ def test_hf_trainer_callback_saves_and_resumes_the_scheduler(tmp_path):
 
     ids = batch(rows=8)
     dataset = [{"input_ids": row, "labels": row} for row in ids]
+    from meft_triton.addons.ist import read_scheduler_state
     fixed = {"input_ids": ids[:4], "labels": ids[:4]}
 
     def run(max_steps, resume=None):
@@ -457,7 +458,7 @@ def test_hf_trainer_callback_saves_and_resumes_the_scheduler(tmp_path):
         return sched
 
     full = run(6)
-    saved = torch.load(tmp_path / "checkpoint-3" / "ist_scheduler.pt", weights_only=True)
+    saved = read_scheduler_state(tmp_path / "checkpoint-3" / "ist_scheduler.pt")
     assert saved["steps_selected"] == 3 and not torch.equal(saved["scores"], torch.zeros(4, dtype=torch.float64))
     resumed = run(6, resume=str(tmp_path / "checkpoint-3"))
     assert resumed.steps_selected == 6 and torch.equal(resumed.selection_counts, full.selection_counts)

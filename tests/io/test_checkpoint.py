@@ -310,3 +310,167 @@ def test_resume_and_nonfinite_on_cuda(tmp_path, placement):
         opt2.step()
     opt2.zero_grad()
     assert_same(snapshot(model2), before)
+
+
+# ------------------------------------------------------------------------- attacks (issue "Nothing lost, nothing run that the user did not write")
+
+
+def fresh_manifest(directory, **changes) -> None:
+    """Edit the manifest and recompute its digest (what a hand edit that knows the format does)."""
+    path = directory / ckpt.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    manifest["manifest_sha256"] = ckpt._json_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_manifest_pointing_outside_the_checkpoint_is_refused(tmp_path):
+    model, opt, sched = setup_run("gpu")
+    save_training_state(model, opt, tmp_path / "ckpt", step=1, scheduler=sched)
+    name = json.loads((tmp_path / "ckpt" / ckpt.MANIFEST_NAME).read_text())["adapter_dir"]
+    os.rename(tmp_path / "ckpt" / name, tmp_path / "elsewhere")
+    before = snapshot(model)
+    for where in ("../elsewhere", str(tmp_path / "elsewhere")):
+        fresh_manifest(tmp_path / "ckpt", adapter_dir=where)
+        with pytest.raises(ValueError, match="outside|not a file inside|without its size"):
+            load_training_state(model, opt, tmp_path / "ckpt", scheduler=sched)
+    assert_same(snapshot(model), before)
+
+
+def test_an_edited_adapter_config_is_refused_naming_the_field(tmp_path):
+    model = attach_meft(tiny_model(0), CFG)
+    save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / "meft_config.json"
+    original = path.read_text()
+    for field, value in (("gate", "softmax"), ("topk", CFG.topk - 1), ("experts_per_token", 1)):
+        info = json.loads(original)
+        info["meft_config"][field] = value
+        path.write_text(json.dumps(info))
+        with pytest.raises(ValueError, match=rf"meft_config\.{field} is .* in the JSON but"):
+            load_adapter(attach_meft(tiny_model(0), CFG), tmp_path / "a")
+
+
+def test_ist_state_file_is_checksummed_and_named(tmp_path):
+    from meft_triton.addons.ist import ISTScheduler, read_scheduler_state, save_scheduler_state
+
+    model = attach_meft(tiny_model(0), CFG)
+    sched = ISTScheduler(model)
+    path = tmp_path / "ist_scheduler.pt"
+    save_scheduler_state(sched, path)
+    assert torch.equal(read_scheduler_state(path)["scores"], sched.state_dict()["scores"])
+    data = path.read_bytes()
+    for broken in (data[: len(data) // 2], data[:-1] + bytes([data[-1] ^ 1])):
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match="ist_scheduler.pt is truncated or corrupt"):
+            read_scheduler_state(path)
+
+
+def test_a_scheduler_of_another_class_loads_nothing(tmp_path):
+    model, opt, sched = setup_run("cpu")
+    train_step(model, opt, sched, 0)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    save_training_state(model, opt, tmp_path / "ckpt", step=1, scheduler=step_lr)
+    model2, opt2, sched2 = setup_run("cpu", adapter_seed=5)
+    before, before_opt = snapshot(model2), optimizer_tensors(opt2)
+    before_sched, rng = dict(sched2.state_dict()), torch.get_rng_state()
+    with pytest.raises(ValueError, match="StepLR.*LambdaLR"):
+        load_training_state(model2, opt2, tmp_path / "ckpt", scheduler=sched2)
+    assert_same(snapshot(model2), before)
+    assert all(torch.equal(a, b) for a, b in zip(optimizer_tensors(opt2), before_opt))
+    assert sched2.state_dict() == before_sched and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_unstorable_extra_and_bad_paths_are_clear_errors(tmp_path):
+    model, opt, sched = setup_run("gpu")
+    with pytest.raises(TypeError, match="extra must hold only"):
+        save_training_state(model, opt, tmp_path / "ckpt", step=1, extra={"f": lambda: 1})
+    assert not (tmp_path / "ckpt").exists()  # nothing written, not even the directory
+    for call in (lambda: save_training_state(model, opt, None, step=1),
+                 lambda: load_training_state(model, opt, None), lambda: read_training_state(None),
+                 lambda: save_adapter(model, None), lambda: load_adapter(model, None)):
+        with pytest.raises(TypeError, match="path must be a non-empty str or os.PathLike"):
+            call()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_unwritable_target_is_an_oserror_naming_it(tmp_path):
+    model, opt, sched = setup_run("gpu")
+    for save in (lambda d: save_adapter(model, d), lambda d: save_training_state(model, opt, d, step=1)):
+        target = tmp_path / f"ro{id(save)}"
+        target.mkdir()
+        os.chmod(target, 0o500)
+        try:
+            with pytest.raises(OSError, match=str(target)) as info:
+                save(target)
+            assert ".meft-tmp" not in str(info.value) and info.value.errno is not None
+        finally:
+            os.chmod(target, 0o700)
+
+
+def test_a_full_disk_is_one_oserror_naming_the_file(tmp_path, monkeypatch):
+    """ENOSPC from whichever writer (safetensors, torch.save, a plain write): one OSError with
+    errno ENOSPC naming the file being saved; the previous checkpoint stays."""
+    import errno
+
+    from meft_triton.io import atomic
+
+    model, opt, sched = setup_run("cpu")
+    save_training_state(model, opt, tmp_path / "ckpt", step=1, scheduler=sched)
+    before = sorted(os.listdir(tmp_path / "ckpt"))
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and ".meft-tmp" in str(path) and "trainer-" in str(path):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return f
+
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(OSError) as info:
+        save_training_state(model, opt, tmp_path / "ckpt", step=2, scheduler=sched)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and "trainer-" in str(info.value)
+    assert ".meft-tmp" not in str(info.value).split("(")[0]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == before
+    # a library that wraps the errno in its own exception type (safetensors, torch)
+    wrapped = RuntimeError(f"file write failed: {os.strerror(errno.ENOSPC)}")
+    error = atomic.write_error(wrapped, tmp_path / "x.safetensors")
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC and "x.safetensors" in str(error)
+    assert atomic.write_error(TypeError("cannot pickle"), tmp_path / "x") is None
+
+
+def test_save_adapter_removes_the_temp_files_of_killed_saves_only(tmp_path):
+    model = attach_meft(tiny_model(0), CFG)
+    save_adapter(model, tmp_path / "a")
+    ours = [".adapter.safetensors.123-deadbeef.meft-tmp", ".meft_config.json.9-0badcafe.tmp",
+            ".adapter.safetensors.0badcafe.tmp"]
+    users = [".adapter.safetensors.tmp", ".notes.12-deadbeef.meft-tmp.bak", "notes.tmp"]
+    for name in ours + users:
+        (tmp_path / "a" / name).write_bytes(b"partial")
+    save_adapter(model, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(["adapter.safetensors", "meft_config.json", *users])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("bad", [{"weight_decay": -0.5}, {"lr": float("nan")}, {"max_grad_norm": -1.0},
+                                 {"adam_beta1": 1.0}, {"adam_epsilon": -1e-8}])
+def test_optimizer_creation_same_rules_both_placements(placement, bad):
+    model = attach_meft(tiny_model(0), CFG.replace(placement=placement))
+    adapters = meft_adapters(model)
+    owners = [a.offload.optimizer if a.offload is not None else None for a in adapters.values()]
+    fields = {"learning_rate": 1e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+              "adam_epsilon": 1e-8, "max_grad_norm": 1.0}
+    fields.update({("learning_rate" if k == "lr" else k): v for k, v in bad.items()})
+    args = type("Args", (), fields)()
+    name = {"adam_beta1": "betas", "adam_epsilon": "eps", "lr": "lr"}.get(next(iter(bad)), next(iter(bad)))
+    with pytest.raises(ValueError, match=name.replace("[", r"\[")):
+        create_meft_optimizer(model, args)
+    # nothing changed: the adapters keep the optimizers they had
+    assert [a.offload.optimizer if a.offload is not None else None for a in adapters.values()] == owners
+
+
+def test_max_grad_norm_zero_means_no_clipping(tmp_path):
+    model = attach_meft(tiny_model(0), CFG.replace(placement="cpu"))
+    opt = create_meft_optimizer(model, type("Args", (), {"max_grad_norm": 0.0})())
+    assert opt.max_grad_norm is None
