@@ -294,7 +294,7 @@ def test_save_load_round_trip(arch, tmp_path):
     save_adapter(model, tmp_path / "a")
     assert sorted(os.listdir(tmp_path / "a")) == ["adapter.safetensors", "meft_config.json"]
     info = json.loads((tmp_path / "a" / "meft_config.json").read_text())
-    assert info["layers"] == [0, 1] and info["hidden_size"] == 32 and info["format_version"] == 1
+    assert info["layers"] == [0, 1] and info["hidden_size"] == 32 and info["format_version"] == 2
     assert MEFTConfig.from_dict(info["meft_config"]) == CFG
     assert len(info["weights_sha256"]) == 64
 
