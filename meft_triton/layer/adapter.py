@@ -33,10 +33,11 @@ class MEFTAdapter(nn.Module):
     Parameters: ``router.weight`` [E, r], ``keys`` [N, r], ``values`` [N, d], and with
     ``config.low_key_dim = r`` the shared projection ``low_key.weight`` [r, d] (without it r = d
     and ``low_key`` is None). ``forward(h)`` takes ``h [..., d]`` (the FFN's input) and returns
-    ``y [..., d]`` to add to the FFN's output; the router and the keys read x = L h. The computation runs in ``h``'s dtype: parameters of another dtype are cast (so
-    fp32 masters under bf16 autocast work). Under placement "cpu" keys and values live in a CPU
-    row store, not in parameters, and ``router.weight.requires_grad`` switches the whole layer's
-    training (rows included).
+    ``y [..., d]`` to add to the FFN's output; the router and the keys read x = L h. The
+    computation runs in ``h``'s dtype: parameters of another dtype are cast (so fp32 masters
+    under bf16 autocast work). Under placement "cpu" keys and values live in a CPU row store,
+    not in parameters, and ``router.weight.requires_grad`` switches the whole layer's training
+    (rows and L included).
     """
 
     def __init__(self, hidden_size: int, config: MEFTConfig, device=None, dtype=None,

@@ -39,7 +39,8 @@ def test_from_dense_layout_one_record_per_neuron(seed, r):
         assert [p.shape[1] for p in store.split(t)] == [keys.shape[1], 7]
     # views write through
     store.values()[3] = 1.5
-    assert torch.all(store.records[3, keys.shape[1]:] == 1.5) and not (store.records[3, :keys.shape[1]] == 1.5).any()
+    r = keys.shape[1]
+    assert torch.all(store.records[3, r:] == 1.5) and not (store.records[3, :r] == 1.5).any()
 
 
 def test_from_dense_converts_dtype_and_copies(seed):

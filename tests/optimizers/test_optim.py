@@ -339,7 +339,8 @@ def test_loads_moments_saved_before_low_key_dim(seed):
     old["exp_avg"], old["exp_avg_sq"] = (state[k].clone().view(10, 2, 4) for k in ("exp_avg", "exp_avg_sq"))
     fresh = SparseRowAdamW(CPURowStore.from_dense(store.keys().clone(), store.values().clone()))
     fresh.load_state_dict(old)
-    assert torch.equal(fresh.store.exp_avg, store.exp_avg) and torch.equal(fresh.store.exp_avg_sq, store.exp_avg_sq)
+    assert torch.equal(fresh.store.exp_avg, store.exp_avg)
+    assert torch.equal(fresh.store.exp_avg_sq, store.exp_avg_sq)
     assert fresh.step_count == 1
 
 
