@@ -1,6 +1,6 @@
 """Placement "cpu": the adapter's master rows live in CPU memory, only active rows move.
 
-Per adapted layer (DESIGN.md section 3): the fp32 master keys and values and their
+Per adapted layer (docs/DESIGN.md, "Placement cpu"): the fp32 master keys and values and their
 AdamW moments sit in a :class:`~meft_triton.offload.row_store.CPURowStore`; the device keeps the
 router and the optional low-key projection L (normal parameters), a compute-dtype cache of the
 keys ([N, r]: ``low_key_dim`` shrinks it; routing and key scores stay on the device and exact)
