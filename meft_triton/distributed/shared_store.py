@@ -58,24 +58,27 @@ def share_row_stores(adapters: Sequence, topology: NodeTopology, directory: str 
             token = uuid.uuid4().hex[:12]
             names = [[os.path.join(directory, f"meft-rows-{os.getpid()}-{token}-{i}")
                       for i in range(len(adapters))]]
-        paths = names
+        mapped: dict[int, torch.Tensor] = {}
         if topology.is_leader:
-            paths = names[0]
-            for path, adapter in zip(paths, adapters):
+            for i, (path, adapter) in enumerate(zip(names[0], adapters)):
                 store = adapter.offload.store
-                mapped = _map(path, 3 * store.records.numel()).view(3, *store.records.shape)
+                mapped[i] = _map(path, 3 * store.records.numel()).view(3, *store.records.shape)
                 for k, name in enumerate(PARTS):
-                    mapped[k].copy_(getattr(store, name))
+                    mapped[i][k].copy_(getattr(store, name))
         dist.broadcast_object_list(names, src=topology.leader_rank, group=topology.node)
         paths = names[0]
-        for path, adapter in zip(paths, adapters):
+        for i, (path, adapter) in enumerate(zip(paths, adapters)):
             store = adapter.offload.store
-            mapped = _map(path, 3 * store.records.numel()).view(3, *store.records.shape)
+            rows = mapped[i] if i in mapped else _map(path, 3 * store.records.numel()).view(3, *store.records.shape)
             for k, name in enumerate(PARTS):
-                setattr(store, name, mapped[k])  # the private arrays go with their last reference
+                setattr(store, name, rows[k])  # the private arrays go with their last reference
             store.pinned = False
             store.pin_error = "the rows are shared by the ranks of the node (meft_triton.distributed)"
-            adapter.offload.key_cache.host_keys = store.keys()
+            cache = adapter.offload.key_cache
+            cache.host_keys = store.keys()
+            # built as KeyCache builds it: on a CPU device in fp32 `.to` returns the rows
+            # themselves, so the old cache would keep the private store alive
+            cache.tensor = store.keys().detach().to(cache.tensor.device, cache.tensor.dtype)
         dist.barrier(group=topology.node)
     if topology.is_leader:
         for path in paths:

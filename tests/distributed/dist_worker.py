@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 import dist_scenarios as sc
 from meft_triton.distributed import (NodeSharedAdamW, load_node_state, node_topology,
                                      register_row_sparse_hook, save_node_state)
-from meft_triton.optimizers import MEFTAdamW, OffloadedAdamW
+from meft_triton import create_meft_optimizer
+from meft_triton.optimizers import OffloadedAdamW
 
 STEPS, ACCUM = 3, 2
 
@@ -28,7 +29,7 @@ def ddp_gpu(out: Path, rank: int, world: int) -> None:
     model = sc.tiny_llama("gpu")
     ddp = DistributedDataParallel(model)
     stats = register_row_sparse_hook(ddp)
-    opt = MEFTAdamW([p for p in model.parameters() if p.requires_grad], lr=sc.LR)
+    opt = create_meft_optimizer(model, lr=sc.LR)
     sync = lambda last: contextlib.nullcontext() if last else ddp.no_sync()  # noqa: E731
     sc.train(ddp, opt, STEPS, ACCUM, rank=rank, world=world, sync=sync)
     torch.save({"masters": sc.masters(model), "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
@@ -61,15 +62,21 @@ def memory(out: Path, rank: int, world: int, mode: str) -> None:
     """PSS (each shared page split among its mappers) of this rank after building and training
     a model with a 26 MB row store, minus before: summed over ranks it counts shared pages once."""
     topo = node_topology()
+
+    def build(**kw):
+        model = sc.Toy("cpu", layers=1, **kw)
+        if mode == "shared":
+            return model, NodeSharedAdamW(list(model.adapters), topo, lr=sc.LR)
+        return model, OffloadedAdamW(list(model.adapters), lr=sc.LR)
+
+    # warm-up on a tiny model: code, libraries and worker threads load before the baseline
+    model, opt = build()
+    sc.train(model, opt, 2, 1, rank=rank, world=world)
+    del model, opt
     gc.collect()
     me = psutil.Process()
     before = me.memory_full_info().pss
-    model = sc.Toy("cpu", hidden=MEMORY["hidden"], layers=1,
-                   **{k: v for k, v in MEMORY.items() if k != "hidden"})
-    if mode == "shared":
-        opt = NodeSharedAdamW(list(model.adapters), topo, lr=sc.LR)
-    else:
-        opt = OffloadedAdamW(list(model.adapters), lr=sc.LR)
+    model, opt = build(**MEMORY)
     sc.train(model, opt, 2, 1, rank=rank, world=world, hidden=MEMORY["hidden"])
     gc.collect()
     dist.barrier(topo.cpu_world)  # every rank has mapped and dropped before anyone measures

@@ -1,0 +1,66 @@
+"""Placement "gpu" under DDP with the row-sparse hook: W gloo ranks (spawned, with a timeout)
+on a global batch equal one process on it, and the hook chooses rows where they are cheaper."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import dist_scenarios as sc  # noqa: E402
+from dist_launch import launch  # noqa: E402
+from meft_triton import create_meft_optimizer  # noqa: E402
+from meft_triton.distributed.row_exchange import (dense_allreduce_bytes, sparse_allgather_bytes,  # noqa: E402
+                                                  sparse_is_cheaper, touched_rows)
+
+TIMEOUT = 240
+
+
+def one_process(placement: str) -> dict:
+    model = sc.tiny_llama(placement)
+    opt = create_meft_optimizer(model, lr=sc.LR)
+    sc.train(model, opt, 3, 2)
+    return sc.masters(model)
+
+
+def check_ranks(results, world, tmp_path):
+    for rank, (rc, err) in enumerate(results):
+        assert rc == 0, f"rank {rank} of {world} exited with {rc}:\n{err}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_equals_one_process_and_sends_rows(tmp_path, world):
+    ranks = check_ranks(launch("ddp_gpu", world, tmp_path, timeout=TIMEOUT), world, tmp_path)
+    want = one_process("gpu")
+    for rank, got in enumerate(ranks):
+        assert got["masters"].keys() == want.keys()
+        for name, tensor in want.items():
+            assert torch.equal(got["masters"][name], ranks[0]["masters"][name]), (rank, name)
+            torch.testing.assert_close(got["masters"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    stats = ranks[0]
+    # keys/values of a 64-row table, at most 4 picks x 15 local tokens per rank: rows win
+    assert stats["sparse"] > 0 and stats["bytes_sent"] < stats["bytes_dense"], stats
+
+
+def test_the_cheaper_reduction_is_chosen_by_rows_touched():
+    # a [1000, 64] fp32 table on 4 ranks: dense sends 2 * 3/4 * 256000 B = 384000 B per rank
+    assert dense_allreduce_bytes(1000 * 64, 4, 4) == 384000
+    assert sparse_allgather_bytes(10, 64, 4, 4) == 3 * 10 * (256 + 8)
+    assert sparse_is_cheaper(10, (1000, 64), 4, 4)
+    assert not sparse_is_cheaper(485, (1000, 64), 4, 4)  # 3 * 485 * 264 = 384120 > 384000
+    assert sparse_is_cheaper(484, (1000, 64), 4, 4)
+    # break-even fraction of rows: 2 / W * width * 4 / (width * 4 + 8)
+    assert math.isclose(484 / 1000, 2 / 4 * 256 / 264, abs_tol=1e-3)
+
+
+def test_touched_rows_finds_nonzero_and_nonfinite_rows():
+    g = torch.zeros(6, 3)
+    g[1, 2] = 1.0
+    g[4, 0] = float("nan")
+    assert touched_rows(g).tolist() == [1, 4]
+    with pytest.raises(ValueError, match="grad"):
+        touched_rows(torch.zeros(3))
