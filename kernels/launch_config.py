@@ -35,7 +35,14 @@ def _expert_grads_default(dtype, pairs_per_expert, neurons_per_expert, width):
                 num_warps=4, num_stages=2)
 
 
-HEURISTICS = {"expert_grads": _expert_grads_default}
+def _score_grads_default(dtype, pairs_per_expert, neurons_per_expert, width):
+    # two [BLOCK_M, BLOCK_S] fp32 accumulators (x K^T and dy V^T); blocks of pairs sized to
+    # an expert's run, like the key scores; the kernel loops over S tiles itself
+    return dict(BLOCK_M=_pow2(pairs_per_expert, 16, 64), BLOCK_S=_pow2(neurons_per_expert, 16, 64),
+                BLOCK_D=64 if dtype == torch.float32 else _pow2(width, 16, 64), num_warps=4, num_stages=3)
+
+
+HEURISTICS = {"expert_grads": _expert_grads_default, "score_grads": _score_grads_default}
 
 
 def device_key(device: torch.device) -> str | None:

@@ -14,10 +14,10 @@ Gate "softmax" (w_e = softmax(g)_e over all E, not renormalised): every expert g
     dx_t = sum_j dr_j K_j + sum_e dg_te G_e                  dG = dg^T x
 a dense [T, E] dg (E is at most a few thousand; there is never a [T, N] tensor).
 
-Launches: one per-token kernel for dr and dw (it gathers the token's K and V rows and
-scatters dr and a into the candidate tables), the row gather-sum for dx's key term, and the
-per-expert grouped GEMMs of meft_triton.kernels.expert_grads for dK, dV (and dG under
-"logit"). The router term: "logit" adds the P gathered router rows in the same gather-sum;
+Launches: the per-expert score-gradient GEMM of meft_triton.kernels.score_grads for dr and
+dw (it also fills the candidate tables of dr and a), the row gather-sum for dx's key term,
+and the per-expert grouped GEMMs of meft_triton.kernels.expert_grads for dK, dV (and dG
+under "logit"). The router term: "logit" adds the P gathered router rows in the same gather-sum;
 "softmax" recomputes each [T, E] logit tile on tensor cores (fp32 accumulation, the forward's
 log-sum-exp) to write dg in the compute dtype, then two dense GEMMs (cuBLAS on a GPU): dg G
 into dx and dg^T x for dG.
@@ -35,66 +35,11 @@ from .expert_grads import expert_grads, picked_rows
 from .grouping import expert_segments
 from .router_topk import router_topk
 from .row_gather_sum import row_gather_sum
+from .score_grads import score_grads
 from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in_range,
                          check_same_dtype, check_shape, check_tensor, dot_precision, pow2_block)
 
 GATES = ("logit", "softmax")
-
-
-@triton.jit
-def _score_grads_kernel(
-    grad_y_ptr, hidden_ptr, keys_ptr, values_ptr,
-    expert_ids_ptr, gate_weights_ptr, neuron_ids_ptr, value_ids_ptr, activations_ptr,
-    grad_raw_ptr, grad_gate_ptr, grad_raw_table_ptr, act_table_ptr,
-    key_width, value_width, neurons_per_expert, experts_per_token, num_picks,
-    stride_gyt, stride_gyd, stride_ht, stride_hd, stride_kn, stride_kd, stride_vn, stride_vd,
-    P_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    WRITE_TABLES: tl.constexpr,
-):
-    """Per token: dr = w ds for each pick, and dw [P] (each selected expert's gate gradient).
-    With WRITE_TABLES also dr and a at each pick's place in the zeroed [T * P, S] candidate
-    tables of the per-expert dK/dV GEMMs (picks outside the token's experts have none)."""
-    token = tl.program_id(0).to(tl.int64)
-    slots = tl.arange(0, P_PAD)
-    slot_ok = slots < experts_per_token
-    experts = tl.load(expert_ids_ptr + token * experts_per_token + slots, mask=slot_ok, other=-1)
-    weights = tl.load(gate_weights_ptr + token * experts_per_token + slots, mask=slot_ok, other=0.0)
-    grad_w = tl.zeros([P_PAD], tl.float32)
-    for k0 in range(0, num_picks, BLOCK_K):
-        picks = k0 + tl.arange(0, BLOCK_K)
-        pick_ok = picks < num_picks
-        ids = tl.load(neuron_ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
-        value_ids = tl.load(value_ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
-        act = tl.load(activations_ptr + token * num_picks + picks, mask=pick_ok, other=0.0)
-        grad_act = tl.zeros([BLOCK_K], tl.float32)
-        raw = tl.zeros([BLOCK_K], tl.float32)
-        for d0 in range(0, value_width, BLOCK_DV):
-            dims = d0 + tl.arange(0, BLOCK_DV)
-            dim_ok = dims < value_width
-            gy = tl.load(grad_y_ptr + token * stride_gyt + dims * stride_gyd, mask=dim_ok, other=0.0)
-            v = tl.load(values_ptr + value_ids[:, None] * stride_vn + dims[None, :] * stride_vd,
-                        mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
-            grad_act += tl.sum(v.to(tl.float32) * gy.to(tl.float32)[None, :], axis=1)
-        for d0 in range(0, key_width, BLOCK_DK):
-            dims = d0 + tl.arange(0, BLOCK_DK)
-            dim_ok = dims < key_width
-            h = tl.load(hidden_ptr + token * stride_ht + dims * stride_hd, mask=dim_ok, other=0.0)
-            k = tl.load(keys_ptr + ids[:, None] * stride_kn + dims[None, :] * stride_kd,
-                        mask=pick_ok[:, None] & dim_ok[None, :], other=0.0)
-            raw += tl.sum(k.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
-        grad_score = tl.where(act > 0.0, grad_act, 0.0)
-        owner = (ids // neurons_per_expert)[:, None] == experts[None, :].to(tl.int64)
-        weight = tl.sum(tl.where(owner, weights[None, :], 0.0), axis=1)
-        grad_w += tl.sum(tl.where(owner, (grad_score * raw)[:, None], 0.0), axis=0)
-        tl.store(grad_raw_ptr + token * num_picks + picks, grad_score * weight, mask=pick_ok)
-        if WRITE_TABLES:
-            slot = tl.max(tl.where(owner, slots[None, :], -1), axis=1).to(tl.int64)
-            at = (token * experts_per_token + slot) * neurons_per_expert + ids % neurons_per_expert
-            table_ok = pick_ok & (slot >= 0)
-            tl.store(grad_raw_table_ptr + at, (grad_score * weight).to(grad_raw_table_ptr.dtype.element_ty),
-                     mask=table_ok)
-            tl.store(act_table_ptr + at, act.to(act_table_ptr.dtype.element_ty), mask=table_ok)
-    tl.store(grad_gate_ptr + token * experts_per_token + slots, grad_w, mask=slot_ok)
 
 
 @triton.jit
@@ -253,27 +198,17 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     neurons_per_expert = num_neurons // num_experts
     expert_ids, neuron_ids = expert_ids.contiguous(), neuron_ids.contiguous()
     gate_weights, activations = gate_weights.contiguous(), activations.contiguous()
-    value_ids = neuron_ids if value_ids is None else value_ids.contiguous()
-    grad_raw = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
-    grad_w = torch.empty(num_tokens, experts_per_token, dtype=torch.float32, device=device)
-    if param_grads:
-        # [T * P, S] in the compute dtype: the operands of the per-expert dK/dV GEMMs
-        table_shape = (num_tokens * experts_per_token, neurons_per_expert)
-        grad_raw_table = torch.zeros(table_shape, dtype=hidden.dtype, device=device)
-        act_table = torch.zeros(table_shape, dtype=hidden.dtype, device=device)
-    else:
-        grad_raw_table = act_table = grad_raw
+    value_ids = None if value_ids is None else value_ids.contiguous()
     if num_tokens:
-        _score_grads_kernel[(num_tokens,)](
-            grad_y, hidden, keys, values, expert_ids, gate_weights, neuron_ids, value_ids,
-            activations, grad_raw, grad_w, grad_raw_table, act_table,
-            key_width, value_width, neurons_per_expert, experts_per_token, topk,
-            grad_y.stride(0), grad_y.stride(1), hidden.stride(0), hidden.stride(1),
-            keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            P_PAD=triton.next_power_of_2(experts_per_token),
-            BLOCK_K=pow2_block(topk, 16, 32), BLOCK_DK=pow2_block(key_width, 16, 64),
-            BLOCK_DV=pow2_block(value_width, 16, 64), WRITE_TABLES=param_grads,
-        )
+        grad_raw, grad_w, grad_raw_table, act_table = score_grads(
+            grad_y, hidden, keys, values, value_ids,
+            expert_ids, gate_weights, neuron_ids, activations, num_experts,
+            dot_precision(hidden.dtype))
+    else:
+        grad_raw = torch.empty(0, topk, dtype=torch.float32, device=device)
+        grad_w = torch.empty(0, experts_per_token, dtype=torch.float32, device=device)
+        grad_raw_table = act_table = torch.empty(0, neurons_per_expert, dtype=hidden.dtype,
+                                                 device=device)
     if gate == "logit":
         grad_hidden = torch.empty(num_tokens, key_width, dtype=hidden.dtype, device=device)
         row_gather_sum(grad_hidden, grad_raw, neuron_ids, keys, grad_w, expert_ids, router_weight)

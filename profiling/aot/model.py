@@ -64,6 +64,16 @@ def floor_score_grads(c):
             + c["T"] * c["P"] * 12), 4 * c["T"] * c["K"] * c["d"], 0
 
 
+def floor_pick_scatter(c):
+    # reads neuron ids + activations [T, K] and expert ids [T, P]; writes one fp32 per pick
+    return c["T"] * c["K"] * 12 + c["T"] * c["P"] * 4, 0, 0
+
+
+def floor_pick_gather(c):
+    # reads neuron ids [T, K], expert ids [T, P] and one dr per pick; writes dr [T, K] fp32
+    return c["T"] * c["K"] * (8 + c["es"]) + c["T"] * c["P"] * 4, 0, 0
+
+
 def floor_dx(c):
     # reads the U selected key rows and the Ue used router rows, dr + ids [T, K], dw + expert
     # ids [T, P]; writes dx [T, d]. FLOPs: sum_j dr_j K_j + sum_p dw_p G_p
@@ -140,11 +150,16 @@ def loops_row_gather_sum(a, g):
 
 
 def loops_score_grads(a, g):
-    dv = cdiv(a.get("value_width", a.get("hidden_size")), a.get("BLOCK_DV", a.get("BLOCK_D")))
-    inner = [L("dv", dv)]
-    if "key_width" in a:  # since the r != d split: a second loop over the key width
-        inner.append(L("dk", cdiv(a["key_width"], a["BLOCK_DK"])))
-    return [L("picks", cdiv(a["num_picks"], a["BLOCK_K"]), *inner)]
+    # per-expert GEMM over pair blocks (like the key scores): S tiles, each a key-width and a
+    # value-width loop, in the programs whose block is not empty
+    start, end = a["block_start_ptr"], a["block_end_ptr"]
+    live = float((end > start).float().mean()) if start.numel() else 0.0
+    return [L("s", live * cdiv(a["neurons_per_expert"], a["BLOCK_S"]),
+              L("dk", cdiv(a["key_width"], a["BLOCK_D"])), L("dv", cdiv(a["value_width"], a["BLOCK_D"])))]
+
+
+def loops_pick_table(a, g):
+    return [L("picks", cdiv(a["num_picks"], a["BLOCK_K"]))]
 
 
 def loops_segment_sum(a, g):
@@ -187,6 +202,8 @@ STAGES = {
     "select_topk": StageModel(floor_select_topk, loops_select_topk, False),
     "values": StageModel(floor_values, loops_row_gather_sum, True),
     "score_grads": StageModel(floor_score_grads, loops_score_grads, True),
+    "pick_scatter": StageModel(floor_pick_scatter, loops_pick_table, False),
+    "pick_gather": StageModel(floor_pick_gather, loops_pick_table, False),
     "dx": StageModel(floor_dx, loops_row_gather_sum, True),
     "dK_dV": StageModel(floor_dk_dv, loops_segment_sum, True),
     "dG": StageModel(floor_dg, loops_segment_sum, True),

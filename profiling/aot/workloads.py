@@ -52,7 +52,8 @@ STAGE_LABELS = {
     "router_topk": {"_router_topk_kernel": ["router_topk"]},
     "forward": {"_key_scores_kernel": ["key_scores"], "_select_topk_kernel": ["select_topk"],
                 "_row_gather_sum_kernel": ["values"]},
-    "backward": {"_score_grads_kernel": ["score_grads"], "_row_gather_sum_kernel": ["dx"],
+    "backward": {"_pick_table_kernel": ["pick_scatter", "pick_gather"],
+                 "_score_grads_kernel": ["score_grads"], "_row_gather_sum_kernel": ["dx"],
                  "_expert_grads_kernel": ["dK_dV_dG"],
                  "_softmax_gate_grad_kernel": ["softmax_gate_grad"]},
     "smt": {"_smt_block_grad_kernel": ["smt_block_grad"]},
@@ -60,7 +61,7 @@ STAGE_LABELS = {
 }
 
 
-KERNEL_MODULES = ("expert_grads", "router_topk", "row_gather_sum", "smt_block_grad",
+KERNEL_MODULES = ("expert_grads", "router_topk", "row_gather_sum", "score_grads", "smt_block_grad",
                   "sparse_kv_backward", "sparse_kv_forward", "validation", "zero_copy_gather")
 
 
