@@ -2,7 +2,20 @@
 
 The value stage of the forward (y = sum_j a_j V_j over the selected neurons) and the dh of the
 backward (sum_j dr_j K_j plus the router term sum_p dg_p G_{e_p}) are both this. No [T, K, d]
-tensor is formed: each program owns one token and one slice of d and streams the rows.
+tensor is formed.
+
+16-bit rows go through tensor cores: a program owns BLOCK_T tokens and a slice of d, gathers
+the rows of BLOCK_K picks of each token as one [BLOCK_T * BLOCK_K, BLOCK_D] operand and
+multiplies it by the block-diagonal [BLOCK_T, BLOCK_T * BLOCK_K] matrix of their coefficients
+(row i holds token i's coefficients, zeros elsewhere). Only 1 / BLOCK_T of those products are
+useful, but tensor-core FLOPs are cheap here and the rows are read once per pick, as in a
+plain gather-sum, with far fewer instructions per element than convert-and-FMA. The
+coefficients enter the product in the rows' dtype (fp32 accumulation), the usual rounding of
+activations in 16-bit training. Per-expert GEMMs would share each row among a block of tokens
+but leave P partial sums per token to combine: a [T * P, d] buffer or atomics.
+
+fp32 rows use exact fp32 products ("ieee", validation.dot_precision), which have no tensor
+cores: they stream one token per program with FMAs instead of multiplying zeros.
 """
 
 from __future__ import annotations
@@ -12,6 +25,9 @@ import triton
 import triton.language as tl
 
 from .validation import pow2_block
+
+DOT_BLOCK_T = 16   # the smallest tensor-core M; the zeros of the coefficient block grow with it
+DOT_BLOCK_K = 16
 
 
 @triton.jit
@@ -50,27 +66,78 @@ def _row_gather_sum_kernel(
              mask=dim_ok)
 
 
+@triton.jit
+def _dot_gathered_rows(acc, tokens0, num_tokens, dims, dim_ok, coef_ptr, ids_ptr, rows_ptr,
+                       num_picks, stride_rn, stride_rd,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_T, BLOCK_D] += the block's sums, BLOCK_K picks per token at a time; the
+    operands' flat index j is (token tokens0 + j // BLOCK_K, pick k0 + j % BLOCK_K)."""
+    flat = tl.arange(0, BLOCK_T * BLOCK_K)
+    token = tokens0 + flat // BLOCK_K
+    token_ok = token < num_tokens
+    own = tl.arange(0, BLOCK_T)[:, None] == (flat // BLOCK_K)[None, :]
+    for k0 in range(0, num_picks, BLOCK_K):
+        pick = k0 + flat % BLOCK_K
+        ok = token_ok & (pick < num_picks)
+        ids = tl.load(ids_ptr + token * num_picks + pick, mask=ok, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + token * num_picks + pick, mask=ok, other=0.0)
+        rows = tl.load(rows_ptr + ids[:, None] * stride_rn + dims[None, :] * stride_rd,
+                       mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        block = tl.where(own, coef[None, :], 0.0).to(rows.dtype)
+        acc = tl.dot(block, rows, acc)
+    return acc
+
+
+@triton.jit
+def _row_gather_dot_kernel(
+    out_ptr, coef_ptr, ids_ptr, rows_ptr,
+    coef2_ptr, ids2_ptr, rows2_ptr,
+    num_tokens, hidden_size, num_picks, num_picks2,
+    stride_ot, stride_od, stride_rn, stride_rd, stride_r2n, stride_r2d,
+    HAS_SECOND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tokens0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_ok = dims < hidden_size
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    acc = _dot_gathered_rows(acc, tokens0, num_tokens, dims, dim_ok, coef_ptr, ids_ptr, rows_ptr,
+                             num_picks, stride_rn, stride_rd, BLOCK_T, BLOCK_K)
+    if HAS_SECOND:
+        acc = _dot_gathered_rows(acc, tokens0, num_tokens, dims, dim_ok, coef2_ptr, ids2_ptr,
+                                 rows2_ptr, num_picks2, stride_r2n, stride_r2d, BLOCK_T, BLOCK_K)
+    tokens = tokens0 + tl.arange(0, BLOCK_T)
+    tl.store(out_ptr + tokens[:, None] * stride_ot + dims[None, :] * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=(tokens < num_tokens)[:, None] & dim_ok[None, :])
+
+
 def row_gather_sum(out, coef, ids, rows, coef2=None, ids2=None, rows2=None):
     """Fill ``out [T, d]`` with sum_k coef[t, k] rows[ids[t, k]] (+ the same over coef2/ids2/rows2).
 
     Internal launcher: callers pass contiguous fp32 ``coef`` and in-range int ``ids`` they made
-    themselves (the public launchers validate user input).
+    themselves (the public launchers validate user input); ``rows`` and ``rows2`` share a dtype.
     """
     num_tokens, hidden_size = out.shape
     if num_tokens == 0:
         return out
     has_second = coef2 is not None
     num_picks = coef.shape[1]
-    block_k = pow2_block(num_picks, 16, 64)
-    block_d = pow2_block(hidden_size, 16, 128)
     if not has_second:
         coef2, ids2, rows2 = coef, ids, rows
-    grid = (num_tokens, triton.cdiv(hidden_size, block_d))
-    _row_gather_sum_kernel[grid](
-        out, coef, ids, rows, coef2, ids2, rows2,
-        hidden_size, num_picks, coef2.shape[1],
-        out.stride(0), out.stride(1), rows.stride(0), rows.stride(1),
-        rows2.stride(0), rows2.stride(1),
-        HAS_SECOND=has_second, BLOCK_K=block_k, BLOCK_D=block_d,
+    args = (out, coef, ids, rows, coef2, ids2, rows2)
+    strides = (out.stride(0), out.stride(1), rows.stride(0), rows.stride(1),
+               rows2.stride(0), rows2.stride(1))
+    if rows.dtype == torch.float32:
+        block_d = pow2_block(hidden_size, 16, 128)
+        _row_gather_sum_kernel[(num_tokens, triton.cdiv(hidden_size, block_d))](
+            *args, hidden_size, num_picks, coef2.shape[1], *strides,
+            HAS_SECOND=has_second, BLOCK_K=pow2_block(num_picks, 16, 64), BLOCK_D=block_d,
+        )
+        return out
+    block_d = pow2_block(hidden_size, 16, 64)
+    _row_gather_dot_kernel[(triton.cdiv(num_tokens, DOT_BLOCK_T), triton.cdiv(hidden_size, block_d))](
+        *args, num_tokens, hidden_size, num_picks, coef2.shape[1], *strides,
+        HAS_SECOND=has_second, BLOCK_T=DOT_BLOCK_T, BLOCK_K=DOT_BLOCK_K, BLOCK_D=block_d,
+        num_stages=3,
     )
     return out

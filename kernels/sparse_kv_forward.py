@@ -8,7 +8,8 @@ Three launches, none of which forms a [T, N] or [T, P*S, d] tensor:
 2. select: per token, the min(K_top, P*S)-th largest candidate score is found by bisection on
    the scores' order-preserving integer keys (any P*S, no sort), then the winners are compacted
    into ``neuron_ids [T, K_top]`` and ``activations = ReLU(s) [T, K_top]``.
-3. values: y[t] = sum_k a[t, k] V[neuron_ids[t, k]], streamed per token and slice of d.
+3. values: y[t] = sum_k a[t, k] V[neuron_ids[t, k]], on tensor cores for 16-bit values
+   (row_gather_sum: blocks of 16 tokens, their picks' rows times a block-diagonal operand).
 
 Widths: the key input x and the keys have width r (r = d, or MEFT's ``low_key_dim`` with
 x = L h computed by the caller); the values and y have width d.

@@ -51,9 +51,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STAGE_LABELS = {
     "router_topk": {"_router_topk_kernel": ["router_topk"]},
     "forward": {"_key_scores_kernel": ["key_scores"], "_select_topk_kernel": ["select_topk"],
-                "_row_gather_sum_kernel": ["values"]},
+                "_row_gather_sum_kernel": ["values"], "_row_gather_dot_kernel": ["values"]},
     "backward": {"_pick_table_kernel": ["pick_scatter", "pick_gather"],
                  "_score_grads_kernel": ["score_grads"], "_row_gather_sum_kernel": ["dx"],
+                 "_row_gather_dot_kernel": ["dx"],
                  "_expert_grads_kernel": ["dK_dV_dG"],
                  "_softmax_gate_grad_kernel": ["softmax_gate_grad"]},
     "smt": {"_smt_block_grad_kernel": ["smt_block_grad"]},
