@@ -42,7 +42,15 @@ def _score_grads_default(dtype, pairs_per_expert, neurons_per_expert, width):
                 BLOCK_D=64 if dtype == torch.float32 else _pow2(width, 16, 64), num_warps=4, num_stages=3)
 
 
-HEURISTICS = {"expert_grads": _expert_grads_default, "score_grads": _score_grads_default}
+def _row_gather_dot_default(dtype, width):
+    # 16 tokens (the smallest tensor-core M) x 16 picks per step; 128-wide slices halve the
+    # per-slice cost of the ids and the coefficient block, and two stages of the [256, 128]
+    # row tile (75 KB) leave room for two or three blocks per SM on sm_80 and sm_90
+    return dict(BLOCK_T=16, BLOCK_K=16, BLOCK_D=_pow2(width, 16, 128), num_warps=4, num_stages=2)
+
+
+HEURISTICS = {"expert_grads": _expert_grads_default, "score_grads": _score_grads_default,
+              "row_gather_dot": _row_gather_dot_default}
 
 
 def device_key(device: torch.device) -> str | None:

@@ -8,11 +8,13 @@ tensor is formed.
 the rows of BLOCK_K picks of each token as one [BLOCK_T * BLOCK_K, BLOCK_D] operand and
 multiplies it by the block-diagonal [BLOCK_T, BLOCK_T * BLOCK_K] matrix of their coefficients
 (row i holds token i's coefficients, zeros elsewhere). Only 1 / BLOCK_T of those products are
-useful, but tensor-core FLOPs are cheap here and the rows are read once per pick, as in a
-plain gather-sum, with far fewer instructions per element than convert-and-FMA. The
-coefficients enter the product in the rows' dtype (fp32 accumulation), the usual rounding of
-activations in 16-bit training. Per-expert GEMMs would share each row among a block of tokens
-but leave P partial sums per token to combine: a [T * P, d] buffer or atomics.
+useful (BLOCK_T = 16, the smallest tensor-core M), but tensor-core FLOPs are cheap here, the
+rows are read once per pick as in a plain gather-sum, and the instructions per element are
+far fewer than convert-and-FMA. The coefficients enter the product in the rows' dtype (fp32
+accumulation), the usual rounding of activations in 16-bit training. Per-expert GEMMs would
+share each row among a block of tokens but leave P partial sums per token to combine: a
+[T * P, d] buffer (more bytes than the whole stage) or atomics (not deterministic).
+Launch parameters: launch_config "row_gather_dot".
 
 fp32 rows use exact fp32 products ("ieee", validation.dot_precision), which have no tensor
 cores: they stream one token per program with FMAs instead of multiplying zeros.
@@ -24,10 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import launch_config
 from .validation import pow2_block
-
-DOT_BLOCK_T = 16   # the smallest tensor-core M; the zeros of the coefficient block grow with it
-DOT_BLOCK_K = 16
 
 
 @triton.jit
@@ -134,10 +134,11 @@ def row_gather_sum(out, coef, ids, rows, coef2=None, ids2=None, rows2=None):
             HAS_SECOND=has_second, BLOCK_K=pow2_block(num_picks, 16, 64), BLOCK_D=block_d,
         )
         return out
-    block_d = pow2_block(hidden_size, 16, 64)
-    _row_gather_dot_kernel[(triton.cdiv(num_tokens, DOT_BLOCK_T), triton.cdiv(hidden_size, block_d))](
+    cfg = launch_config("row_gather_dot", out.device, rows.dtype, width=hidden_size)
+    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]), triton.cdiv(hidden_size, cfg["BLOCK_D"]))
+    _row_gather_dot_kernel[grid](
         *args, num_tokens, hidden_size, num_picks, coef2.shape[1], *strides,
-        HAS_SECOND=has_second, BLOCK_T=DOT_BLOCK_T, BLOCK_K=DOT_BLOCK_K, BLOCK_D=block_d,
-        num_stages=3,
+        HAS_SECOND=has_second, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
