@@ -259,10 +259,12 @@ def test_rejects_bad_arguments(device):
         sparse_kv_backward(**good, gate="softmax", gate_lse=t(2).double())
 
 
-def test_value_rows_from_a_slot(seed, device):
-    """values given as just the active rows plus each pick's row in them (a prefetch slot)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_value_rows_from_a_slot(seed, device, poison_outputs, dtype):
+    """values given as just the active rows plus each pick's row in them (a prefetch slot): the
+    score-gradient GEMM reads each expert's value rows through the slot's row map."""
     shape = (25, 20, 6, 5, 2, 4)
-    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), full = run_kernels(shape, torch.float32, device, "logit")
+    (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), full = run_kernels(shape, dtype, device, "logit")
     gate_logits, _ = router_topk(hidden, router, 2)
     _, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits, 6, 4)[1:]
     active, local = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)

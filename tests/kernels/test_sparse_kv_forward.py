@@ -158,8 +158,11 @@ def test_rejects_bad_arguments(device, bad, error, match):
         sparse_kv_forward(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()})
 
 
-def test_values_from_a_slot_of_active_rows(seed, device, poison_outputs):
-    hidden, keys, values, expert_ids, gate_weights = make_inputs((30, 20, 6, 5, 2, 4), torch.float32, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_values_from_a_slot_of_active_rows(seed, device, poison_outputs, dtype):
+    """The same sums from a [U, d] slot of the active rows (fp16: the tensor-core path, two
+    blocks of 16 tokens)."""
+    hidden, keys, values, expert_ids, gate_weights = make_inputs((30, 20, 6, 5, 2, 4), dtype, device)
     y, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_weights, 6, 4)
     active, local = torch.unique(neuron_ids.long(), sorted=True, return_inverse=True)
     assert rel_err(sparse_kv_values(activations, local, values[active]), y) < 1e-6
