@@ -105,11 +105,9 @@ def ours(p: Problem, gen: torch.Generator, backend: str = "auto") -> Contender:
 
 def ours_accumulate(p: Problem, gen: torch.Generator) -> Contender:
     """One micro-batch's accumulate() of all-new ids (informational: not in the step budget)."""
-    store = CPURowStore(p.num_rows, 1, pin_memory=False)  # only the accumulator is exercised
-    opt = SparseRowAdamW(store)
-    opt._acc = type(opt._acc)(p.num_rows, p.hidden_size)  # an accumulator of the real width
+    opt = SparseRowAdamW(CPURowStore(p.num_rows, p.hidden_size, pin_memory=False))
     ids, gk, gv = _sparse_grads(p, gen)
-    return Contender("ours: accumulate (1 micro-batch)", op=lambda: opt._acc.add(ids, gk, gv),
+    return Contender("ours: accumulate (1 micro-batch)", op=lambda: opt.accumulate(ids, gk, gv),
                      setup=opt.zero_grad)
 
 
