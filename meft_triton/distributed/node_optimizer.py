@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 
 from ..optimizers.cpu import OffloadedAdamW
-from ..optimizers.hyperparameters import check_lr
 from ..optimizers.nonfinite import act_on
 from ..optimizers.sparse_adamw import clip_grad_norm_
 from .row_exchange import all_gather_counts, all_gather_rows, gather_rows, sum_rows_into
@@ -135,16 +134,7 @@ class NodeSharedAdamW(OffloadedAdamW):
             with torch.enable_grad():
                 loss = closure()
         topo = self.topology
-        for adapter in self.adapters:
-            adapter.offload.wait_for_update()
-        lr = check_lr(self.param_groups[0]["lr"], "param_groups[0]['lr']")
-        try:
-            for adapter in self.adapters:
-                adapter.offload.collect_grads()
-        except BaseException:
-            for adapter in self.adapters:
-                adapter.offload.discard_grads()
-            raise
+        lr = self.collect_step()
         with collectives("the MEFT gradient reduction"):
             if self.reduce_params:
                 self._reduce_params()

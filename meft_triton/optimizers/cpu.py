@@ -74,15 +74,10 @@ class OffloadedAdamW(torch.optim.AdamW):
             report += sparse.nonfinite_report()
         return report
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One step of the routers and every layer, all or nothing: everything that can refuse
-        the step (a previous layer update that cannot complete, a bad learning rate, a failed
-        gradient copy, non-finite gradients) does so before the first write."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def collect_step(self) -> float:
+        """The first part of a step, before anything is written: finish every layer's previous
+        update, check the learning rate and collect every layer's gradient rows (all of them or,
+        after a failed gradient copy, none). Returns the learning rate."""
         for adapter in self.adapters:
             adapter.offload.wait_for_update()  # the previous step, complete in every layer
         lr = check_lr(self.param_groups[0]["lr"], "param_groups[0]['lr']")
@@ -95,6 +90,18 @@ class OffloadedAdamW(torch.optim.AdamW):
             for adapter in self.adapters:
                 adapter.offload.discard_grads()
             raise
+        return lr
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of the routers and every layer, all or nothing: everything that can refuse
+        the step (a previous layer update that cannot complete, a bad learning rate, a failed
+        gradient copy, non-finite gradients) does so before the first write."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lr = self.collect_step()
         report = self.nonfinite_report()
         if report:
             for sparse in self.sparse:
