@@ -49,7 +49,15 @@ def _row_gather_dot_default(dtype, width):
     return dict(BLOCK_T=16, BLOCK_K=16, BLOCK_D=_pow2(width, 16, 128), num_warps=4, num_stages=2)
 
 
-HEURISTICS = {"expert_grads": _expert_grads_default, "score_grads": _score_grads_default,
+def _router_topk_default(dtype, num_tokens, num_experts, width, k_pad):
+    # 64 tokens per block: a wgmma tile for 16-bit inputs on sm_90; the launcher then splits
+    # the experts until min_programs blocks fill the chip (2 waves of 132 SMs)
+    return dict(BLOCK_T=16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64,
+                BLOCK_E=_pow2(num_experts, max(16, k_pad), 64), BLOCK_D=_pow2(width, 16, 64),
+                num_warps=4, num_stages=3, min_programs=264)
+
+
+HEURISTICS = {"router_topk": _router_topk_default, "expert_grads": _expert_grads_default, "score_grads": _score_grads_default,
               "row_gather_dot": _row_gather_dot_default}
 
 

@@ -39,6 +39,11 @@ def floor_router_topk(c):
         2 * c["T"] * c["E"] * c["d"], 0
 
 
+def floor_router_merge(c):
+    # reads at least one split's top-P values + ids [T, P] (fp32 + int32), writes the result
+    return c["T"] * c["P"] * 16 + c["T"] * 4, 0, 0
+
+
 def floor_key_scores(c):
     # reads h [T, d] once, the used experts' keys [Ue*S, d], gate weights [T, P] fp32 and the
     # pair order [T*P] int64; writes candidate scores [T, P*S] fp32
@@ -125,8 +130,14 @@ def L(name, trips, *children):
 
 
 def loops_router_topk(a, g):
-    # for e0 (experts, BLOCK_E) { for d0 (width, BLOCK_D) {dot} ; online lse ; K merge rounds unrolled }
-    return [L("e", cdiv(a["num_experts"], a["BLOCK_E"]), L("d", cdiv(a["hidden_size"], a["BLOCK_D"])))]
+    # for e0 (this program's split of the experts, BLOCK_E) { for d0 (width, BLOCK_D) {dot} ;
+    # online lse ; K merge rounds unrolled }
+    experts = min(a["experts_per_split"], a["num_experts"])
+    return [L("e", cdiv(experts, a["BLOCK_E"]), L("d", cdiv(a["hidden_size"], a["BLOCK_D"])))]
+
+
+def loops_router_merge(a, g):
+    return []  # straight-line: K unrolled rounds over the splits' candidates
 
 
 def loops_key_scores(a, g):
@@ -198,6 +209,7 @@ class StageModel:
 
 STAGES = {
     "router_topk": StageModel(floor_router_topk, loops_router_topk, True),
+    "router_merge": StageModel(floor_router_merge, loops_router_merge, False),
     "key_scores": StageModel(floor_key_scores, loops_key_scores, True),
     "select_topk": StageModel(floor_select_topk, loops_select_topk, False),
     "values": StageModel(floor_values, loops_row_gather_sum, True),

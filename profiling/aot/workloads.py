@@ -49,7 +49,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: kernel within a workload gets the nth label). A launch not listed here is reported under
 #: "<workload>:<kernel>#<n>" without a floor.
 STAGE_LABELS = {
-    "router_topk": {"_router_topk_kernel": ["router_topk"]},
+    "router_topk": {"_router_topk_kernel": ["router_topk"], "_router_merge_kernel": ["router_merge"]},
     "forward": {"_key_scores_kernel": ["key_scores"], "_select_topk_kernel": ["select_topk"],
                 "_row_gather_sum_kernel": ["values"], "_row_gather_dot_kernel": ["values"]},
     "backward": {"_pick_table_kernel": ["pick_scatter", "pick_gather"],

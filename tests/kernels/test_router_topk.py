@@ -10,7 +10,8 @@ SHAPES = [  # T, d, E, k
     (1, 97, 7, 7),     # prime E, k = E, T = 1, odd d
     (37, 33, 13, 1),   # k = 1, T not a multiple of any block
     (50, 64, 64, 8),
-    (70, 40, 100, 5),  # E spans several expert tiles
+    (70, 40, 100, 5),  # E spans several expert tiles: 2 expert splits
+    (23, 97, 300, 8),  # 5 expert splits merged (an odd count)
     (17, 16, 3, 2),
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -63,14 +64,27 @@ def test_router_topk_strided_input(seed, device):
     assert torch.equal(expert_ids.long().cpu(), expected.indices.cpu())
 
 
+@pytest.mark.parametrize("num_experts", [5, 200])  # one expert split, and four merged
 @pytest.mark.parametrize("gate", ["logit", "softmax"])
-def test_router_topk_nan_row_propagates(device, gate):
+def test_router_topk_nan_row_propagates(device, gate, num_experts):
     hidden = torch.randn(3, 16, device=device)
     hidden[1, 4] = float("nan")
-    gate_logits, expert_ids, lse = router_topk(hidden, torch.randn(5, 16, device=device), 2, gate, True)
+    gate_logits, expert_ids, lse = router_topk(hidden, torch.randn(num_experts, 16, device=device), 2,
+                                               gate, True)
     assert gate_logits[1].isnan().all() and not gate_logits[[0, 2]].isnan().any()
     assert lse[1].isnan() and not lse[[0, 2]].isnan().any()
-    assert ((expert_ids >= 0) & (expert_ids < 5)).all(), "NaN rows must still give valid ids"
+    assert ((expert_ids >= 0) & (expert_ids < num_experts)).all(), "NaN rows must still give valid ids"
+
+
+def test_router_topk_ties_across_expert_splits_go_to_the_smaller_id(seed, device):
+    """Experts 3, 70 and 129 (three expert splits of 64) have the same router row, the best
+    for token 0: the merge keeps torch.topk's order, smaller id first."""
+    hidden = torch.randn(5, 16, device=device)
+    router = torch.randn(130, 16, device=device) * 0.1
+    router[[3, 70, 129]] = hidden[0] * 4
+    gate_logits, expert_ids = router_topk(hidden, router, 2)
+    assert expert_ids[0].tolist() == [3, 70]
+    assert gate_logits[0, 0] == gate_logits[0, 1]
 
 
 def test_router_topk_empty(device):
