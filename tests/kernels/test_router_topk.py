@@ -48,7 +48,10 @@ def test_router_topk_softmax_over_all_experts(seed, device, poison_outputs, shap
     assert (lse.cpu().double() - logits64.logsumexp(-1)).abs().max() < TOLERANCE[dtype] * logits64.abs().max()
     assert (gate_weights.diff(dim=1) <= 0).all()
     if k < E:
-        assert (gate_weights.sum(1) < 1).all(), "softmax weights must not be renormalised over the k"
+        # rows whose unchosen experts hold under fp32's resolution of 1 sum to 1 exactly
+        visible = 1 - probs64.sum(1) > 1e-6
+        assert (gate_weights.sum(1).cpu() < 1)[visible].all(), "softmax weights must not be renormalised over the k"
+        assert visible.any()
     logits, ids_logit, lse_logit = router_topk(hidden, router, k, return_lse=True)
     assert torch.equal(ids_logit, expert_ids) and torch.equal(lse_logit, lse)
     assert torch.equal(logits, router_topk(hidden, router, k)[0]), "gate='logit' must not change"
