@@ -31,6 +31,10 @@ def parse_args(argv):
     p.add_argument("--check", action="store_true",
                    help="exit 1 on a compile error, shared memory over the limit, spills in "
                         "bf16/fp16 at a preset, or a GEMM-like stage without tensor cores")
+    p.add_argument("--compare", metavar="RECORDS_JSON", action="append", default=[],
+                   help="a committed records.json (repeatable): exit 1 when a kernel's predicted time, "
+                        "registers or spills got more than 10%% worse; refresh the baseline on purpose "
+                        "by rerunning with the default --out and committing the new records.json")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="compile processes (default: min(2, CPUs))")
     return p.parse_args(argv)
@@ -74,6 +78,8 @@ def main(argv=None) -> int:
     records.sort(key=lambda r: order[(r["target"], r["dtype"], r["shape"])])
     wall = time.perf_counter() - t0
     failures = report.check(records, ceilings)
+    regressions = [line for path in args.compare
+                   for line in report.compare(records, json.loads(Path(path).read_text()))]
 
     for target in args.targets:
         folder = out_dir(args.out, target, len(args.targets) > 1)
@@ -90,4 +96,8 @@ def main(argv=None) -> int:
             print(f"  FAIL {f}")
     else:
         print("--check: all checks pass")
-    return 1 if (args.check and failures) else 0
+    if args.compare:
+        print(f"--compare: {len(regressions)} regression(s)" if regressions else "--compare: nothing got worse")
+        for line in regressions:
+            print(f"  WORSE {line}")
+    return 1 if (args.check and failures) or regressions else 0

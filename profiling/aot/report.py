@@ -33,6 +33,33 @@ def check(records: list[dict], ceilings: dict) -> list[str]:
     return failures
 
 
+#: how much worse a kernel's prediction, registers or spills may get before --compare fails
+REGRESSION_TOLERANCE = 0.10
+
+
+def compare(records: list[dict], baseline: list[dict], tolerance: float = REGRESSION_TOLERANCE) -> list[str]:
+    """What got worse than the committed ``baseline`` by more than ``tolerance``: each kernel's
+    predicted time, registers and spill bytes, matched by (kernel, target, dtype, shape). A
+    kernel the baseline has but this run lacks (or failed to compile) is a failure; a new
+    kernel is not (refresh the baseline to track it)."""
+    key = lambda r: (r["kernel"], r["target"], r["dtype"], r["shape"])  # noqa: E731
+    now = {key(r): r for r in records}
+    worse = []
+    for old in baseline:
+        new = now.get(key(old))
+        where = "/".join(key(old))
+        if old["target"] not in {r["target"] for r in records}:
+            continue  # this run did not compile for that target
+        if new is None or not new.get("compiled"):
+            worse.append(f"{where}: in the baseline but not compiled now")
+            continue
+        for field in ("predicted_us", "registers", "spill_bytes"):
+            was, got = old.get(field) or 0, new.get(field) or 0
+            if got > was * (1 + tolerance) + (0 if field == "predicted_us" else 0.5):
+                worse.append(f"{where}: {field} {was:.4g} -> {got:.4g} (more than {tolerance:.0%} worse)")
+    return worse
+
+
 def _num(x, fmt="{:.3g}"):
     return "-" if x is None else fmt.format(x)
 

@@ -146,6 +146,19 @@ def test_check_flags_what_it_should_and_nothing_else():
                          _record(tensor_core_instructions=0, gemm_like=False)], ceilings) == []
 
 
+
+def test_compare_fails_what_got_more_than_ten_percent_worse():
+    base = [_record(predicted_us=100.0, registers=96, spill_bytes=0)]
+    assert report.compare([_record(predicted_us=109.0, registers=96, spill_bytes=0)], base) == []
+    assert report.compare([_record(predicted_us=80.0, registers=64, spill_bytes=0)], base) == []  # better
+    for field, value in (("predicted_us", 111.0), ("registers", 112), ("spill_bytes", 8)):
+        worse = report.compare([_record(**{"predicted_us": 100.0, "registers": 96, "spill_bytes": 0, field: value})],
+                               base)
+        assert len(worse) == 1 and field in worse[0] and "values/sm90a/bf16/paper-7b" in worse[0], worse
+    missing = report.compare([_record(compiled=False)], base)
+    assert len(missing) == 1 and "not compiled" in missing[0]
+    assert report.compare([_record(target="sm80")], base) == []  # another target: not compared
+
 NESTED = """
         /*0000*/                   S2R R0, SR_TID.X ;                      /* 0x0000000000007919 */
         /*0010*/                   MOV R1, RZ ;
