@@ -292,8 +292,8 @@ def test_a_failed_layer_update_is_completed_and_named(seed, monkeypatch):
     poisoned_backward(twin, hidden, bad_token=None)
     opt.step()
     twin_opt.step()
-    assert [s.step_count for s in opt.sparse] == [2, 2]
-    assert_bitwise(state_of(adapters, opt), state_of(twin, twin_opt))
+    assert_bitwise(state_of(adapters, opt), state_of(twin, twin_opt))  # waits for both updates
+    assert [s.step_count for s in opt.sparse] == [2, 2]  # completed steps: read after the wait
 
 
 def test_a_layer_update_that_keeps_failing_blocks_the_next_step(seed, monkeypatch):
