@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 
 import torch
@@ -78,6 +79,10 @@ def main() -> None:
         sent = (f"{stats.bytes_sent} B sent by rank 0 (dense all-reduce: {stats.bytes_dense} B)" if stats
                 else f"{opt.rows_sent} gradient rows from rank 0")
         print(f"world {world}, placement {args.placement}: {args.steps} steps, {sent}; checkpoint {args.out}")
+    # free the DDP wrapper (its hooks form reference cycles) while the process group still exists:
+    # a DDP reducer left for interpreter exit can abort the process after the work is done
+    del trained
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -113,3 +113,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The results are written and the process group is gone: leave without running C++ static
+    # destructors, where a gloo/DDP thread still joinable at exit aborts the process now and
+    # then ("terminate called without an active exception", 1 run in 3 here) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
