@@ -2,6 +2,7 @@
 
 import os
 import secrets
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,34 @@ HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+#: folders whose tests get a marker and stay out of a plain ``python -m pytest``: the benchmarks and
+#: the perf gate's own tests, and the multi-process distributed tests. Each runs in its own CI step
+#: (``python -m pytest -m perf tests/perf``, ``python -m pytest -m distributed tests/distributed``).
+#: They are selected by any ``-m`` expression, or by naming a path inside the folder (the perf
+#: gate's ``--benchmarks`` runs name tests/perf without a marker, so ``addopts = -m 'not perf'``
+#: would not do).
+OPT_IN_FOLDERS = {"perf": "perf", "distributed": "distributed"}
+TESTS = Path(__file__).resolve().parent
+
+
+def _inside(folder: Path, arg: str) -> bool:
+    path = Path(arg.split("::", 1)[0]).resolve()
+    return path == folder or folder in path.parents
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config, items):
+    for name, marker in OPT_IN_FOLDERS.items():
+        folder = TESTS / name
+        mine = [item for item in items if folder in Path(str(item.path)).resolve().parents]
+        for item in mine:
+            item.add_marker(getattr(pytest.mark, marker))
+        chosen = config.option.markexpr or (
+            config.args_source != pytest.Config.ArgsSource.TESTPATHS and any(_inside(folder, a) for a in config.args))
+        if mine and not chosen:
+            skip = set(map(id, mine))
+            config.hook.pytest_deselected(items=mine)
+            items[:] = [item for item in items if id(item) not in skip]
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         # the marker, not item.keywords: a parameter id "gpu" (placement="gpu") is a keyword too
