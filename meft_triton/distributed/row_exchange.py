@@ -52,16 +52,21 @@ def all_gather_counts(counts: Sequence[int], group=None) -> Tensor:
     return torch.stack(out)
 
 
-def all_gather_rows(ids: Tensor, rows: Tensor, counts: Tensor, group=None) -> list[tuple[Tensor, Tensor]]:
-    """Every rank's ``(ids [U_r], rows [U_r, width])``, in rank order. ``counts[r]`` = U_r (from
-    :func:`all_gather_counts`); the exchange is padded to the largest."""
-    width = rows.shape[1]
+def padded(ids: Tensor, rows: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``ids`` and ``rows`` zero-padded to the largest of ``counts`` (collectives need one size)."""
     most = int(counts.max()) if counts.numel() else 0
     n = ids.numel()
     pad_ids = torch.zeros(most, dtype=torch.int64)
-    pad_rows = torch.zeros(most, width, dtype=rows.dtype)
+    pad_rows = torch.zeros(most, rows.shape[1], dtype=rows.dtype)
     pad_ids[:n] = ids
     pad_rows[:n] = rows
+    return pad_ids, pad_rows
+
+
+def all_gather_rows(ids: Tensor, rows: Tensor, counts: Tensor, group=None) -> list[tuple[Tensor, Tensor]]:
+    """Every rank's ``(ids [U_r], rows [U_r, width])``, in rank order. ``counts[r]`` = U_r (from
+    :func:`all_gather_counts`); the exchange is padded to the largest."""
+    pad_ids, pad_rows = padded(ids, rows, counts)
     world = dist.get_world_size(group)
     got_ids = [torch.empty_like(pad_ids) for _ in range(world)]
     got_rows = [torch.empty_like(pad_rows) for _ in range(world)]
@@ -81,13 +86,7 @@ def sum_rows_into(out: Tensor, parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor
 
 def gather_rows(ids: Tensor, rows: Tensor, counts: Tensor, dst: int, group=None) -> list[tuple[Tensor, Tensor]] | None:
     """Like :func:`all_gather_rows`, but only global rank ``dst`` receives (the others get None)."""
-    width = rows.shape[1]
-    most = int(counts.max()) if counts.numel() else 0
-    n = ids.numel()
-    pad_ids = torch.zeros(most, dtype=torch.int64)
-    pad_rows = torch.zeros(most, width, dtype=rows.dtype)
-    pad_ids[:n] = ids
-    pad_rows[:n] = rows
+    pad_ids, pad_rows = padded(ids, rows, counts)
     mine = dist.get_rank() == dst
     world = dist.get_world_size(group)
     got_ids = [torch.empty_like(pad_ids) for _ in range(world)] if mine else None
