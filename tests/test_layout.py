@@ -122,7 +122,6 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from .b import _hidden\nfrom . import b\nb._other\n")
     (pkg / "b.py").write_text("def f():\n    from . import a\n_hidden = 1\n")
-    monkeypatch.setitem(PACKAGE_DIRS, "meft_triton", pkg)
     monkeypatch.setattr("test_layout.PACKAGE_DIRS", {"meft_triton": pkg})
     with pytest.raises(AssertionError, match="_hidden.*b._other"):
         test_no_module_imports_another_modules_private_names()
