@@ -62,7 +62,7 @@ def cpu_gather(
     ids = ids.to(torch.int64).contiguous()  # what the compiled row loop reads
     bounds = [0, n]
     if pool is not None and n >= 2 * min_rows_per_task:
-        tasks = min(len(pool._threads) + 1, n // min_rows_per_task)
+        tasks = min(pool.size + 1, n // min_rows_per_task)
         bounds = [n * k // tasks for k in range(tasks + 1)]
     threads = 1 if len(bounds) > 2 else num_threads
     futures = [pool.submit(gather_chunk, host_rows, ids, out, a, b, 1) for a, b in zip(bounds[1:-1], bounds[2:])]

@@ -45,6 +45,11 @@ class DaemonPool:
         for t in self._threads:
             t.start()
 
+    @property
+    def size(self) -> int:
+        """Number of threads."""
+        return len(self._threads)
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         fut: Future = Future()
         with self._lock:
