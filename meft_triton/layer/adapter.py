@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,30 @@ from .. import reference
 from ..config import MEFTConfig
 from ..validation import check_int
 from .backend import resolve_backend
+
+
+class Projection(nn.Module):
+    """A bias-free linear map holding ``weight`` [out, in], initialised as ``nn.Linear``.
+
+    Not an ``nn.Linear`` on purpose: tools that wrap every linear layer of a model (peft's
+    ``target_modules="all-linear"``) must leave the adapter's router and low-key projection
+    alone. The adapter reads ``weight`` directly; the state-dict key stays ``<name>.weight``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 def check_hidden(hidden: Tensor, hidden_size: int, device: torch.device) -> None:
     """Reject inputs the adapter cannot compute on, naming the argument and what is allowed."""
@@ -51,8 +76,8 @@ class MEFTAdapter(nn.Module):
         self.key_size = hidden_size if config.low_key_dim is None else config.low_key_dim
         # L keeps nn.Linear's default initialisation, as MEFT's code does (its add_up_low_key)
         self.low_key = (None if config.low_key_dim is None
-                        else nn.Linear(hidden_size, config.low_key_dim, bias=False, **factory))
-        self.router = nn.Linear(self.key_size, config.num_experts, bias=False, **factory)
+                        else Projection(hidden_size, config.low_key_dim, **factory))
+        self.router = Projection(self.key_size, config.num_experts, **factory)
         self.offload = None
         if config.placement == "gpu":
             self.keys = nn.Parameter(torch.empty(config.num_neurons, self.key_size, **factory))

@@ -264,7 +264,10 @@ def test_low_key_initialisation_follows_meft(seed):
     d, r = 32, 6
     adapter = MEFTAdapter(d, MEFTConfig(num_neurons=64, num_experts=8, experts_per_token=2, topk=4,
                                         low_key_dim=r))
-    assert adapter.low_key.weight.shape == (r, d) and adapter.low_key.bias is None
+    assert adapter.low_key.weight.shape == (r, d)
+    assert [name for name, _ in adapter.low_key.named_parameters()] == ["weight"]  # no bias
+    # not nn.Linear: "wrap every linear layer" tools (peft's all-linear) leave router and L alone
+    assert not any(isinstance(m, torch.nn.Linear) for m in adapter.modules())
     bound = 1 / d**0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in = d
     assert adapter.low_key.weight.abs().max() <= bound and adapter.low_key.weight.std() > bound / 4
     assert adapter.keys.shape == (64, r) and adapter.values.shape == (64, d) and (adapter.values == 0).all()
