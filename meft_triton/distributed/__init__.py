@@ -4,15 +4,17 @@
   by rows where that moves fewer bytes than DDP's dense all-reduce (``ddp_hook``);
 - placement "cpu": one shared row store and one row-sparse AdamW per node
   (:func:`node_topology`, :func:`share_row_stores`, :class:`NodeSharedAdamW`);
+- placement "gpu" under FSDP2: :func:`shard_meft_model` (``fully_shard`` per adapter; ``fsdp``);
 - checkpoints written once for the node set (:func:`save_node_state`, :func:`load_node_state`).
 """
 
 from .checkpoint import load_node_state, save_node_state
 from .ddp_hook import RowSparseStats, register_row_sparse_hook, row_sparse_hook
+from .fsdp import shard_meft_model
 from .node_optimizer import NodeSharedAdamW
 from .shared_store import share_row_stores
 from .topology import NodeTopology, PeerFailedError, node_topology
 
 __all__ = ["NodeSharedAdamW", "NodeTopology", "PeerFailedError", "RowSparseStats", "load_node_state",
            "node_topology", "register_row_sparse_hook", "row_sparse_hook", "save_node_state",
-           "share_row_stores"]
+           "shard_meft_model", "share_row_stores"]

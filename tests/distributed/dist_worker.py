@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dist_scenarios as sc
 from meft_triton.distributed import (NodeSharedAdamW, load_node_state, node_topology,
-                                     register_row_sparse_hook, save_node_state)
+                                     register_row_sparse_hook, save_node_state, shard_meft_model)
 from meft_triton import create_meft_optimizer
 from meft_triton.optimizers import OffloadedAdamW
 
@@ -35,6 +35,26 @@ def ddp_gpu(out: Path, rank: int, world: int) -> None:
     torch.save({"masters": sc.masters(model), "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
                 "sparse": stats.sparse_tensors, "dense": stats.dense_tensors, "rows_sent": stats.rows_sent},
                out / f"rank{rank}.pt")
+
+
+def fsdp_gpu(out: Path, rank: int, world: int) -> None:
+    """Placement "gpu" under FSDP2 (every adapter its own fully_shard group), accumulation over
+    2 micro-batches with the gradient sync off on the first."""
+    model = shard_meft_model(sc.tiny_llama("gpu"))
+    opt = create_meft_optimizer(model, lr=sc.LR)
+
+    @contextlib.contextmanager
+    def sync(last):
+        model.set_requires_gradient_sync(last)
+        yield
+
+    sc.train(model, opt, STEPS, ACCUM, rank=rank, world=world, sync=sync)
+    adapter = sc.adapters_of(model)[0]
+    full = {}
+    for i, a in enumerate(sc.adapters_of(model)):
+        full.update({f"{i}.keys": a.keys, f"{i}.values": a.values, f"{i}.router": a.router.weight})
+    torch.save({"masters": {k: v.full_tensor().detach().clone() for k, v in full.items()},
+                "local_key_rows": adapter.keys.to_local().shape[0]}, out / f"rank{rank}.pt")
 
 
 def node_cpu(out: Path, rank: int, world: int) -> None:
@@ -106,7 +126,7 @@ def main() -> None:
         if scenario == "memory":
             memory(out, rank, world, sys.argv[3])
         else:
-            {"ddp_gpu": ddp_gpu, "node_cpu": node_cpu, "die": die}[scenario](out, rank, world)
+            {"ddp_gpu": ddp_gpu, "fsdp_gpu": fsdp_gpu, "node_cpu": node_cpu, "die": die}[scenario](out, rank, world)
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
-"""Placement "gpu" under DDP with the row-sparse hook: W gloo ranks (spawned, with a timeout)
-on a global batch equal one process on it, and the hook chooses rows where they are cheaper."""
+"""Placement "gpu" under DDP with the row-sparse hook and under FSDP2: W gloo ranks (spawned, with
+a timeout) on a global batch equal one process on it, and the hook chooses rows where they are
+cheaper."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytest.importorskip("transformers")
 import dist_scenarios as sc  # noqa: E402
 from dist_launch import launch  # noqa: E402
 from meft_triton import create_meft_optimizer  # noqa: E402
+from meft_triton.distributed import shard_meft_model  # noqa: E402
 from meft_triton.distributed.row_exchange import (dense_allreduce_bytes, sparse_allgather_bytes,  # noqa: E402
                                                   sparse_is_cheaper, touched_rows)
 
@@ -64,3 +66,25 @@ def test_touched_rows_finds_nonzero_and_nonfinite_rows():
     assert touched_rows(g).tolist() == [1, 4]
     with pytest.raises(ValueError, match="grad"):
         touched_rows(torch.zeros(3))
+
+
+def test_fsdp2_equals_one_process_with_rows_sharded(tmp_path):
+    world = 2
+    ranks = check_ranks(launch("fsdp_gpu", world, tmp_path, timeout=TIMEOUT), world, tmp_path)
+    want = one_process("gpu")
+    for rank, got in enumerate(ranks):
+        assert got["masters"].keys() == want.keys()
+        for name, tensor in want.items():
+            assert torch.equal(got["masters"][name], ranks[0]["masters"][name]), (rank, name)
+            torch.testing.assert_close(got["masters"][name], tensor, rtol=0, atol=1e-6, msg=name)
+        # each rank keeps half of a 64-row table between steps
+        assert got["local_key_rows"] == sc.config("gpu").num_neurons // world
+
+
+def test_shard_meft_model_rejects_what_it_cannot_shard():
+    with pytest.raises(TypeError, match="model"):
+        shard_meft_model("model")
+    with pytest.raises(ValueError, match="no MEFT adapters"):
+        shard_meft_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="placement 'gpu'.*NodeSharedAdamW"):
+        shard_meft_model(sc.tiny_llama("cpu"))
