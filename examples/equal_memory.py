@@ -73,8 +73,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(EXAMPLES, ".."))
+sys.path.insert(0, EXAMPLES)
 
+from finetune import DenseParallelAdapter, ParallelMLP  # noqa: E402  (the same dense baseline)
 from meft_triton import (  # noqa: E402
     ISTConfig,
     ISTScheduler,
@@ -488,27 +491,6 @@ def plan(method: str, budget: int, bb: Backbone, args) -> Plan:
 
 
 # ------------------------------------------------------------------------------ training
-class DenseAdapter(nn.Module):
-    """y = W_up ReLU(W_down x), W_up zero-initialised (the model starts unchanged)."""
-
-    def __init__(self, hidden: int, width: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(hidden, width, bias=False)
-        self.up = nn.Linear(width, hidden, bias=False)
-        nn.init.normal_(self.down.weight, std=hidden ** -0.5)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.up(torch.relu(self.down(x)))
-
-
-class WithAdapter(nn.Module):
-    def __init__(self, mlp: nn.Module, adapter: nn.Module) -> None:
-        super().__init__()
-        self.mlp, self.adapter = mlp, adapter
-
-    def forward(self, x, *args, **kwargs):
-        return self.mlp(x, *args, **kwargs) + self.adapter(x)
 
 
 def meft_config(p: Plan, args, placement: str) -> MEFTConfig:
@@ -574,8 +556,8 @@ def train_one(bb: Backbone, task: Task, p: Plan, budget: int, lr: float, seed: i
     elif p.method == "dense":
         params = []
         for layer in model.model.layers:
-            adapter = DenseAdapter(bb.hidden, p.size).to(device)
-            layer.mlp = WithAdapter(layer.mlp, adapter)
+            adapter = DenseParallelAdapter(bb.hidden, p.size).to(device)
+            layer.mlp = ParallelMLP(layer.mlp, adapter)
             params += list(adapter.parameters())
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     elif p.method.startswith("meft"):
