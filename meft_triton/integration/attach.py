@@ -133,11 +133,42 @@ def attach_meft(
     would also cast the fp32 masters, so cast the backbone before attaching. Every parameter
     other than the adapters gets ``requires_grad=False``, unless the model holds peft tuner
     layers (LoRA, ...): then peft has already chosen what trains and no flag is changed. The
-    previous flags are remembered for :func:`detach_meft`. Raises ``ValueError`` naming the model
+    previous flags are remembered for :func:`detach_meft`. Once peft is imported the adapters
+    are :class:`~meft_triton.integration.peft_layer.MEFTTunerLayer` s, which peft treats as its
+    own: a LoRA added later with ``get_peft_model`` leaves them trainable, and the
+    ``PeftModel``'s ``save_pretrained`` (the Trainer's checkpoints) saves and reloads them. Raises ``ValueError`` naming the model
     class (and the ``target`` to pass) when no layers with an FFN are found, and
     ``ValueError``/``TypeError`` for bad ``layers``/``target``/``config``/``dtype``; on any
     error the model is left unchanged.
     """
+    return attach_adapters(model, config, layers, target=target, dtype=dtype,
+                           input_require_grads=input_require_grads, adapter_class=default_adapter_class())
+
+
+def default_adapter_class() -> type[MEFTAdapter]:
+    """The class :func:`attach_meft` builds adapters from: once peft is imported,
+    :class:`~meft_triton.integration.peft_layer.MEFTTunerLayer`, which peft counts as one of its
+    tuner layers (so a LoRA added later keeps MEFT trainable and saves it with its own weights);
+    without peft the plain :class:`MEFTAdapter` (importing peft costs seconds)."""
+    if "peft" not in sys.modules:
+        return MEFTAdapter
+    from .peft_layer import MEFTTunerLayer
+
+    return MEFTTunerLayer
+
+
+def attach_adapters(
+    model: nn.Module,
+    config: MEFTConfig,
+    layers: str | Sequence[int],
+    *,
+    target: str | Sequence[str] | Mapping[str, str] | None,
+    dtype: torch.dtype | None,
+    input_require_grads: bool,
+    adapter_class: type[MEFTAdapter],
+) -> nn.Module:
+    """:func:`attach_meft` with adapters of ``adapter_class`` (a :class:`MEFTAdapter` subclass):
+    the machinery shared with the peft method (:mod:`~meft_triton.integration.peft_method`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, MEFTConfig):
@@ -151,6 +182,7 @@ def attach_meft(
     indices = check_layers(layers, len(stack))
 
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    keep_flags = _has_peft_layers(model)  # before the adapters, which may be peft tuner layers themselves
     slots: list[_Slot] = []
     runtime = None
     try:
@@ -164,9 +196,9 @@ def attach_meft(
                 # stay on the CPU); layers register in forward order.
                 runtime = OffloadRuntime(device, module_dtype(ffn_in), hidden, transfer=config.transfer,
                                          keep_rows=config.backward_rows == "keep")
-            adapter = MEFTAdapter(hidden, config, device=device,
-                                  dtype=dtype if dtype is not None else module_dtype(ffn_in),
-                                  runtime=runtime)
+            adapter = adapter_class(hidden, config, device=device,
+                                    dtype=dtype if dtype is not None else module_dtype(ffn_in),
+                                    runtime=runtime)
             ffn = AttachedFFN(layer, find_site(layer, site_spec), adapter)
             ffn.install()
             slots.append(_Slot(index, ffn))
@@ -178,7 +210,6 @@ def attach_meft(
         raise
 
     adapter_params = {id(p) for slot in slots for p in slot.ffn.adapter.parameters()}
-    keep_flags = _has_peft_layers(model)
     for param in model.parameters():
         if id(param) in adapter_params:
             param.requires_grad_(True)
