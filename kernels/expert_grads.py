@@ -14,11 +14,16 @@ atomics. Picks outside the token's experts (K_top > P * S) are zero in both tabl
 rows come out zero like every untouched neuron of a written expert.
 
 Outputs go where the optimizer reads them: the dense [N, width] gradients in the parameters'
-dtype (every row written, no zero-fill and scatter), or fp32 rows [U, width] of the distinct
-picked neurons, each program writing its neurons at their place in that list.
+dtype (every row written, no zero-fill and scatter), or fp32 rows of the distinct picked
+neurons, each program writing its neurons at their place in that list. The list has the
+host-known length min(N, T * K) (no host read of the distinct count U): after the U distinct
+ids come repeats of the largest, whose rows a second small launch zeroes (work in proportion
+to the padding, read from the device).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -106,22 +111,69 @@ def _expert_grads_kernel(
                      mask=(g_row[:, None] == 0) & key_ok[None, :])
 
 
-def picked_rows(neuron_ids: torch.Tensor, num_neurons: int, num_experts: int):
-    """The distinct picked neurons, ascending (``row_ids`` [U] int64), each neuron's place in
-    them (``row_pos`` [N] int32, -1 if unpicked) and the experts owning them, ascending and
-    padded with E to min(E, U) entries (``row_experts``). U is data-dependent: one device
-    sync; the rest has host-known sizes."""
-    touched = torch.zeros(num_neurons, dtype=torch.int32, device=neuron_ids.device)
-    touched.index_fill_(0, neuron_ids.reshape(-1).long(), 1)
-    row_pos = torch.cumsum(touched, 0, dtype=torch.int32).sub_(1).masked_fill_(touched == 0, -1)
-    row_ids = touched.nonzero().squeeze(1)
-    owner = row_ids // (num_neurons // num_experts)
-    first = torch.ones_like(owner, dtype=torch.bool)
-    first[1:] = owner[1:] != owner[:-1]
-    row_experts = torch.full((min(num_experts, owner.numel()),), num_experts, dtype=torch.int64,
-                             device=owner.device)
-    row_experts[torch.cumsum(first, 0) - 1] = owner  # repeats write the same value
-    return row_ids, row_pos, row_experts
+@triton.jit
+def _zero_padding_kernel(
+    key_out_ptr, value_out_ptr, count_ptr, num_rows, key_width, value_width,
+    stride_ko, stride_vo,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # rows count .. num_rows - 1 of both tables, split over the programs in BLOCK_R strides:
+    # the work follows the padding's size (device data), not the tables' host-known bound
+    count = tl.load(count_ptr).to(tl.int64)
+    step = tl.num_programs(0) * BLOCK_R
+    offs_d = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_R, BLOCK_D], key_out_ptr.dtype.element_ty)
+    for r0 in range(count + tl.program_id(0) * BLOCK_R, num_rows, step):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < num_rows
+        for d0 in range(0, key_width, BLOCK_D):
+            dims = d0 + offs_d
+            tl.store(key_out_ptr + rows[:, None] * stride_ko + dims[None, :], zeros,
+                     mask=row_ok[:, None] & (dims < key_width)[None, :])
+        for d0 in range(0, value_width, BLOCK_D):
+            dims = d0 + offs_d
+            tl.store(value_out_ptr + rows[:, None] * stride_vo + dims[None, :], zeros,
+                     mask=row_ok[:, None] & (dims < value_width)[None, :])
+
+
+#: programs of the padding fill: two waves of a 132-SM chip (the padding is a few percent of
+#: the rows; the loop strides over whatever it is)
+PADDING_PROGRAMS = 264
+
+
+class PickedRows(NamedTuple):
+    """The distinct picked neurons in a form of host-known size (module docstring of
+    sparse_kv_backward: the row-sparse gradients)."""
+
+    row_ids: torch.Tensor      # [min(N, T*K)] int64: distinct ids ascending, then the largest repeated
+    row_pos: torch.Tensor      # [N] int32: each neuron's row, -1 if no token picked it
+    row_experts: torch.Tensor  # [min(E, len(row_ids))] int64: owning experts ascending, then E
+    count: torch.Tensor        # [1] int32: how many distinct ids (device data)
+
+
+def picked_rows(neuron_ids: torch.Tensor, num_neurons: int, num_experts: int) -> PickedRows:
+    """The distinct picked neurons without a host read: every size is a host-known bound
+    (min(N, T * K) rows, min(E, rows) experts), the distinct count stays on the device and
+    the padding repeats the largest picked id (the layout of the offload's slot ids)."""
+    flat = neuron_ids.reshape(-1).long()
+    device = flat.device
+    capacity = min(num_neurons, flat.numel())
+    touched = torch.zeros(num_neurons, dtype=torch.int32, device=device)
+    touched.index_fill_(0, flat, 1)
+    rank = torch.cumsum(touched, 0, dtype=torch.int32)  # picked neurons up to and including n
+    row_pos = (rank - 1).masked_fill_(touched == 0, -1)
+    # row i holds the first neuron of rank i + 1; past the count searchsorted answers N
+    wanted = torch.arange(1, capacity + 1, dtype=torch.int32, device=device)
+    row_ids = torch.searchsorted(rank, wanted)
+    if capacity:
+        row_ids = torch.minimum(row_ids, flat.max())
+    owned = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    owned.index_fill_(0, flat // (num_neurons // num_experts), 1)
+    expert_rank = torch.cumsum(owned, 0, dtype=torch.int32)
+    # past the count of owning experts searchsorted answers E: the padding the kernel skips
+    row_experts = torch.searchsorted(expert_rank, wanted[:min(num_experts, capacity)])
+    count = rank[-1:] if num_neurons else torch.zeros(1, dtype=torch.int32, device=device)
+    return PickedRows(row_ids, row_pos, row_experts, count)
 
 
 def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, experts_per_token,
@@ -132,17 +184,18 @@ def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, exper
 
     Internal launcher: ``grad_raw_table``/``act_table`` [T * P, S] in x's dtype and
     ``grad_w`` [T * P] fp32 are contiguous; ``order``/``offsets`` come from
-    grouping.expert_segments. Outputs are [N, width] (``rows`` None) or [U, width] rows placed
-    by ``rows`` = (row_pos, row_experts) of ``picked_rows``, with unit stride along the width.
-    With ``rows``, only experts owning a picked row run, so ``router_out`` must come zeroed:
-    an expert none of whose neurons was picked has dw = 0 at every pair.
+    grouping.expert_segments. Outputs are [N, width] (``rows`` None) or the rows of
+    ``rows`` = ``picked_rows(...)`` [len(rows.row_ids), width], padding rows zero, with unit
+    stride along the width. With ``rows``, only experts owning a picked row run, so
+    ``router_out`` must come zeroed: an expert none of whose neurons was picked has dw = 0 at
+    every pair.
     """
     num_experts = offsets.numel() - 1
     key_width, value_width = x.shape[1], dy.shape[1]
     cfg = launch_config("expert_grads", x.device, x.dtype,
                         pairs_per_expert=grad_w.numel() / num_experts,
                         neurons_per_expert=neurons_per_expert, width=max(key_width, value_width))
-    row_pos, row_experts = rows if rows is not None else (offsets, offsets)
+    row_pos, row_experts = (rows.row_pos, rows.row_experts) if rows is not None else (offsets, offsets)
     grid = (num_experts if rows is None else row_experts.numel(),
             triton.cdiv(neurons_per_expert, cfg["BLOCK_S"]),
             triton.cdiv(max(key_width, value_width), cfg["BLOCK_D"]))
@@ -157,3 +210,9 @@ def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, exper
         BLOCK_M=cfg["BLOCK_M"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
         DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if rows is not None and key_out.shape[0]:
+        grid = (min(triton.cdiv(key_out.shape[0], 16), PADDING_PROGRAMS),)
+        _zero_padding_kernel[grid](
+            key_out, value_out, rows.count, key_out.shape[0], key_width, value_width,
+            key_out.stride(0), value_out.stride(0), BLOCK_R=16, BLOCK_D=128, num_warps=4,
+        )

@@ -104,9 +104,13 @@ class SparseKVGrads(NamedTuple):
     """Gradients of one adapter call. ``hidden`` is d(key input) [T, r]. Key/value gradients
     come in the form asked for: dense ``keys`` [N, r] / ``values`` [N, d] in the parameters'
     dtype (``dense=True``; the row fields are None), or row-sparse (``dense=False``): ``row_ids``
-    [U] (the distinct picked neurons, ascending) with ``key_rows`` [U, r] and ``value_rows``
-    [U, d] fp32 (``keys``/``values`` None). Without parameter gradients (``param_grads=False``)
-    only ``hidden`` is set, the rest is None."""
+    [R] with ``key_rows`` [R, r] and ``value_rows`` [R, d] fp32 (``keys``/``values`` None).
+    R = min(N, T * K_top) is known on the host, so nothing waits for the device's count U of
+    distinct picked neurons: ``row_ids`` holds those U ascending, then repeats the largest of
+    them, with zero rows, up to R (the layout of the offload's slot ids). Sum rows into a table
+    with ``index_add_`` (the padding adds nothing), or keep the rows before the first repeat.
+    Without parameter gradients (``param_grads=False``) only ``hidden`` is set, the rest is
+    None."""
 
     hidden: torch.Tensor
     router_weight: Optional[torch.Tensor]
@@ -141,7 +145,7 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     then needs the whole table and is refused.
 
     ``dense`` picks the form of the key/value gradients (SparseKVGrads): the per-expert GEMMs
-    write either form directly; the row-sparse one finds the distinct rows (one device sync).
+    write either form directly; neither reads anything back to the host.
 
     ``param_grads=False`` computes only dx (a frozen layer still passes the gradient on):
     the per-expert GEMMs for dK, dV and dG and the softmax gate's dG GEMM are skipped.
@@ -234,7 +238,8 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
         grad_values = torch.empty(num_neurons, value_width, dtype=values.dtype, device=device)
         key_out, value_out = grad_keys, grad_values
     else:
-        row_ids, *rows = picked_rows(neuron_ids, num_neurons, num_experts)
+        rows = picked_rows(neuron_ids, num_neurons, num_experts)
+        row_ids = rows.row_ids
         key_rows = torch.empty(row_ids.numel(), key_width, dtype=torch.float32, device=device)
         value_rows = torch.empty(row_ids.numel(), value_width, dtype=torch.float32, device=device)
         key_out, value_out = key_rows, value_rows

@@ -239,12 +239,7 @@ def test_at_most_one_host_wait_per_optimizer_step(placement, backend):
     assert all(w.site.startswith(os.path.relpath(GLOBAL_CHECK, REPO)) for w in waits), trap.report()
 
 
-@pytest.mark.parametrize("placement", [
-    "gpu",
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=(
-        "kernels/expert_grads.py picked_rows reads the distinct row count (nonzero) in the "
-        "backward with value_ids; kernels/ is being rewritten (Kernels to the floor, item 3)"))),
-])
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
 def test_kernel_launchers_make_no_host_waits(placement):
     trap = run_steps(placement, "triton")
     waits = package_waits(trap, kernels=True)

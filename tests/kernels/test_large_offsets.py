@@ -48,11 +48,12 @@ def test_rows_past_2_31_forward_and_backward(seed, tables):
     grads = sparse_kv_backward(grad_y, hidden, router, keys, values, experts, gate_weights,
                                neuron_ids, activations, dense=False)
     assert grads.row_ids.min().item() >= (E - 2) * S
-    rows = grads.row_ids - (E - 2) * S
+    kept = grads.row_ids.unique().numel()  # the rest repeats the last id with zero rows
+    rows = grads.row_ids[:kept] - (E - 2) * S
     assert rel_err(grads.hidden, grads64[0]) < 3e-3
     assert rel_err(grads.router_weight[E - 2:], grads64[1]) < 3e-3
-    assert rel_err(grads.key_rows, grads64[2][rows]) < 3e-3
-    assert rel_err(grads.value_rows, grads64[3][rows]) < 3e-3
+    assert rel_err(grads.key_rows[:kept], grads64[2][rows]) < 3e-3
+    assert rel_err(grads.value_rows[:kept], grads64[3][rows]) < 3e-3
 
 
 def test_value_width_and_softmax_gate_past_2_31(seed, tables):
@@ -92,7 +93,8 @@ def test_value_width_and_softmax_gate_past_2_31(seed, tables):
     assert rel_err(grads.hidden, leaves[0].grad) < 3e-3
     assert rel_err(grads.router_weight, leaves[1].grad) < 3e-3
     assert (grads.router_weight != 0).any(1).all(), "softmax: every router row gets a gradient"
-    rows = grads.row_ids - (E - 2) * S
-    assert rel_err(grads.key_rows, leaves[2].grad[rows]) < 3e-3
-    assert rel_err(grads.value_rows, leaves[3].grad[rows]) < 3e-3
+    kept = grads.row_ids.unique().numel()  # the rest repeats the last id with zero rows
+    rows = grads.row_ids[:kept] - (E - 2) * S
+    assert rel_err(grads.key_rows[:kept], leaves[2].grad[rows]) < 3e-3
+    assert rel_err(grads.value_rows[:kept], leaves[3].grad[rows]) < 3e-3
     assert grads.value_rows.shape[1] == DV and grads.key_rows.shape[1] == D

@@ -34,12 +34,24 @@ def run_kernels(shape, dtype, device, gate, pass_lse=True, dense=True):
     return (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads
 
 
+def expected_row_ids(neuron_ids, num_neurons):
+    """The row-sparse form's ids: the distinct picks ascending, then the largest repeated up to
+    the host-known length min(N, T * K_top)."""
+    distinct = neuron_ids.long().unique().cpu()
+    size = min(num_neurons, neuron_ids.numel())
+    return torch.cat([distinct, distinct[-1:].expand(size - distinct.numel())])
+
+
 def scattered(grads, num_neurons):
-    """Row-sparse key/value gradients as dense [N, width] tables (float64)."""
+    """Row-sparse key/value gradients as dense [N, width] tables (float64), after checking
+    that the padding past the distinct ids is zero rows."""
+    kept = grads.row_ids.unique().numel()
+    assert (grads.row_ids[kept:] == grads.row_ids[kept - 1]).all()
     out = []
     for rows in (grads.key_rows, grads.value_rows):
+        assert (rows[kept:] == 0).all(), "padding rows are not zero"
         table = torch.zeros(num_neurons, rows.shape[1], dtype=torch.float64)
-        out.append(table.index_copy_(0, grads.row_ids.cpu(), rows.double().cpu()))
+        out.append(table.index_add_(0, grads.row_ids.cpu(), rows.double().cpu()))
     return out
 
 
@@ -95,7 +107,7 @@ def test_surplus_picks_get_zero_gradients(seed, device, poison_outputs):
     (hidden, router, keys, values, grad_y), (expert_ids, neuron_ids), grads = run_kernels(
         shape, torch.float32, device, "softmax", dense=False)
     candidates = set(reference.candidate_ids(expert_ids.long().cpu(), 3).flatten().tolist())
-    assert torch.equal(grads.row_ids.cpu(), neuron_ids.long().unique().cpu())
+    assert torch.equal(grads.row_ids.cpu(), expected_row_ids(neuron_ids, keys.shape[0]))
     assert set(grads.row_ids.tolist()) - candidates  # some surplus pick is a gradient row
     for row_id, key_row, value_row in zip(grads.row_ids.tolist(), grads.key_rows, grads.value_rows):
         if row_id not in candidates:
@@ -159,14 +171,18 @@ def test_row_sparse_and_dense_agree(seed, device, poison_outputs):
     rows = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits,
                               neuron_ids, activations, dense=False)
     assert dense.row_ids is None and dense.key_rows is None and rows.keys is None
-    assert torch.equal(rows.row_ids.cpu(), neuron_ids.long().unique().cpu())
+    assert torch.equal(rows.row_ids.cpu(), expected_row_ids(neuron_ids, keys.shape[0]))
     assert rows.key_rows.dtype == rows.value_rows.dtype == torch.float32
     untouched = torch.ones(keys.shape[0], dtype=torch.bool)
     untouched[rows.row_ids.cpu()] = False
     assert untouched.any()
     assert (dense.keys.cpu()[untouched] == 0).all() and (dense.values.cpu()[untouched] == 0).all()
-    assert torch.equal(dense.keys[rows.row_ids], rows.key_rows)
-    assert torch.equal(dense.values[rows.row_ids], rows.value_rows)
+    kept = neuron_ids.long().unique().numel()
+    assert kept < rows.row_ids.numel(), "no padding: pick a shape with repeated picks"
+    ids = rows.row_ids[:kept]
+    assert torch.equal(dense.keys[ids], rows.key_rows[:kept])
+    assert torch.equal(dense.values[ids], rows.value_rows[:kept])
+    assert (rows.key_rows[kept:] == 0).all() and (rows.value_rows[kept:] == 0).all()
     assert torch.equal(dense.router_weight, rows.router_weight)
 
 
@@ -273,6 +289,7 @@ def test_value_rows_from_a_slot(seed, device, poison_outputs, dtype):
                                activations, dense=False, value_ids=local)
     rows = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits, neuron_ids,
                               activations, dense=False)
+    assert torch.equal(grads.row_ids.cpu(), expected_row_ids(neuron_ids, keys.shape[0]))
     assert torch.equal(grads.row_ids, rows.row_ids)
     for name in ("hidden", "router_weight", "key_rows", "value_rows"):
         assert rel_err(getattr(grads, name), getattr(rows, name)) < 1e-6, name
