@@ -1,9 +1,11 @@
 """Start W ranks of tests/distributed/dist_worker.py the way torchrun does (RANK, WORLD_SIZE,
-LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT on loopback), each with a timeout."""
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT on loopback), or a script under torchrun itself,
+each with a timeout."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,3 +48,21 @@ def launch(scenario: str, world: int, out_dir, *, local_world: int | None = None
             _, err = p.communicate()
             results.append((None, err[-4000:]))
     return results
+
+
+def run_script(script: str, args: tuple, *, nproc: int | None = None, timeout: float = 240) -> tuple[int | None, str]:
+    """``python tests/distributed/SCRIPT ARGS`` in one process, or under torchrun
+    (``python -m torch.distributed.run``) with ``nproc`` ranks on a free loopback port; returns
+    (exit code, or None if it was killed at the timeout with all its ranks, output tail)."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *launcher, str(HERE / script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out[-4000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        out, _ = proc.communicate()
+        return None, out[-4000:]

@@ -1,0 +1,50 @@
+"""The HF Trainer under torchrun (2 gloo ranks on CPU, use_cpu, ddp_backend "gloo") on a tiny
+Llama with MEFT adapters equals the one-process Trainer on the same global batch, for both
+placements, with gradient accumulation, and with IST (every rank selects the same layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import dist_scenarios as sc  # noqa: E402
+from dist_launch import run_script  # noqa: E402
+from meft_triton.distributed import agreed_loss  # noqa: E402
+from test_distributed_gpu import TIMEOUT  # noqa: E402
+
+
+def trained(tmp_path, placement, extra, nproc=None):
+    out = tmp_path / ("one" if nproc is None else f"w{nproc}")
+    out.mkdir()
+    rc, log = run_script("trainer_worker.py", (placement, out, *extra), nproc=nproc, timeout=TIMEOUT)
+    assert rc == 0, f"{'one process' if nproc is None else f'{nproc} ranks'} exited with {rc}:\n{log}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc or 1)]
+
+
+@pytest.mark.parametrize("ist", [False, True], ids=["plain", "ist"])
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_trainer_under_torchrun_equals_one_process(tmp_path, placement, ist):
+    extra = ("ist",) if ist else ()
+    (want,) = trained(tmp_path, placement, extra)
+    ranks = trained(tmp_path, placement, extra, nproc=2)
+    initial = sc.masters(sc.tiny_llama(placement))
+    assert any(not torch.equal(want["masters"][k], initial[k]) for k in initial), "nothing trained"
+    for rank, got in enumerate(ranks):
+        assert got["masters"].keys() == want["masters"].keys()
+        for name, tensor in want["masters"].items():
+            assert torch.equal(got["masters"][name], ranks[0]["masters"][name]), (rank, name)
+            torch.testing.assert_close(got["masters"][name], tensor, rtol=0, atol=1e-6, msg=name)
+        if ist:  # the same scores and layers on every rank, and as in one process
+            assert torch.equal(got["scores"], ranks[0]["scores"]), rank
+            torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=1e-12)
+            assert got["selection_counts"].tolist() == want["selection_counts"].tolist()
+    if ist:  # a scoring round ran, and each step trained one of the two layers
+        assert want["scores"].abs().max() > 0 and want["selection_counts"].sum() == 3
+
+
+def test_agreed_loss_needs_a_callable_and_is_the_loss_in_one_process():
+    with pytest.raises(TypeError, match="loss_fn"):
+        agreed_loss(1.5)
+    assert agreed_loss(lambda: torch.tensor(2.5))() == 2.5
