@@ -1,6 +1,7 @@
 """The HF Trainer under torchrun (2 gloo ranks on CPU, use_cpu, ddp_backend "gloo") on a tiny
 Llama with MEFT adapters equals the one-process Trainer on the same global batch, for both
-placements, with gradient accumulation, and with IST (every rank selects the same layers)."""
+placements, with gradient accumulation, with the row-sparse hook on the Trainer's DDP wrapper
+(placement "gpu"), and with IST (every rank selects the same layers)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 
 import dist_scenarios as sc  # noqa: E402
 from dist_launch import run_script  # noqa: E402
-from meft_triton.distributed import agreed_loss  # noqa: E402
+from meft_triton.distributed import agreed_loss, use_row_sparse_hook  # noqa: E402
 from test_distributed_gpu import TIMEOUT  # noqa: E402
 
 
@@ -40,6 +41,9 @@ def test_trainer_under_torchrun_equals_one_process(tmp_path, placement, ist):
             assert torch.equal(got["scores"], ranks[0]["scores"]), rank
             torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=1e-12)
             assert got["selection_counts"].tolist() == want["selection_counts"].tolist()
+    if placement == "gpu" and not ist:  # the Trainer's DDP wrapper reduced by rows where cheaper
+        assert ranks[0]["sparse"] > 0 and ranks[0]["bytes_sent"] < ranks[0]["bytes_dense"], ranks[0]
+        assert want["bytes_sent"] == 0  # one process: no wrapper, nothing sent
     if ist:  # a scoring round ran, and each step trained one of the two layers
         assert want["scores"].abs().max() > 0 and want["selection_counts"].sum() == 3
 
@@ -48,3 +52,5 @@ def test_agreed_loss_needs_a_callable_and_is_the_loss_in_one_process():
     with pytest.raises(TypeError, match="loss_fn"):
         agreed_loss(1.5)
     assert agreed_loss(lambda: torch.tensor(2.5))() == 2.5
+    with pytest.raises(TypeError, match="trainer"):
+        use_row_sparse_hook(object())

@@ -4,7 +4,8 @@
 The global micro-batch is GLOBAL_ROWS sequences on every world size (per device: GLOBAL_ROWS /
 W; accelerate hands rank r every W-th per-device batch of the same seeded permutation), so W
 ranks equal one process. Under torchrun the Trainer wraps the model in its own
-DistributedDataParallel (gloo on CPU); placement "cpu" trains with one master per node
+DistributedDataParallel (gloo on CPU); placement "gpu" reduces by rows through
+use_row_sparse_hook, placement "cpu" trains with one master per node
 (NodeSharedAdamW, reduce_params=False: DDP already reduces the routers' gradients). Rank r
 writes the adapters' trained numbers to OUT_DIR/rank{r}.pt.
 """
@@ -22,7 +23,7 @@ import transformers
 import dist_scenarios as sc
 from meft_triton import create_meft_optimizer
 from meft_triton.addons.ist import ISTCallback, ISTConfig, ISTScheduler
-from meft_triton.distributed import NodeSharedAdamW, agreed_loss, node_topology
+from meft_triton.distributed import NodeSharedAdamW, agreed_loss, node_topology, use_row_sparse_hook
 
 STEPS, ACCUM = 3, 2
 
@@ -56,8 +57,11 @@ def main() -> None:
             lambda: model(**{k: v[share] for k, v in batch.items()}).loss)))
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, None),
                                    callbacks=callbacks)
+    stats = use_row_sparse_hook(trainer) if placement == "gpu" else None
     trainer.train()
     result = {"masters": sc.masters(model)}
+    if stats is not None:
+        result.update(bytes_sent=stats.bytes_sent, bytes_dense=stats.bytes_dense, sparse=stats.sparse_tensors)
     if callbacks:
         result["selection_counts"] = callbacks[0].scheduler.selection_counts.clone()
         result["scores"] = callbacks[0].scheduler.scores.clone()
