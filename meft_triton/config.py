@@ -14,6 +14,8 @@ BACKENDS = ("auto", "triton", "torch")
 PLACEMENTS = ("gpu", "cpu")
 TRANSFERS = ("cpu_gather", "zero_copy")
 BACKWARD_ROWS = ("refetch", "keep")
+RESIDENCIES = ("per-micro-batch", "resident")
+AUTO = "auto"
 
 
 def meft_num_experts(num_neurons: int, factor: float = 0.25) -> int:
@@ -69,7 +71,16 @@ class MEFTConfig:
     memory and moves only active rows: ``transfer`` picks how value rows reach the device
     ("cpu_gather": gather on the CPU + one async copy; "zero_copy": a device kernel reads the
     pinned rows), ``backward_rows`` whether backward fetches them again ("refetch") or keeps
-    the forward's rows on the device ("keep").
+    the forward's rows on the device ("keep"). ``residency`` says how long value and gradient
+    rows stay on the device: "per-micro-batch" (every micro-batch copies its active value rows
+    in, and its gradient rows out in fp32) or "resident" (a value row copied in serves the
+    rest of the optimizer step, forward and backward, until the step changes it; gradient rows
+    are summed on the device and cross once per step in the compute dtype). Under "resident"
+    ``value_budget`` and ``gradient_budget`` are the device bytes, for all layers together,
+    of the resident value rows and the gradient sums ("auto": sized by the planner,
+    profiling/plan/auto.py, from the device memory left); each layer needs room for one
+    micro-batch's rows, and what does not fit is evicted and fetched again (values) or sent
+    home early (gradients).
     """
 
     num_neurons: int = 4096
@@ -85,6 +96,9 @@ class MEFTConfig:
     transfer: str = "cpu_gather"
     backward_rows: str = "refetch"
     low_key_dim: int | None = None
+    residency: str = "per-micro-batch"
+    value_budget: int | str = AUTO
+    gradient_budget: int | str = AUTO
 
     def __post_init__(self) -> None:
         check_int("num_neurons", self.num_neurons)
@@ -114,6 +128,11 @@ class MEFTConfig:
             raise ValueError(f"topk must be in [1, num_neurons={self.num_neurons}], got {self.topk}")
         if self.low_key_dim is not None:
             check_int("low_key_dim", self.low_key_dim)
+        check_choice("residency", self.residency, RESIDENCIES)
+        for name in ("value_budget", "gradient_budget"):
+            value = getattr(self, name)
+            if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be {AUTO!r} or an int >= 1 (device bytes), got {value!r}")
 
     @classmethod
     def paper_7b(cls, **changes: Any) -> "MEFTConfig":

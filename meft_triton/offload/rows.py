@@ -33,6 +33,7 @@ from ..layer.backend import stages_for, unique_ids
 from .errors import LayerUpdateError
 from .key_cache import KeyCache
 from .prefetcher import Ticket
+from .resident import GradientSums, ResidentValues
 from .row_store import CPURowStore
 from .runtime import OffloadRuntime, RowCache
 
@@ -53,6 +54,8 @@ class RoutedTokens:
     output_shape: torch.Size
     cached: tuple[Tensor, Tensor] | None = None  # a RowCache entry this call extends
     cache: RowCache | None = None
+    active: Tensor | None = None  # residency "resident": the padded distinct ids of the call
+    fill: tuple[Tensor, Tensor] | None = None  # and where its fetched rows go (dest, source)
 
 
 class OffloadedRows:
@@ -67,6 +70,81 @@ class OffloadedRows:
         self.optimizer: Any = None  # the row-sparse AdamW over ``store`` (use_optimizer)
         self.pending_grads: list[Future] = []
         self.pending_step: Future | None = None
+        self.resident: ResidentValues | None = None  # residency "resident" (built at the first call)
+        self.grad_sums: GradientSums | None = None
+
+    @property
+    def is_resident(self) -> bool:
+        return self.adapter.config.residency == "resident"
+
+    def _resident_tables(self, id_bound: int) -> tuple[ResidentValues, GradientSums]:
+        """This layer's resident tables, sized from the budgets for calls of up to ``id_bound``
+        padded ids (rebuilt, dropping residency, when a call needs more)."""
+        if self.resident is not None and self.resident.capacity >= id_bound:
+            return self.resident, self.grad_sums
+        cfg, runtime, store = self.adapter.config, self.runtime, self.store
+        es = torch.empty((), dtype=runtime.dtype).element_size()
+        layers, d, width = len(runtime.layers), store.hidden_size, store.row_width
+        value_budget, grad_budget = cfg.value_budget, cfg.gradient_budget
+        if "auto" in (value_budget, grad_budget):
+            from meft_triton.profiling.plan.auto import resident_budgets
+
+            info = runtime.engine.memory_info()
+            auto = resident_budgets(layers=layers, num_neurons=store.num_rows, hidden=d, key_width=store.key_size,
+                                    id_bound=id_bound, es=es, free_bytes=None if info is None else info[0])
+            value_budget = auto[0] if value_budget == "auto" else value_budget
+            grad_budget = auto[1] if grad_budget == "auto" else grad_budget
+        capacities = []
+        for name, budget, row_bytes in (("value_budget", value_budget, d * es), ("gradient_budget", grad_budget, width * 4)):
+            rows = min(store.num_rows, budget // (layers * row_bytes))
+            if rows < id_bound:
+                raise ValueError(
+                    f"{name} must hold one call's rows in each of the {layers} layers: at least "
+                    f"{layers * id_bound * row_bytes} bytes ({id_bound} rows of {row_bytes} B per layer), got {budget}")
+            capacities.append(rows)
+        if self.grad_sums is not None:
+            self.flush_grads()
+        device = self.key_cache.tensor.device
+        self.resident = ResidentValues(store.num_rows, d, capacities[0], runtime.dtype, device)
+        self.grad_sums = GradientSums(store.num_rows, width, capacities[1], device)
+        return self.resident, self.grad_sums
+
+    def fetch_resident(self, active: Tensor, phase: str) -> tuple[Ticket, tuple[Tensor, Tensor]]:
+        """Start copying the rows of ``active`` that are not on the device (see
+        :class:`~.resident.ResidentValues`); :meth:`fill_resident` lands them."""
+        resident, _ = self._resident_tables(active.numel())
+        with torch.no_grad():
+            fetch, dest, source = resident.plan(active)
+        prefetcher = self.runtime.ensure_slots(active.numel())
+        return prefetcher.prefetch(self.layer, fetch, phase=phase, check_ids=False), (dest, source)
+
+    def fill_resident(self, ticket: Ticket, fill: tuple[Tensor, Tensor]) -> None:
+        """Wait (on the compute side) for ``ticket``'s copy and put its rows in place."""
+        prefetcher = self.runtime.prefetcher
+        slot = prefetcher.acquire(ticket)
+        self.runtime.bytes_to_device += _copied_bytes(ticket, slot)
+        try:
+            with torch.no_grad():
+                self.runtime.engine.compute(lambda: self.resident.fill(*fill, slot), reads=ticket.reads)
+        finally:
+            prefetcher.release(ticket, for_backward=False)
+
+    def add_grads(self, row_ids: Tensor, grad_rows: Tensor) -> None:
+        """Residency "resident": sum one backward's gradient rows on the device (sending the
+        sums home first when they could overflow the budget)."""
+        if not self.grad_sums.room_for(row_ids.numel()):
+            self.flush_grads()
+        self.grad_sums.add(row_ids, grad_rows)
+
+    def flush_grads(self) -> None:
+        """Residency "resident": start sending the summed gradient rows home, in the compute
+        dtype (nothing to do when no backward ran since the last flush)."""
+        taken = None if self.grad_sums is None else self.grad_sums.take(self.runtime.dtype)
+        if taken is None:
+            return
+        ids, rows = taken
+        self.runtime.bytes_to_host += rows.numel() * rows.element_size() + ids.numel() * 8
+        self.pending_grads.append(self.runtime.prefetcher.offload_grads(self.layer, ids, rows, padded=True))
 
     # -- training state ---------------------------------------------------------------------
     def use_optimizer(self, optimizer: Any) -> None:
@@ -82,6 +160,7 @@ class OffloadedRows:
         if self.optimizer is None:
             raise RuntimeError("placement='cpu' trains keys and values with a row-sparse AdamW: call "
                                "adapter.configure_optimizer(lr=...) before the first step")
+        self.flush_grads()
         pending, self.pending_grads = self.pending_grads, []
         for future in pending:
             grad = future.result()
@@ -90,6 +169,8 @@ class OffloadedRows:
     def discard_grads(self) -> None:
         """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),
         as ``zero_grad`` drops a parameter's ``.grad``."""
+        if self.grad_sums is not None:
+            self.grad_sums.clear()
         pending, self.pending_grads = self.pending_grads, []
         wait_futures(pending)  # their copies land before the pinned buffers are forgotten
         if self.optimizer is not None:
@@ -115,15 +196,21 @@ class OffloadedRows:
             touched = optimizer.wait()
         except LayerUpdateError as exc:
             if exc.touched is not None:
-                self.key_cache.write_back(exc.touched)
+                self.rows_changed(exc.touched)
             raise
         if touched is None and future is not None:  # someone else waited for it (state_dict)
             if future.exception() is not None:  # and completed it there: its ids went with the error
-                self.key_cache.refresh()
+                self.refresh_key_cache()
                 return
             touched = future.result()
         if touched is not None:
-            self.key_cache.write_back(touched)
+            self.rows_changed(touched)
+
+    def rows_changed(self, row_ids: Tensor) -> None:
+        """The master rows ``row_ids`` changed: their keys to the cache, their resident values out."""
+        self.key_cache.write_back(row_ids)
+        if self.resident is not None:
+            self.resident.forget(row_ids)
 
     def close(self) -> None:
         """The adapter is being dropped: let in-flight gradient copies and the optimizer update
@@ -136,7 +223,11 @@ class OffloadedRows:
                 self.optimizer.close()
 
     def refresh_key_cache(self) -> None:
+        """Every master row changed (a load, a re-initialisation): all keys again, no value
+        row resident."""
         self.key_cache.refresh()
+        if self.resident is not None:
+            self.resident.forget_all()
 
     # -- the two forward stages ---------------------------------------------------------------
     def start_routing(self, hidden: Tensor) -> RoutedTokens:
@@ -151,6 +242,10 @@ class OffloadedRows:
                                                     cfg.num_experts, cfg.topk)
             # no host read before the backbone FFN is queued: the slot is sized by a host-known bound
             active, local_ids = unique_ids(neuron_ids, cfg.num_neurons)
+        if self.is_resident:  # rows on the device serve every call until the step changes them
+            ticket, fill = self.fetch_resident(active, "forward")
+            return RoutedTokens(flat, expert_ids, gate_weights, gate_lse, neuron_ids, activations, local_ids,
+                                ticket, hidden.dtype, hidden.shape, active=active, fill=fill)
         cache = self.runtime.row_cache if not torch.is_grad_enabled() else None
         cached = cache.get(self.layer) if cache is not None else None
         fetch = active
@@ -219,14 +314,18 @@ class _OffloadedValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens, needs_backward: bool):
-        prefetcher = rows.runtime.prefetcher
-        slot = prefetcher.acquire(routed.ticket)
-        rows.runtime.bytes_to_device += _copied_bytes(routed.ticket, slot)
-        try:
-            stages = stages_for(hidden, rows.adapter.config.backend)
-            y = stages.values(routed.activations, routed.local_ids, slot)
-        finally:
-            prefetcher.release(routed.ticket, for_backward=needs_backward)
+        stages = stages_for(hidden, rows.adapter.config.backend)
+        if routed.fill is not None:
+            rows.fill_resident(routed.ticket, routed.fill)
+            y = stages.values(routed.activations, rows.resident.local(routed.neuron_ids), rows.resident.rows)
+        else:
+            prefetcher = rows.runtime.prefetcher
+            slot = prefetcher.acquire(routed.ticket)
+            rows.runtime.bytes_to_device += _copied_bytes(routed.ticket, slot)
+            try:
+                y = stages.values(routed.activations, routed.local_ids, slot)
+            finally:
+                prefetcher.release(routed.ticket, for_backward=needs_backward)
         ctx.rows, ctx.routed = rows, routed
         ctx.save_for_backward(hidden, router_weight)
         return y
@@ -236,21 +335,33 @@ class _OffloadedValues(torch.autograd.Function):
         rows, routed = ctx.rows, ctx.routed
         hidden, router_weight = ctx.saved_tensors
         runtime, cfg = rows.runtime, rows.adapter.config
+        # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step) computes
+        # only dh, moves no gradient rows and gives its optimizer nothing to do.
+        trained = router_weight.requires_grad
+        stages = stages_for(hidden, cfg.backend)
+
+        def backward_stage(slot: Tensor):
+            return stages.backward(
+                grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache.tensor,
+                slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
+                routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
+
+        if routed.fill is not None:  # the forward's rows, fetched again only if evicted since
+            rows.fill_resident(*rows.fetch_resident(routed.active, "backward"))
+            grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(
+                rows.resident.gather(routed.active))
+            if trained:
+                rows.add_grads(row_ids, torch.cat([key_rows, value_rows], dim=1))
+                return grad_hidden, grad_router.to(router_weight.dtype), None, None, None
+            return grad_hidden, None, None, None, None
         prefetcher = runtime.prefetcher
         # The forward's own ids: a second forward (or a checkpoint's recompute) before this
         # backward would have replaced the layer's saved ids.
         ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids, check_ids=False)
         slot = prefetcher.acquire(ticket)
         runtime.bytes_to_device += _copied_bytes(ticket, slot)
-        # A frozen layer (adapter.requires_grad_(False), e.g. not chosen by IST this step) computes
-        # only dh, moves no gradient rows and gives its optimizer nothing to do.
-        trained = router_weight.requires_grad
         try:
-            stages = stages_for(hidden, cfg.backend)
-            grad_hidden, grad_router, row_ids, key_rows, value_rows = stages.backward(
-                grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache.tensor,
-                slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
-                routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
+            grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(slot)
         finally:
             prefetcher.release(ticket)
         if not trained:

@@ -139,7 +139,10 @@ class OffloadRuntime:
             self._owner = caller
         if self.prefetcher is not None and rows_needed <= self.prefetcher.max_rows:
             return self.prefetcher
-        max_rows = max(rows_needed, 2 * (self.prefetcher.max_rows if self.prefetcher else 0))
+        # grown by doubling (few regrowths), never past the most rows a layer has: a call's
+        # padded ids are at most num_rows long
+        most_rows = max((layer.store.num_rows for layer in self.layers), default=rows_needed)
+        max_rows = max(rows_needed, min(most_rows, 2 * (self.prefetcher.max_rows if self.prefetcher else 0)))
         if self.prefetcher is not None:
             self.prefetcher.cancel_lookahead()
             if self.prefetcher.free_slots() < self.num_slots:

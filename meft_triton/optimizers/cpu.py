@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import wait as wait_futures
 from typing import Any, Sequence
 
 import torch
@@ -82,6 +83,10 @@ class OffloadedAdamW(torch.optim.AdamW):
             adapter.offload.wait_for_update()  # the previous step, complete in every layer
         lr = check_lr(self.param_groups[0]["lr"], "param_groups[0]['lr']")
         try:
+            # every layer's copy home is under way before the one wait for all of them
+            for adapter in self.adapters:
+                adapter.offload.flush_grads()
+            wait_futures([f for adapter in self.adapters for f in adapter.offload.pending_grads])
             for adapter in self.adapters:
                 adapter.offload.collect_grads()
         except BaseException:

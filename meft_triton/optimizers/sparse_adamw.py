@@ -43,6 +43,8 @@ from .hyperparameters import check_betas, check_lr, check_max_norm, check_nonneg
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, nonfinite_rows
 
 _FORMAT = "meft_triton.SparseRowAdamW/1"
+#: gradient row dtypes :meth:`SparseRowAdamW.accumulate` takes (summed in fp32)
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def perf_slowdown(part: str) -> bool:
@@ -127,7 +129,7 @@ class _RowGradAccumulator:
         target = self.slot_of[ids]
         for dst, rows in zip(self.split(self.buf), (key_rows, value_rows)):
             if rows is not None:
-                dst.index_add_(0, target, rows)
+                dst.index_add_(0, target, rows.float())
 
     def norm(self, norm_type: float) -> Tensor:
         """Norm of the accumulated (clip-scaled) gradients; 0 when empty."""
@@ -249,8 +251,9 @@ class SparseRowAdamW:
     # ------------------------------------------------------------------ gradients
     def accumulate(self, row_ids: Tensor, key_rows: Tensor | None = None,
                    value_rows: Tensor | None = None) -> None:
-        """Add row-sparse gradients: ``key_rows[k]`` (fp32 ``[U, r]``) / ``value_rows[k]`` (fp32
-        ``[U, d]``) to neuron ``row_ids[k]`` (int64 ``[U]``). Repeated ids sum; sums carry over until
+        """Add row-sparse gradients: ``key_rows[k]`` (``[U, r]``) / ``value_rows[k]`` (``[U, d]``)
+        to neuron ``row_ids[k]`` (int64 ``[U]``), fp32 or a 16-bit compute dtype (what crosses
+        the link under residency "resident"), summed in fp32. Repeated ids sum; sums carry over until
         :meth:`step` or :meth:`zero_grad`. ``None`` for one half means a zero gradient there
         (the neuron still counts as touched). Safe while a :meth:`step_async` is running."""
         ids = check_row_ids(row_ids, self.store.num_rows)
@@ -263,8 +266,8 @@ class SparseRowAdamW:
                 continue
             if not isinstance(rows, Tensor):
                 raise TypeError(f"{name} must be a float32 torch.Tensor, got {type(rows).__name__}")
-            if rows.dtype != torch.float32:
-                raise TypeError(f"{name} must be float32, got dtype {rows.dtype}")
+            if rows.dtype not in GRAD_DTYPES:
+                raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {rows.dtype}")
             if rows.device.type != "cpu":
                 raise ValueError(f"{name} must be a CPU tensor, got device {rows.device}")
             width_name, width = widths[name]

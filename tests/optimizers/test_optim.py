@@ -481,7 +481,7 @@ def test_bad_accumulate_arguments_name_the_argument():
     with pytest.raises(TypeError, match="key_rows"):
         opt.accumulate(ids, g.double(), g)
     with pytest.raises(TypeError, match="value_rows"):
-        opt.accumulate(ids, g, g.half())
+        opt.accumulate(ids, g, g.to(torch.int32))
     with pytest.raises(ValueError, match="key_rows"):
         opt.accumulate(ids, torch.randn(3, d), g)
     with pytest.raises(ValueError, match="value_rows"):
@@ -508,3 +508,22 @@ def test_without_a_compiler_the_torch_path_is_used(seed, monkeypatch):
     assert not torch.equal(before[ids], store.records[ids])
     with pytest.raises(RuntimeError, match="unavailable"):
         SparseRowAdamW(store, backend="c")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compute_dtype_rows_are_summed_in_fp32(dtype):
+    """Gradient rows in the compute dtype (what crosses the link under residency "resident")
+    add up in fp32, exactly as their fp32 values would: repeated ids over several calls."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(20, 6), torch.randn(20, 6)
+    low, high = (SparseRowAdamW(CPURowStore.from_dense(keys, values), lr=1e-2) for _ in range(2))
+    for _ in range(3):
+        ids = torch.randint(0, 20, (9,))
+        keys, values = torch.randn(9, 6).to(dtype), torch.randn(9, 6).to(dtype)
+        low.accumulate(ids, keys, values)
+        high.accumulate(ids, keys.float(), values.float())
+    assert torch.equal(low.accumulated()[1], high.accumulated()[1])
+    assert low.accumulated()[1].dtype == torch.float32
+    low.step()
+    high.step()
+    assert torch.equal(low.store.records, high.store.records)

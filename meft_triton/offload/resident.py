@@ -1,0 +1,182 @@
+"""Residency across micro-batches (docs/DESIGN.md, "Placement cpu"): the policy "resident".
+
+Value rows do not change between optimizer steps, so a row copied to the device serves every
+later micro-batch of the step, forward and backward; gradient rows are summed on the device
+and cross to the host once per step. Both live in per-layer device tables whose bookkeeping
+runs on the device, so the training thread never reads device data to decide what to copy:
+
+* :class:`ResidentValues`: ``rows`` [C + 1, d] in the compute dtype (row C is a trash row
+  that absorbs the padding's writes), ``position`` [N + 1] (each master row's position, -1:
+  not on the device; entry N is the trash id), ``owner`` and ``last_use`` per position. A call
+  with padded active ids (:func:`~meft_triton.layer.backend.unique_ids`, host-known length B)
+  gets the missing ones, ascending and padded the same way, to hand to the copy engine, and
+  the positions they go to: free positions first, then the least recently used ones that this
+  call does not read (C >= B, so there are always enough). After the optimizer step the rows
+  it changed are forgotten (:meth:`ResidentValues.forget`) and fetched again when next used.
+* :class:`GradientSums`: fp32 sums [Cg + 1, r + d], one position per distinct row id the step's
+  backwards produced (the order of first arrival), with a device count. The host knows an
+  upper bound of the count (the padded ids it added); when it could pass the capacity, or at
+  the step, :meth:`GradientSums.flush` sends the first ``min(bound, Cg)`` positions home in the
+  compute dtype, padded by repeats of the last valid id with zero rows (the padding the copy
+  engines and ``offload_grads(padded=True)`` drop), and clears the sums.
+
+A call whose rows are all on the device still hands the engine one row (the padded-ids
+contract has no empty list); that row lands in the trash row and is counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _distinct(active: Tensor) -> Tensor:
+    """Mask of the entries of ascending padded ids that are not a repeat of the one before."""
+    first = torch.ones_like(active, dtype=torch.bool)
+    first[1:] = active[1:] != active[:-1]
+    return first
+
+
+class ResidentValues:
+    """One layer's value rows kept on the device across the micro-batches of a step."""
+
+    def __init__(self, num_rows: int, width: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.num_rows, self.capacity = num_rows, capacity
+        self.rows = torch.zeros(capacity + 1, width, dtype=dtype, device=device)
+        self.position = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
+        self.owner = torch.full((capacity + 1,), num_rows, dtype=torch.int64, device=device)
+        self.last_use = torch.full((capacity + 1,), -1, dtype=torch.int64, device=device)
+        self.tick = 0  # calls so far: the recency of a position (host-side counter)
+
+    @property
+    def nbytes(self) -> int:
+        tables = (self.rows, self.position, self.owner, self.last_use)
+        return sum(t.numel() * t.element_size() for t in tables)
+
+    def plan(self, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For ascending padded ids ``active`` [B] (B <= capacity): ``(fetch, dest, source)``,
+        each [B]: the ids to copy (the missing ones ascending, padded by repeats of the last;
+        one resident id when none is missing), and where slot row ``source[i]`` goes
+        (``dest[i]``, the trash row for the padding). The tables already say the rows are
+        here: write them (:meth:`fill`) before anything reads them."""
+        self.tick += 1
+        n, cap = active.numel(), self.capacity
+        trash_pos = torch.full_like(active, cap)
+        index = torch.arange(n, device=active.device)
+        pos = self.position[active]
+        hit = pos >= 0
+        # positions this call reads are the most recent: never chosen to make room
+        self.last_use.index_fill_(0, torch.where(hit, pos, trash_pos), self.tick)
+        missing = (~hit) & _distinct(active)
+        count = missing.sum()
+        order = torch.argsort((~missing).to(torch.int8), stable=True)  # missing first, ascending
+        last = (count - 1).clamp(min=0)
+        fetch = active[order][torch.minimum(index, last)]
+        victims = torch.argsort(self.last_use[:cap], stable=True)[:n]  # free (-1) first, then LRU
+        taken = index < count
+        dest = torch.where(taken, victims[index.clamp(max=victims.numel() - 1)], trash_pos)
+        trash_id = torch.full_like(active, self.num_rows)
+        # the rows evicted from the chosen positions are no longer on the device
+        old = self.owner[dest]
+        self.position.index_fill_(0, torch.where(taken, old, trash_id), -1)
+        self.position.index_put_((torch.where(taken, fetch, trash_id),), torch.where(taken, dest, -1))
+        self.position[self.num_rows] = -1
+        self.owner.index_put_((dest,), torch.where(taken, fetch, trash_id))
+        self.last_use.index_fill_(0, dest, self.tick)
+        return fetch, dest, torch.minimum(index, last)
+
+    def fill(self, dest: Tensor, source: Tensor, slot_rows: Tensor) -> None:
+        """Compute side, after the copy: the fetched rows into their positions."""
+        self.rows.index_copy_(0, dest, slot_rows.index_select(0, source).to(self.rows.dtype))
+
+    def local(self, neuron_ids: Tensor) -> Tensor:
+        """Each pick's row in :attr:`rows` (every id must be resident: :meth:`plan` first)."""
+        return self.position[neuron_ids.long()]
+
+    def gather(self, active: Tensor) -> Tensor:
+        """``[B, d]``: the rows of ``active`` in its order (what the backward stage reads)."""
+        return self.rows.index_select(0, self.position[active].clamp(min=0))
+
+    def forget(self, row_ids: Tensor) -> None:
+        """The master rows ``row_ids`` changed (an optimizer step): drop their device copies."""
+        if row_ids.numel() == 0:
+            return
+        ids = row_ids.to(self.position.device, torch.int64, non_blocking=True)
+        pos = self.position[ids]
+        held = pos >= 0
+        free = torch.where(held, pos, torch.full_like(pos, self.capacity))
+        self.owner.index_fill_(0, free, self.num_rows)
+        self.last_use.index_fill_(0, free, -1)
+        self.position.index_fill_(0, ids, -1)
+
+    def forget_all(self) -> None:
+        self.position.fill_(-1)
+        self.owner.fill_(self.num_rows)
+        self.last_use.fill_(-1)
+
+
+class GradientSums:
+    """One layer's gradient rows summed on the device across the micro-batches of a step."""
+
+    def __init__(self, num_rows: int, width: int, capacity: int, device: torch.device) -> None:
+        self.num_rows, self.capacity = num_rows, capacity
+        self.sums = torch.zeros(capacity + 1, width, dtype=torch.float32, device=device)
+        self.position = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
+        self.ids = torch.full((capacity + 1,), num_rows, dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.bound = 0  # host-known upper bound of ``count``
+
+    @property
+    def nbytes(self) -> int:
+        tables = (self.sums, self.position, self.ids)
+        return sum(t.numel() * t.element_size() for t in tables)
+
+    def room_for(self, num_ids: int) -> bool:
+        """Whether ``add`` of ``num_ids`` padded ids cannot overflow (host-known bounds)."""
+        return min(self.num_rows, self.bound + num_ids) <= self.capacity
+
+    def add(self, row_ids: Tensor, rows: Tensor) -> None:
+        """Sum ``rows`` [B, r + d] into the rows ``row_ids`` (ascending, padded by repeats of the
+        last id, whose rows are dropped). Check :meth:`room_for` first."""
+        n = row_ids.numel()
+        if not self.room_for(n):
+            raise RuntimeError(f"{n} gradient rows could overflow the sums ({self.bound} of {self.capacity}): flush first")
+        ids = row_ids.long()
+        distinct = _distinct(ids)
+        pos = self.position[ids]
+        new = (pos < 0) & distinct
+        rank = self.count + torch.cumsum(new, 0) - 1
+        trash = torch.full_like(ids, self.capacity)
+        target = torch.where(distinct, torch.where(new, rank, pos), trash)
+        self.position.index_put_((torch.where(new, ids, torch.full_like(ids, self.num_rows)),),
+                                 torch.where(new, target, -1))
+        self.position[self.num_rows] = -1
+        self.ids.index_put_((torch.where(new, target, trash),), torch.where(new, ids, self.num_rows))
+        self.sums.index_add_(0, target, rows.float())
+        self.count += new.sum()
+        self.bound = min(self.num_rows, self.bound + n)
+
+    def take(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The sums so far as ``(ids [n], rows [n, r + d])`` in ``dtype`` (fresh tensors, n the
+        host-known bound; padded as the module docstring says), and clear the sums; None when
+        nothing was added."""
+        n = min(self.bound, self.capacity)
+        if n == 0:
+            return None
+        index = torch.arange(n, device=self.sums.device)
+        valid = index < self.count
+        last = self.ids.index_select(0, (self.count - 1).clamp(min=0).view(1))
+        ids = torch.where(valid, self.ids[:n], last)
+        rows = self.sums[:n].to(dtype, copy=True)
+        self.position.index_fill_(0, self.ids[:n], -1)  # unused positions hold the trash id N
+        self.ids[:n] = self.num_rows
+        self.sums[:n].zero_()
+        self.sums[self.capacity].zero_()
+        self.count.zero_()
+        self.bound = 0
+        return ids, rows
+
+    def clear(self) -> None:
+        if self.bound:
+            self.take(self.sums.dtype)

@@ -1,0 +1,179 @@
+"""Residency "resident": value rows stay on the device across the micro-batches of a step and
+gradient rows are summed there; training equals placement "gpu" with the same lazy AdamW."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from fake_copy_engine import FakeCopyEngine
+from meft_triton import MEFTAdapter, MEFTConfig, OffloadedAdamW, SparseRowAdamW, reference
+from meft_triton.offload import CPURowStore, OffloadRuntime
+
+D = 12
+BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
+            value_init_std=1.0, router_init_scale=0.3, backend="torch")
+HYPER = dict(lr=1e-2, weight_decay=0.1, eps=1e-6)
+#: one call of 5 tokens x K_top 5 has at most 25 padded ids: a budget of 25 rows per layer
+#: holds one call, so a step's ~40 distinct rows force eviction
+def tight(layers=2):
+    return dict(value_budget=layers * 25 * D * 4, gradient_budget=layers * 25 * 2 * D * 4)
+
+
+def selected_rows(adapter, hidden):
+    cfg = adapter.config
+    flat = hidden.reshape(-1, adapter.hidden_size)
+    _, expert_ids, weights = reference.route(flat, adapter.router.weight, cfg.experts_per_token, cfg.gate)
+    _, neuron_ids, _ = reference.sparse_kv_forward(flat, adapter.keys, adapter.values, expert_ids, weights,
+                                                   cfg.neurons_per_expert, cfg.topk)
+    return neuron_ids.unique()
+
+
+def stacks(engine=None, layers=2, **changes):
+    """``layers`` placement-"gpu" adapters and the same under placement "cpu", residency
+    "resident", sharing one runtime (on ``engine``)."""
+    cfg = MEFTConfig(**{**BASE, **changes})
+    runtime = OffloadRuntime("cpu", torch.float32, D, engine=engine)
+    on_gpu = [MEFTAdapter(D, cfg.replace(residency="per-micro-batch")) for _ in range(layers)]
+    on_cpu = [MEFTAdapter(D, cfg.replace(placement="cpu", residency="resident"), runtime=runtime)
+              for _ in range(layers)]
+    for a, b in zip(on_gpu, on_cpu):
+        b.load_state_dict(a.state_dict())
+    return on_gpu, on_cpu, runtime
+
+
+def run(layers_, hidden, checkpointing=False):
+    for layer in layers_:
+        if checkpointing:
+            hidden = hidden + checkpoint(layer, hidden, use_reentrant=False)
+        else:
+            hidden = hidden + layer(hidden)
+    return hidden.square().mean()
+
+
+def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=False, frozen=None, tokens=5):
+    """``steps`` optimizer steps of ``micro_batches`` each on both stacks; the "gpu" stack's keys
+    and values follow a SparseRowAdamW fed with its dense gradients' selected rows (the lazy
+    AdamW placement "cpu" runs). ``frozen(step)``: the layers left out in that step (IST)."""
+    expected = [SparseRowAdamW(CPURowStore.from_dense(a.keys.detach().clone(), a.values.detach().clone()), **HYPER)
+                for a in on_gpu]
+    optimizer = OffloadedAdamW(on_cpu, **HYPER)
+    routers = torch.optim.AdamW([a.router.weight for a in on_gpu], lr=HYPER["lr"], eps=HYPER["eps"], weight_decay=0.0)
+    for step in range(steps):
+        left_out = frozen(step) if frozen else ()
+        for i, (a, b) in enumerate(zip(on_gpu, on_cpu)):
+            a.requires_grad_(i not in left_out)
+            b.requires_grad_(i not in left_out)
+        for _ in range(micro_batches):
+            hidden = torch.randn(tokens, D)
+            inputs, h = [], hidden
+            for a in on_gpu:  # each layer's input, for the rows it selects
+                inputs.append(h)
+                h = h + a(h)
+            for a in on_gpu:
+                a.keys.grad = a.values.grad = None
+            run(on_gpu, hidden).backward()
+            for i, (a, x) in enumerate(zip(on_gpu, inputs)):
+                if i not in left_out:
+                    rows = selected_rows(a, x.detach())
+                    expected[i].accumulate(rows, a.keys.grad[rows], a.values.grad[rows])
+            run(on_cpu, hidden, checkpointing).backward()
+        routers.step()
+        routers.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+        for a, e in zip(on_gpu, expected):
+            if e.pending_rows:
+                e.step()
+            with torch.no_grad():
+                a.keys.copy_(e.store.keys())
+                a.values.copy_(e.store.values())
+    for a, b in zip(on_gpu, on_cpu):
+        keys, values = b.master_rows()
+        torch.testing.assert_close(keys, a.keys.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(values, a.values.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b.router.weight, a.router.weight, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b.offload.key_cache.tensor, keys)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+@pytest.mark.parametrize("budgets", ["auto", "tight"])
+def test_training_equals_gpu_placement(seed, micro_batches, budgets):
+    on_gpu, on_cpu, runtime = stacks(**(tight() if budgets == "tight" else {}))
+    train_and_compare(on_gpu, on_cpu, steps=3, micro_batches=micro_batches)
+    capacity = on_cpu[0].offload.resident.capacity
+    assert capacity == (25 if budgets == "tight" else 48)
+    runtime.close()
+
+
+def test_gradient_checkpointing_and_frozen_layers(seed):
+    """Checkpointed layers (a recompute fetches nothing new) and IST's pattern: a layer left
+    out of a step computes dh only, sends no gradient rows, and its optimizer state stays."""
+    on_gpu, on_cpu, runtime = stacks(layers=3, **tight(3))
+    train_and_compare(on_gpu, on_cpu, steps=4, micro_batches=3, checkpointing=True,
+                      frozen=lambda step: {step % 3})
+    runtime.close()
+
+
+@pytest.mark.parametrize("engine_seed", [0, 1, 2])
+def test_randomized_fake_engine_schedules(seed, engine_seed):
+    """Copies that land late and out of order (the fake engine checks every slot read against
+    the copy it waited for), with eviction."""
+    engine = FakeCopyEngine(seed=engine_seed, async_compute=False, chunk_rows=3)
+    on_gpu, on_cpu, runtime = stacks(engine=engine, **tight())
+    train_and_compare(on_gpu, on_cpu, steps=2, micro_batches=3, tokens=3 + engine_seed)
+    engine.check()
+    assert engine.violations == []
+    runtime.close()
+
+
+def test_rows_cross_once_per_step_with_room(seed):
+    """With the budgets holding everything: each row the step touches crosses once to the
+    device (plus one row per call that found every row resident) and its summed gradient
+    once home, in the compute dtype; after the step only the changed rows are fetched again."""
+    on_gpu, on_cpu, runtime = stacks(layers=1)
+    layer = on_cpu[0]
+    layer.configure_optimizer(**HYPER)
+    width = 2 * D * 4
+    for step in range(2):
+        before_in, before_out = runtime.bytes_to_device, runtime.bytes_to_host
+        seen, calls_without_new = torch.empty(0, dtype=torch.long), 0
+        for _ in range(4):
+            hidden = torch.randn(5, D)
+            rows = selected_rows(on_gpu[0], hidden)
+            new = rows[~torch.isin(rows, seen)]
+            calls_without_new += 1 + (new.numel() == 0)  # the backward finds them all resident
+            seen = torch.cat([seen, new])
+            layer(hidden).square().sum().backward()
+        step_in = runtime.bytes_to_device - before_in
+        assert step_in == (seen.numel() + calls_without_new) * D * 4
+        assert runtime.bytes_to_host == before_out  # nothing home before the step
+        touched = layer.sparse_step().result()
+        assert touched.numel() == seen.numel()
+        assert runtime.bytes_to_host - before_out == min(48, 4 * 25) * (width + 8)
+        layer.master_rows()  # the key rows the step changed go back to the cache (counted)
+        with torch.no_grad():
+            on_gpu[0].keys.copy_(layer.offload.store.keys())
+    runtime.close()
+
+
+def test_budgets_below_one_call_are_named():
+    _, on_cpu, runtime = stacks(layers=2, value_budget=2 * 24 * D * 4)
+    with pytest.raises(ValueError, match=r"value_budget must hold one call's rows .* at least 2400 bytes"):
+        on_cpu[0](torch.randn(5, D))
+    runtime.close()
+    with pytest.raises(ValueError, match="gradient_budget must be 'auto' or an int >= 1"):
+        MEFTConfig(gradient_budget=0)
+    with pytest.raises(ValueError, match="residency must be one of"):
+        MEFTConfig(residency="always")
+
+
+def test_no_host_wait_on_the_training_thread(monkeypatch):
+    """The residency bookkeeping runs on the device: steady-state steps make no trapped call
+    outside the one global non-finite check (tests/test_host_waits.py's trap and model)."""
+    import test_host_waits as host_waits
+
+    monkeypatch.setattr(host_waits, "BASE", host_waits.BASE.replace(residency="resident"))
+    trap = host_waits.run_steps("cpu", "torch")
+    waits = host_waits.package_waits(trap, kernels=False)
+    assert all(w.site.startswith("meft_triton/optimizers/nonfinite.py") for w in waits), trap.report()
+    assert len(waits) <= host_waits.COUNTED_STEPS, trap.report()
