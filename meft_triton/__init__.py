@@ -3,13 +3,16 @@
 Public API: :class:`MEFTConfig` (with the paper's preset :meth:`MEFTConfig.paper_7b` and MEFT's
 expert-count rule :func:`meft_num_experts`), :class:`MEFTAdapter`, the transformers integration
 (:func:`attach_meft`, :func:`detach_meft`, :func:`save_adapter`, :func:`load_adapter`,
-:func:`create_meft_optimizer`), the row-sparse CPU optimizer :class:`SparseRowAdamW`, training
-checkpoints (:func:`save_training_state`, :func:`load_training_state`), the non-finite gradient
-error :class:`NonFiniteGradientError`, IST layer selection (:class:`ISTConfig`,
+:func:`create_meft_optimizer`), MEFT as a peft method (``MEFTPeftConfig``, ``MEFTModel``), the
+row-sparse CPU optimizer :class:`SparseRowAdamW`, training checkpoints
+(:func:`save_training_state`, :func:`load_training_state`), the non-finite gradient error
+:class:`NonFiniteGradientError`, IST layer selection (:class:`ISTConfig`,
 :class:`ISTScheduler`, ``ISTCallback`` for the HF Trainer), the SMT baseline (:class:`SMTConfig`,
 :class:`SMTWarmup`, :func:`apply_smt`, :func:`create_smt_optimizer`), and the oracle
 :mod:`meft_triton.reference`.
 """
+
+import sys
 
 from . import reference
 from .addons.ist import ISTConfig, ISTScheduler
@@ -24,6 +27,12 @@ from .optimizers.factory import create_meft_optimizer
 
 __version__ = "0.1.0"
 
+if "peft" in sys.modules:
+    # peft already loaded (importing it costs seconds, so it is never imported here on its own):
+    # register MEFT now, so PeftModel.from_pretrained knows peft_type "MEFT" in a new process
+    from .integration import peft_method  # noqa: F401
+
+
 def __getattr__(name: str):
     # ISTCallback subclasses transformers.TrainerCallback: importing meft_triton does not import
     # transformers until it is asked for.
@@ -31,12 +40,17 @@ def __getattr__(name: str):
         from .addons import ist
 
         return ist.ISTCallback
+    if name in ("MEFTPeftConfig", "MEFTModel"):
+        # peft (and with it transformers) is imported, and MEFT registered with it, on first use
+        from .integration import peft_method
+
+        return getattr(peft_method, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "ISTCallback", "ISTConfig", "ISTScheduler", "SMTConfig", "SMTWarmup", "apply_smt",
-    "create_smt_optimizer",
+    "create_smt_optimizer", "MEFTModel", "MEFTPeftConfig",
     "MEFTAdamW", "MEFTAdapter", "MEFTConfig", "NonFiniteGradientError", "NonFiniteGradientWarning",
     "OffloadedAdamW", "SparseRowAdamW", "__version__",
     "adapter_parameter_count", "attach_meft", "create_meft_optimizer", "detach_meft",

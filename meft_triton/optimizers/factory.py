@@ -23,7 +23,7 @@ def create_meft_optimizer(
     kind: str = "auto",
     nonfinite: str = "raise",
 ) -> torch.optim.Optimizer:
-    """An optimizer over the adapter parameters only, for a custom loop or the HF Trainer::
+    """The optimizer a model with MEFT adapters trains with, for a custom loop or the HF Trainer::
 
         trainer = Trainer(model=model, args=args, train_dataset=ds,
                           optimizers=(create_meft_optimizer(model, args), None))
@@ -35,6 +35,11 @@ def create_meft_optimizer(
     micro-batches (the loss is scaled by 1/steps, so gradients hold the mean), clips with
     ``max_grad_norm`` over the parameters with ``.grad`` and then calls ``step()`` and
     ``zero_grad()``.
+
+    It steps the MEFT adapters (found inside a peft ``PeftModel`` too) and every other parameter
+    that requires grad, e.g. a LoRA's (``get_peft_model`` on top of MEFT, or MEFT attached to a
+    LoRA ``PeftModel``): those in one more AdamW parameter group with ``weight_decay``. After
+    ``attach_meft`` alone the backbone is frozen and that group is absent.
 
     ``kind``: ``"adamw"`` (:class:`meft_triton.optimizers.nonfinite.MEFTAdamW`, a ``torch.optim.AdamW``
     over the adapter parameters that checks for non-finite gradients, placement "gpu"),
@@ -49,11 +54,14 @@ def create_meft_optimizer(
 
     ``nonfinite``: ``"raise"`` (default) or ``"skip"``, what a step does when a gradient holds
     NaN/Inf: either way nothing is written (see :mod:`meft_triton.nonfinite`); both kinds check
-    every adapter gradient before updating and name the layer, part and rows.
+    every adapter gradient before updating and name the layer, part and rows (``"adamw"`` the
+    other parameters' too; ``"sparse"`` checks MEFT's).
     """
     check_nonfinite_mode(nonfinite)
     params = meft_named_parameters(model)
     adapters = list(meft_adapters(model).values())
+    adapter_ids = {id(p) for adapter in adapters for p in adapter.parameters()}
+    others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
     if not adapters:
         raise ValueError(f"create_meft_optimizer: {type(model).__name__} has no MEFT adapters; "
                          "call attach_meft first")
@@ -77,13 +85,19 @@ def create_meft_optimizer(
         max_grad_norm = None
     # the same rules for both placements, before anything is created
     lr, betas, eps, weight_decay, max_grad_norm = check_adamw(lr, betas, eps, weight_decay, max_grad_norm)
+    others_group = {"params": [p for _, p in others], "weight_decay": weight_decay}
     if kind == "sparse":
-        return OffloadedAdamW(adapters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                              max_grad_norm=max_grad_norm, nonfinite=nonfinite,
-                              layer_ids=list(meft_adapters(model)))
+        optimizer = OffloadedAdamW(adapters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   max_grad_norm=max_grad_norm, nonfinite=nonfinite,
+                                   layer_ids=list(meft_adapters(model)))
+        if others:  # stepped by the same AdamW step as the routers
+            optimizer.add_param_group(others_group)
+        return optimizer
     decay = [p for n, p in params if not n.endswith("router.weight")]
     no_decay = [p for n, p in params if n.endswith("router.weight")]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if others:
+        groups.append(others_group)
     return MEFTAdamW(groups, lr=lr, betas=betas, eps=eps, nonfinite=nonfinite,
-                     param_names={id(p): n for n, p in params})
+                     param_names={id(p): n for n, p in [*params, *others]})
