@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from meft_triton import MEFTConfig
 from meft_triton.config import BACKWARD_ROWS, TRANSFERS
 
+from .data_parallel import Parallel
 from .inputs import DTYPE_BYTES, Batch, load_gpu, resolve_model
 from .planner import GiB, Budgets, best, plan, why_nothing_fits
 from .routing import load_profile, uniform_profile
@@ -46,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
     r = p.add_argument_group('resident policy budgets (default "auto": what the step needs, or what is free)')
     r.add_argument("--value-budget-gb", type=float)
     r.add_argument("--grad-budget-gb", type=float)
+    d = p.add_argument_group("data parallel (meft_triton.distributed)")
+    d.add_argument("--world-size", type=int, default=1, help="ranks, one GPU each; each trains --tokens x "
+                   "--micro-batches per step (default 1)")
+    d.add_argument("--gpus-per-node", type=int, help="ranks per node, sharing one CPU master under placement "
+                   "cpu (default: the world size up to 8)")
     p.add_argument("--json", action="store_true", help="one JSON record per candidate, one per line")
     return p
 
@@ -98,9 +104,11 @@ def run(argv: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[s
                uniform_profile(tokens=batch.tokens, topk=config.topk, **shape))
     budgets = Budgets(_gib_or_none("value-budget-gb", args.value_budget_gb),
                       _gib_or_none("grad-budget-gb", args.grad_budget_gb))
+    parallel = Parallel(args.world_size, args.gpus_per_node)
     records = plan(gpu, backbone, batch, config, profile, fixed=set(given), reserve_bytes=args.reserve_gb * GiB,
-                   budgets=budgets)
-    return records, dict(gpu=gpu, backbone=backbone, batch=batch, config=config, profile=profile, json=args.json)
+                   budgets=budgets, parallel=parallel)
+    return records, dict(gpu=gpu, backbone=backbone, batch=batch, config=config, profile=profile, json=args.json,
+                         parallel=parallel)
 
 
 def _fmt_gib(x: float) -> str:
@@ -121,6 +129,20 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             f"{_fmt_gib(r['cpu_ram_total_bytes'])} | {r['pcie_bytes_per_step'] / 1e9:.1f} | {ratio} | "
             f"{r['compute_s']:.3f} | {r['exposed_pcie_s']:.3f} | {r['exposed_cpu_s']:.3f} | "
             f"{r['predicted_step_s']:.3f} | {r['predicted_step_s'] / r['compute_s']:.2f} |")
+    return "\n".join(rows)
+
+
+def data_parallel_table(records: list[dict[str, Any]]) -> str:
+    """Per candidate: the CPU RAM of a node and the gradient bytes a rank sends per step."""
+    head = ("| placement | policy | backward_rows | transfer | CPU RAM per node GiB | gradient MB sent per rank "
+            "per step | dense all-reduce MB | keys/values reduced by |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        cpu = r["placement"] == "cpu"
+        rows.append(f"| {r['placement']} | {r['policy']} | {r['backward_rows'] if cpu else '–'} | "
+                    f"{r['transfer'] if cpu else '–'} | {_fmt_gib(r['cpu_ram_total_bytes'])} | "
+                    f"{r['grad_bytes_sent_per_rank'] / 1e6:.1f} | {r['grad_bytes_dense_allreduce'] / 1e6:.1f} | "
+                    f"{r['grad_reduction']} |")
     return "\n".join(rows)
 
 
@@ -149,7 +171,8 @@ def components_table(records: list[dict[str, Any]]) -> str:
     for n in ram_names:
         lines.append(f"| CPU: {n} | " + " | ".join(
             _fmt_gib(r["cpu_ram_bytes"][n]) if n in r["cpu_ram_bytes"] else "–" for r in cols) + " |")
-    lines.append("| **CPU RAM total** (host: " + _fmt_gib(cols[0]["host_ram_bytes"]) + ") | " +
+    per_node = " per node" if cols[0]["world_size"] > 1 else ""
+    lines.append(f"| **CPU RAM total{per_node}** (host: " + _fmt_gib(cols[0]["host_ram_bytes"]) + ") | " +
                  " | ".join(f"**{_fmt_gib(r['cpu_ram_total_bytes'])}**" for r in cols) + " |")
     return "\n".join(lines)
 
@@ -163,7 +186,13 @@ def report(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
             f"K_top = {config.topk}; {batch.tokens} tokens x {batch.micro_batches} micro-batches per step, "
             f"{batch.dtype}{', gradient checkpointing' if batch.checkpointing else ''}; routing: {profile.source} "
             f"(layer 0: {layer.per_micro_batch[0]} rows per micro-batch, {layer.per_step} per step)")
+    parallel = ctx["parallel"]
+    if parallel.world_size > 1:
+        head += (f"; data parallel: {parallel.world_size} ranks, {parallel.gpus_per_node} per node "
+                 f"({parallel.nodes} node{'s' if parallel.nodes > 1 else ''}), each with this batch")
     out = [head, "", summary_table(records), "", components_table(records), ""]
+    if parallel.world_size > 1:
+        out[-1:-1] = ["", data_parallel_table(records)]
     chosen = best(records)
     if chosen is None:
         out.append(why_nothing_fits(records))

@@ -1,5 +1,6 @@
 """One record per candidate (placement, residency policy, backward_rows, transfer): GPU and CPU
-bytes by component, PCIe bytes per step against their floor, and the predicted step time."""
+bytes by component, PCIe bytes per step against their floor, and the predicted step time; for a
+data-parallel run also the CPU RAM of a node and the gradient bytes a rank sends (data_parallel)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from meft_triton import MEFTConfig
 
+from .data_parallel import Parallel, gradient_bytes, node_ram_bytes
 from .inputs import GPU, Backbone, Batch
 from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, gpu_placement_bytes
 from .routing import RoutingProfile
@@ -52,9 +54,12 @@ def _share_options(free: float, need_v: float, need_g: float, budgets: Budgets) 
 
 def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile: RoutingProfile, *,
              placement: str, policy: str, backward_rows: str, transfer: str, reserve_bytes: float,
-             budgets: Budgets = Budgets(), shares: tuple[float, float] | None = None) -> dict[str, Any]:
+             budgets: Budgets = Budgets(), shares: tuple[float, float] | None = None,
+             parallel: Parallel = Parallel()) -> dict[str, Any]:
     """One candidate's record. ``shares``: the resident budgets as shares of the step's need
-    (None: from ``budgets``, the fastest split when "auto" cannot hold everything)."""
+    (None: from ``budgets``, the fastest split when "auto" cannot hold everything).
+    ``parallel``: the data-parallel layout; CPU RAM is then per node (``cpu_ram_*``, against
+    the host's RAM) and ``grad_bytes_sent_per_rank`` counts the gradient exchange."""
     d = backbone.hidden_size
     r = config.low_key_dim or d
     cfg = config.replace(placement=placement, backward_rows=backward_rows, transfer=transfer)
@@ -83,7 +88,7 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
             options = [shares] if shares is not None else _share_options(free, need_v, need_g, budgets)
             if len(options) > 1:
                 again = dict(placement=placement, policy=policy, backward_rows=backward_rows, transfer=transfer,
-                             reserve_bytes=reserve_bytes, budgets=budgets)
+                             reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel)
                 return min((evaluate(gpu, backbone, batch, config, profile, shares=o, **again) for o in options),
                            key=lambda rec: rec["predicted_step_s"])
             value_share, grad_share = options[0]
@@ -93,6 +98,7 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
                                              value_share=value_share, grad_share=grad_share))
         ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
                             topk=config.topk, policy=policy, transfer=transfer)
+        ram = node_ram_bytes(ram, profile, num_neurons=config.num_neurons, row_width=r + d, parallel=parallel)
         traffic = [layer_traffic(layer, policy=policy, hidden=d, key_width=r, es=batch.es,
                                  backward_rows=backward_rows, transfer=transfer,
                                  id_bound=min(config.num_neurons, batch.tokens * config.topk), value_share=value_share,
@@ -109,6 +115,13 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
     total = sum(gpu_bytes.values())
     compute_s = compute.step_s(batch.micro_batches)
     over_gpu, over_ram = total - usable, sum(ram.values()) - gpu.host_ram_bytes
+    grads = gradient_bytes(profile, placement=placement, num_neurons=config.num_neurons,
+                           num_experts=config.num_experts, hidden=d, key_width=r,
+                           low_key=config.low_key_dim is not None, parallel=parallel)
+    record.update(
+        world_size=parallel.world_size, gpus_per_node=parallel.gpus_per_node,
+        grad_bytes_sent_per_rank=grads["sent"], grad_bytes_dense_allreduce=grads["dense"],
+        grad_reduction=grads["reduction"])
     record.update(
         fits=over_gpu <= 0 and over_ram <= 0,
         gpu_bytes=gpu_bytes, cpu_ram_bytes=ram,
@@ -141,16 +154,17 @@ def config_line(cfg: MEFTConfig, record: dict) -> str:
 
 def plan(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile: RoutingProfile, *,
          fixed: set[str] = frozenset(), reserve_bytes: float = GiB,
-         budgets: Budgets = Budgets()) -> list[dict[str, Any]]:
+         budgets: Budgets = Budgets(), parallel: Parallel = Parallel()) -> list[dict[str, Any]]:
     """Every candidate's record. ``fixed``: MEFT fields the user set (backward_rows, transfer),
-    which are then not varied."""
+    which are then not varied. ``parallel``: world size and GPUs per node (default: one
+    process)."""
     if profile.micro_batches() != batch.micro_batches:
         raise ValueError(f"the routing profile has {profile.micro_batches()} micro-batches per step, "
                          f"the batch {batch.micro_batches}")
     if len(profile.layers) != backbone.layers:
         raise ValueError(f"the routing profile has {len(profile.layers)} layers, the model {backbone.layers}")
     return [evaluate(gpu, backbone, batch, config, profile, placement=p, policy=pol, backward_rows=b,
-                     transfer=t, reserve_bytes=reserve_bytes, budgets=budgets)
+                     transfer=t, reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel)
             for p, pol, b, t in _candidates(config, set(fixed))]
 
 
