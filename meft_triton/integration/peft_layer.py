@@ -21,9 +21,24 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layer.adapter import MEFTAdapter
+
+
+class RowStoreEntry(nn.Module):
+    """Placement "cpu": an empty child named ``keys`` / ``values`` standing for the state-dict
+    entry of that name, which comes from the CPU row store (not a parameter or buffer: those
+    would move to the device with the model). peft finds an adapter's state by the names of its
+    tuner layers' children, parameters and buffers; this name is how a LoRA ``PeftModel``'s
+    ``save_pretrained`` and ``load_adapter`` include MEFT's master rows."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return f"the CPU row store's {self.name}"
 
 
 class DisabledRouting:
@@ -37,6 +52,12 @@ class MEFTTunerLayer(MEFTAdapter, BaseTunerLayer):
     """:class:`MEFTAdapter` as a peft tuner layer. Its adapter state is the whole module (MEFT
     holds one adapter per layer: no per-adapter-name dictionaries), and while peft disables
     adapters it adds zero (the FFN's output is left bitwise unchanged)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.offload is not None:
+            for name in ("keys", "values"):
+                self.add_module(name, RowStoreEntry(name))
 
     @property
     def weight(self) -> Tensor:
@@ -76,4 +97,4 @@ class MEFTTunerLayer(MEFTAdapter, BaseTunerLayer):
             super().abandon_routing(routed)
 
 
-__all__ = ["DisabledRouting", "MEFTTunerLayer"]
+__all__ = ["DisabledRouting", "MEFTTunerLayer", "RowStoreEntry"]

@@ -164,22 +164,33 @@ def _trainer(model, out, max_steps):
                                 optimizers=(create_meft_optimizer(model, args), None))
 
 
+def meft_peft_model(model, placement):
+    return get_peft_model(model, MEFTPeftConfig(**SIZES, placement=placement))
+
+
+def lora_over_attached_meft(model, placement):
+    return get_peft_model(attach_meft(model, MEFTConfig(**SIZES, placement=placement)), lora_config())
+
+
+@pytest.mark.parametrize("build", [meft_peft_model, lora_over_attached_meft])
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_path, placement):
-    config = MEFTPeftConfig(**SIZES, placement=placement)
-    full = get_peft_model(llama(), config)
-    start = meft_state(full)
+def test_trainer_checkpoints_hold_the_adapters_only_and_resume(tmp_path, placement, build):
+    full = build(llama(), placement)
+    start = {n: p.detach().clone() for n, p in full.named_parameters() if "lora_" in n} | meft_state(full)
     _trainer(full, tmp_path / "full", 4).train()
-    trained = meft_state(full)
+    trained = {n: p.detach().clone() for n, p in full.named_parameters() if "lora_" in n} | meft_state(full)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert all(not torch.equal(trained[k], start[k]) for k in start if "lora_B" in k)
     checkpoint = tmp_path / "full" / "checkpoint-2"
     files = {p.name for p in checkpoint.iterdir()}
     assert "adapter_model.safetensors" in files and "optimizer.pt" in files
     assert not files & {"model.safetensors", "pytorch_model.bin"}
 
-    resumed = get_peft_model(fresh_llama(), MEFTPeftConfig(**SIZES, placement=placement))
+    resumed = build(fresh_llama(), placement)
     _trainer(resumed, tmp_path / "resumed", 4).train(resume_from_checkpoint=str(checkpoint))
-    for key, tensor in meft_state(resumed).items():
+    now = {n: p.detach().clone() for n, p in resumed.named_parameters() if "lora_" in n} | meft_state(resumed)
+    assert now.keys() == trained.keys()
+    for key, tensor in now.items():
         torch.testing.assert_close(tensor, trained[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
@@ -204,8 +215,10 @@ def test_lora_on_top_of_attach_meft_keeps_meft_trainable_and_one_optimizer_train
     assert all(not torch.equal(p, before) for p, before in zip(meft_parameters(pm), routers))
 
 
-def test_lora_peft_model_saves_and_reloads_the_meft_beside_it(tmp_path):
-    pm = get_peft_model(attach_meft(llama(), MEFTConfig(**SIZES)), lora_config())
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_lora_peft_model_saves_and_reloads_the_meft_beside_it(tmp_path, placement):
+    config = MEFTConfig(**SIZES, placement=placement)
+    pm = get_peft_model(attach_meft(llama(), config), lora_config())
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -216,7 +229,7 @@ def test_lora_peft_model_saves_and_reloads_the_meft_beside_it(tmp_path):
 
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert any(".mlp.adapter.values" in k for k in keys) and any("lora_B" in k for k in keys)
-    loaded = PeftModel.from_pretrained(attach_meft(fresh_llama(), MEFTConfig(**SIZES)), tmp_path)
+    loaded = PeftModel.from_pretrained(attach_meft(fresh_llama(), config), tmp_path)
     assert torch.equal(logits(loaded), out)
 
 
