@@ -48,6 +48,12 @@ class ResidentValues:
         self.owner = torch.full((capacity + 1,), num_rows, dtype=torch.int64, device=device)
         self.last_use = torch.full((capacity + 1,), -1, dtype=torch.int64, device=device)
         self.tick = 0  # calls so far: the recency of a position (host-side counter)
+        self.forgets = 0  # forget calls so far (host-side)
+
+    def still_holds(self, forgets: int) -> bool:
+        """Whether every row resident when :attr:`forgets` was ``forgets`` still is (host-known:
+        with room for every row nothing is evicted, so only a forget drops rows)."""
+        return self.capacity >= self.num_rows and self.forgets == forgets
 
     @property
     def nbytes(self) -> int:
@@ -102,6 +108,7 @@ class ResidentValues:
         """The master rows ``row_ids`` changed (an optimizer step): drop their device copies."""
         if row_ids.numel() == 0:
             return
+        self.forgets += 1
         ids = row_ids.to(self.position.device, torch.int64, non_blocking=True)
         pos = self.position[ids]
         held = pos >= 0
@@ -111,6 +118,7 @@ class ResidentValues:
         self.position.index_fill_(0, ids, -1)
 
     def forget_all(self) -> None:
+        self.forgets += 1
         self.position.fill_(-1)
         self.owner.fill_(self.num_rows)
         self.last_use.fill_(-1)

@@ -56,6 +56,7 @@ class RoutedTokens:
     cache: RowCache | None = None
     active: Tensor | None = None  # residency "resident": the padded distinct ids of the call
     fill: tuple[Tensor, Tensor] | None = None  # and where its fetched rows go (dest, source)
+    resident_as_of: tuple[ResidentValues, int] | None = None  # the tables and their forgets then
 
 
 class OffloadedRows:
@@ -245,7 +246,8 @@ class OffloadedRows:
         if self.is_resident:  # rows on the device serve every call until the step changes them
             ticket, fill = self.fetch_resident(active, "forward")
             return RoutedTokens(flat, expert_ids, gate_weights, gate_lse, neuron_ids, activations, local_ids,
-                                ticket, hidden.dtype, hidden.shape, active=active, fill=fill)
+                                ticket, hidden.dtype, hidden.shape, active=active, fill=fill,
+                                resident_as_of=(self.resident, self.resident.forgets))
         cache = self.runtime.row_cache if not torch.is_grad_enabled() else None
         cached = cache.get(self.layer) if cache is not None else None
         fetch = active
@@ -346,8 +348,10 @@ class _OffloadedValues(torch.autograd.Function):
                 slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
                 routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
 
-        if routed.fill is not None:  # the forward's rows, fetched again only if evicted since
-            rows.fill_resident(*rows.fetch_resident(routed.active, "backward"))
+        if routed.fill is not None:  # the forward's rows, fetched again unless surely still there
+            tables, forgets = routed.resident_as_of
+            if tables is not rows.resident or not tables.still_holds(forgets):
+                rows.fill_resident(*rows.fetch_resident(routed.active, "backward"))
             grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(
                 rows.resident.gather(routed.active))
             if trained:

@@ -14,14 +14,23 @@ counts (``OffloadRuntime.bytes_to_device`` / ``bytes_to_host``):
 * after the step (offload/key_cache.py ``write_back``): the key rows the update changed (every
   row the step touched, V x r) into the device key cache in the compute dtype.
 
-``resident`` is the design target (the issue "Placement cpu that pays", item 1): a value row
-crosses once per step, when the step first touches it, and serves every later micro-batch;
-gradient rows are summed on the device and cross once per step in the compute dtype (with
-their int64 ids); the key write-back is as today. With budgets smaller than what the step
-needs, a share 1 - f of the rows is assumed evicted: those are fetched again by every
-micro-batch that uses them (and by its backward under "refetch"), and that share of the
-gradient rows crosses after every micro-batch. This interpolates linearly between the exact
-ends (f = 1: resident; f = 0: per micro-batch in the compute dtype): an estimate.
+``resident`` (``MEFTConfig(residency="resident")``, meft_triton/offload/resident.py), counted
+exactly as its runtime counts with budgets that hold every row:
+
+* forward: the rows the micro-batch touches first in the step (the rows the previous step
+  changed were dropped from the device), at least one: a call that finds every row resident
+  still hands the copy engine one row (the padded-ids contract has no empty list);
+* backward: nothing (with room for every row nothing is evicted, and the host knows it);
+* gradient rows: summed on the device and sent home once per step in the compute dtype, with
+  their int64 ids: the host-known bound of the distinct rows, min(N, M x B) for M
+  micro-batches of B = min(N, T x K_top) padded ids each (N when ``num_neurons`` is not given
+  and B = N; else an estimate, max(B, V));
+* the key write-back as today.
+
+With budgets smaller than what the step needs, a share 1 - f of the rows is assumed evicted:
+those are fetched again by every call that uses them, forward and backward, and that share
+of the gradient rows crosses after every micro-batch. This interpolates linearly between the
+exact ends: an estimate.
 
 The floor (DESIGN.md, "Performance model"): each row the step touches crosses once each way in
 the compute dtype, 2 V (r + d) bytes x its element size; ids are not part of it.
@@ -68,10 +77,11 @@ class LayerTraffic:
 
 def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width: int, es: int,
                   backward_rows: str, transfer: str, id_bound: int, value_share: float = 1.0,
-                  grad_share: float = 1.0) -> LayerTraffic:
+                  grad_share: float = 1.0, num_neurons: int | None = None) -> LayerTraffic:
     """Bytes of one layer. ``id_bound``: min(N, T x K_top), the length of a call's padded ids.
     ``value_share`` / ``grad_share`` (resident only): the share of the step's rows the value
-    and gradient budgets hold (1: all)."""
+    and gradient budgets hold (1: all). ``num_neurons``: N (resident: bounds the gradient rows
+    sent home)."""
     d, r, v = hidden, key_width, routing.per_step
     refetch = backward_rows == "refetch"
     floor = 2.0 * v * (r + d) * es
@@ -92,8 +102,15 @@ def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width:
     evicted_v, evicted_g = 1.0 - value_share, 1.0 - grad_share
     h2d = []
     for u, new in zip(routing.per_micro_batch, routing.first_touch):
-        rows = new + evicted_v * (u - new) + (evicted_v * u if refetch else 0.0)
-        h2d.append(rows * d * es)
-    d2h = tuple(evicted_g * (u * (r + d) * es + u * ID_BYTES) for u in routing.per_micro_batch)
+        forward = max(1.0, new + evicted_v * (u - new))
+        backward = max(1.0, evicted_v * u) if evicted_v else 0.0
+        h2d.append((forward + backward) * d * es)
+    grad_row = (r + d) * es + ID_BYTES
+    d2h = tuple(evicted_g * id_bound * grad_row for _ in routing.per_micro_batch)
+    micro_batches = len(routing.per_micro_batch)
+    if num_neurons is not None:
+        sent = min(num_neurons, micro_batches * id_bound)
+    else:
+        sent = max(id_bound, v) if micro_batches > 1 else id_bound
     return LayerTraffic(h2d_mb=tuple(h2d), d2h_mb=d2h, wire_h2d_mb=tuple(h2d), boundary_h2d=keys_back,
-                        boundary_d2h=grad_share * (v * (r + d) * es + v * ID_BYTES), floor=floor)
+                        boundary_d2h=grad_share * sent * grad_row, floor=floor)
