@@ -8,6 +8,9 @@ ranks (which write the same bytes into the node's shared store while the leaders
 next step equals the uninterrupted run's bitwise. A rank whose save or load fails makes every
 rank raise (:class:`~.topology.PeerFailedError` on the others) instead of waiting.
 RNG states are rank 0's; pass ``restore_rng=False`` where ranks must keep their own.
+A model sharded by FSDP2 (:func:`~.fsdp.shard_meft_model`) holds no rank's full adapters:
+both functions refuse it, before anything is written or read (save and resume it with
+``torch.distributed.checkpoint``).
 """
 
 from __future__ import annotations
@@ -36,10 +39,20 @@ def _agree(error: BaseException | None, what: str, topology: NodeTopology) -> No
         raise PeerFailedError(f"rank {topology.rank}: {what} failed on rank {failed[0][0]}: {failed[0][1]}")
 
 
+def _refuse_sharded(model, what: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(f"{what}: the model's parameters are sharded by FSDP (DTensor), so no rank holds "
+                         "the full adapters; save and load it with torch.distributed.checkpoint "
+                         "(get_state_dict / set_state_dict)")
+
+
 def save_node_state(model, optimizer, path: str | os.PathLike, *, step: int, topology: NodeTopology,
                     **kwargs: Any) -> Path:
     """Global rank 0 saves (``save_training_state``'s keywords pass through); every rank calls
     it and returns once the checkpoint is committed."""
+    _refuse_sharded(model, "save_node_state")
     error = None
     if topology.rank == 0:
         try:
@@ -54,6 +67,7 @@ def load_node_state(model, optimizer, path: str | os.PathLike, *, topology: Node
                     **kwargs: Any) -> int:
     """Every rank loads ``path`` (``load_training_state``'s keywords pass through): the node
     leaders, then the others. Returns the saved step."""
+    _refuse_sharded(model, "load_node_state")
     step = None
     for leaders_turn in (True, False):
         error = None

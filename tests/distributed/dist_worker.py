@@ -53,8 +53,13 @@ def fsdp_gpu(out: Path, rank: int, world: int) -> None:
     full = {}
     for i, a in enumerate(sc.adapters_of(model)):
         full.update({f"{i}.keys": a.keys, f"{i}.values": a.values, f"{i}.router": a.router.weight})
+    try:  # no rank holds the full adapters: the node checkpoint must refuse, writing nothing
+        save_node_state(model, opt, out / "ckpt", step=STEPS, topology=node_topology(), rng=False)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
     torch.save({"masters": {k: v.full_tensor().detach().clone() for k, v in full.items()},
-                "local_key_rows": adapter.keys.to_local().shape[0]}, out / f"rank{rank}.pt")
+                "local_key_rows": adapter.keys.to_local().shape[0], "refused": refused}, out / f"rank{rank}.pt")
 
 
 def node_cpu(out: Path, rank: int, world: int) -> None:

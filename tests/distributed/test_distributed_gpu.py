@@ -79,6 +79,8 @@ def test_fsdp2_equals_one_process_with_rows_sharded(tmp_path):
             torch.testing.assert_close(got["masters"][name], tensor, rtol=0, atol=1e-6, msg=name)
         # each rank keeps half of a 64-row table between steps
         assert got["local_key_rows"] == sc.config("gpu").num_neurons // world
+        assert "torch.distributed.checkpoint" in got["refused"]
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_shard_meft_model_rejects_what_it_cannot_shard():
