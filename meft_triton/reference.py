@@ -29,9 +29,17 @@ nothing and get zero gradients.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 GATES = ("logit", "softmax")
+
+
+def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]`` ([*ids.shape, width]) through an embedding lookup: its backward sums the
+    gradient rows of a repeated id in index order, the same bits at any thread count (indexing's
+    backward on CPU adds them with parallel atomics, in a thread-dependent order)."""
+    return F.embedding(ids.long(), table)
 
 
 def _check_gate(gate: str) -> None:
@@ -76,7 +84,7 @@ def route(
         if gate == "softmax":
             gate_logits = logits.gather(1, expert_ids)
         else:
-            gate_logits = torch.einsum("td,tpd->tp", x, router_weight[expert_ids])
+            gate_logits = torch.einsum("td,tpd->tp", x, gather_rows(router_weight, expert_ids))
     if gate == "logit":
         gate_weights = gate_logits
     else:
@@ -95,7 +103,7 @@ def candidate_scores(hidden: Tensor, keys: Tensor, expert_ids: Tensor, gate_weig
     """Step 2: s_j = w_e * (K_j . x) for the P * S candidates of each token, [T, P * S]
     (``hidden`` is the key input x)."""
     cands = candidate_ids(expert_ids, neurons_per_expert)
-    raw = torch.einsum("td,tcd->tc", hidden, keys[cands])
+    raw = torch.einsum("td,tcd->tc", hidden, gather_rows(keys, cands))
     weights = gate_weights.repeat_interleave(neurons_per_expert, dim=1)
     return weights * raw
 
@@ -144,7 +152,7 @@ def selected_scores(hidden: Tensor, keys: Tensor, expert_ids: Tensor, gate_weigh
     owner = neuron_ids // neurons_per_expert
     match = owner[:, :, None] == expert_ids.long()[:, None, :]
     weight = (match.to(gate_weights.dtype) * gate_weights[:, None, :]).sum(-1)
-    return weight * torch.einsum("td,tkd->tk", hidden, keys[neuron_ids])
+    return weight * torch.einsum("td,tkd->tk", hidden, gather_rows(keys, neuron_ids))
 
 
 def _check_topk(topk, num_neurons: int) -> None:
@@ -189,7 +197,7 @@ def sparse_kv_forward(
     neuron_ids = neuron_ids.long()
     scores = selected_scores(x, keys, expert_ids, gate_weights, neuron_ids, neurons_per_expert)
     activations = torch.relu(scores)
-    y = torch.einsum("tk,tkd->td", activations, values[neuron_ids])
+    y = torch.einsum("tk,tkd->td", activations, gather_rows(values, neuron_ids))
     return y, neuron_ids, activations
 
 
