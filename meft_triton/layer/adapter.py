@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..config import MEFTConfig
 from ..validation import check_int
+from . import compiled_offload
 from .backend import resolve_backend
 
 
@@ -157,22 +158,42 @@ class MEFTAdapter(nn.Module):
         return F.linear(flat, self.low_key.weight.to(flat.dtype))
 
     # -- placement "cpu" -----------------------------------------------------------------------
+    # ``offload`` is a property so that attaching a row store also registers the adapter for
+    # the compiled path (layer/compiled_offload.py): the graph carries the handle, an int Dynamo
+    # guards on, and the handle must exist before the first call is traced.
+    @property
+    def offload(self):
+        """Placement "cpu": the layer's :class:`~meft_triton.offload.rows.OffloadedRows` (None under "gpu")."""
+        return self.__dict__["_offload_rows"]
+
+    @offload.setter
+    def offload(self, rows) -> None:
+        self.__dict__["_offload_rows"] = rows
+        self.__dict__["offload_handle"] = None if rows is None else compiled_offload.register_layer(self)
+
     def start_routing(self, hidden: Tensor):
-        """Placement "cpu", stage 1 (before the backbone FFN): route, select, start the copy."""
+        """Placement "cpu", stage 1 (before the backbone FFN): route, select, start the copy.
+        Under ``torch.compile`` the stage is one opaque op (:mod:`.compiled_offload`)."""
         self._require_cpu_placement("start_routing")
         check_hidden(hidden, self.hidden_size, self.router.weight.device)
+        if torch.compiler.is_compiling():
+            return compiled_offload.start(self, hidden)
         return self.offload.start_routing(hidden)
 
     def finish_values(self, routed) -> Tensor:
         """Placement "cpu", stage 2 (after the FFN): y from the copied value rows."""
         self._require_cpu_placement("finish_values")
+        if isinstance(routed, compiled_offload.CompiledRouting):
+            return compiled_offload.finish(self, routed)
         return self.offload.finish_values(routed)
 
     def abandon_routing(self, routed) -> None:
         """Placement "cpu": give back a ``start_routing`` whose ``finish_values`` will not run
-        (the code between them raised); its copy is cancelled and its slot freed."""
+        (the code between them raised); its copy is cancelled and its slot freed (a compiled
+        call's when its token is dropped)."""
         self._require_cpu_placement("abandon_routing")
-        self.offload.abandon(routed)
+        if not isinstance(routed, compiled_offload.CompiledRouting):
+            self.offload.abandon(routed)
 
     def configure_optimizer(self, **hyper):
         """Placement "cpu": the row-sparse AdamW (meft_triton.optimizers.SparseRowAdamW keywords)

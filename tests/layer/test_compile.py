@@ -1,0 +1,130 @@
+"""torch.compile(fullgraph=True), inductor on CPU: compiled training equals eager training under
+both placements (forward, every gradient, the key/value rows after optimizer steps), for a bare
+adapter and for a tiny transformers model with adapters attached. fullgraph=True turns any
+graph break into an error."""
+
+import pytest
+import torch
+
+from meft_triton import MEFTAdapter, MEFTConfig, attach_meft, create_meft_optimizer, meft_adapters
+
+BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
+            value_init_std=1.0, router_init_scale=0.3, backend="torch")
+PLACEMENTS = ["gpu", "cpu"]
+STEPS = 3
+TOL = dict(rtol=1e-5, atol=1e-6)  # inductor fuses the graph's fp32 arithmetic in another order
+
+
+def rows_of(adapter):
+    keys, values = adapter.master_rows()
+    return keys.detach().clone(), values.detach().clone()
+
+
+def adapter_twins(placement, **changes):
+    cfg = MEFTConfig(**{**BASE, "placement": placement, **changes})
+    eager = MEFTAdapter(12, cfg)
+    compiled = MEFTAdapter(12, cfg)
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def adapter_optimizers(adapter):
+    if adapter.offload is None:
+        return [torch.optim.AdamW(adapter.parameters(), lr=1e-2)]
+    adapter.configure_optimizer(lr=1e-2)
+    return [torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)]
+
+
+def adapter_step(adapter, optimizers):
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+    if adapter.offload is not None:
+        adapter.sparse_step()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("low_key_dim", [None, 5])
+def test_compiled_adapter_trains_like_eager(seed, placement, low_key_dim):
+    eager, model = adapter_twins(placement, low_key_dim=low_key_dim, gate="softmax" if low_key_dim else "logit")
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    optimizers = [adapter_optimizers(eager), adapter_optimizers(model)]
+    for _ in range(STEPS):
+        hidden, target = torch.randn(3, 7, 12), torch.randn(3, 7, 12)
+        inputs = [hidden.clone().requires_grad_(), hidden.clone().requires_grad_()]
+        outputs = [eager(inputs[0]), compiled(inputs[1])]
+        torch.testing.assert_close(outputs[1], outputs[0], **TOL)
+        for out in outputs:
+            (out - target).square().mean().backward()
+        torch.testing.assert_close(inputs[1].grad, inputs[0].grad, **TOL)
+        for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad, **TOL, msg=name)
+        for adapter, opts in zip((eager, model), optimizers):
+            adapter_step(adapter, opts)
+    for want, got in zip(rows_of(eager), rows_of(model)):
+        torch.testing.assert_close(got, want, **TOL)
+    assert not torch.equal(rows_of(model)[1], rows_of(adapter_twins(placement)[0])[1])  # it trained
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_compiled_adapter_without_grad(seed, placement):
+    """A no-grad call (evaluation) gives the same y and keeps nothing for a backward."""
+    from meft_triton.layer import compiled_offload
+
+    eager, model = adapter_twins(placement)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    hidden = torch.randn(23, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(hidden), eager(hidden), **TOL)
+    assert not compiled_offload.CALLS
+
+
+def test_dropped_compiled_call_frees_its_state(seed):
+    """An output dropped without a backward gives the call's graph back."""
+    from meft_triton.layer import compiled_offload
+
+    _, model = adapter_twins("cpu")
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    y = compiled(torch.randn(5, 12, requires_grad=True))
+    assert compiled_offload.CALLS
+    del y
+    assert not compiled_offload.CALLS
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_model_twins(placement):
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                      max_position_embeddings=64)
+    cfg = MEFTConfig(num_neurons=64, num_experts=8, experts_per_token=2, topk=6, value_init_std=0.05,
+                     backend="torch", placement=placement)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(attach_meft(transformers.AutoModelForCausalLM.from_config(config), cfg))
+    return models
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_compiled_attached_model_trains_like_eager(placement):
+    eager, model = tiny_model_twins(placement)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    optimizers = [create_meft_optimizer(m, lr=1e-2) for m in (eager, model)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        ids = torch.randint(3, 100, (2, 9), generator=gen)
+        losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
+        torch.testing.assert_close(losses[1], losses[0], **TOL)
+        for loss in losses:
+            loss.backward()
+        grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (eager, model)]
+        for want, got in zip(*grads):
+            torch.testing.assert_close(got, want, **TOL)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    for a_eager, a_compiled in zip(meft_adapters(eager).values(), meft_adapters(model).values()):
+        for want, got in zip(rows_of(a_eager), rows_of(a_compiled)):
+            torch.testing.assert_close(got, want, **TOL)
