@@ -213,6 +213,10 @@ class CudaCopyEngine(CopyEngine):
                     handle.start_event = self._event()
                     handle.start_event.record(self.h2d_stream)
                 slot.tensor[:rows].copy_(staging, non_blocking=True)
+                # the slot was allocated on the compute stream: if its pool is dropped (slots
+                # regrown, an engine healed) while this copy, even a cancelled lookahead's that
+                # had started, still writes, the allocator must not hand the memory out before
+                slot.tensor.record_stream(self.h2d_stream)
                 done = self._event(blocking=True)
                 done.record(self.h2d_stream)
             slot.staging_free = done
@@ -239,6 +243,7 @@ class CudaCopyEngine(CopyEngine):
             else:
                 ids_dev = (ids if ids.is_pinned() else ids.pin_memory()).to(self.device, non_blocking=True)
             self._gather(host_rows, ids_dev, slot.tensor[:n])  # padding included: its count is device data
+            slot.tensor.record_stream(stream)  # as in copy_in's cpu_gather job
             done = self._event(blocking=True)
             done.record(stream)
         if ids.is_cuda:

@@ -105,6 +105,13 @@ def test_training_equals_gpu_placement(seed, micro_batches, budgets):
     runtime.close()
 
 
+def test_kernel_backend(seed):
+    """The Triton stages read the resident rows (values) and their gathered view (backward)."""
+    on_gpu, on_cpu, runtime = stacks(backend="triton", **tight())
+    train_and_compare(on_gpu, on_cpu, steps=2, micro_batches=2)
+    runtime.close()
+
+
 def test_gradient_checkpointing_and_frozen_layers(seed):
     """Checkpointed layers (a recompute fetches nothing new) and IST's pattern: a layer left
     out of a step computes dh only, sends no gradient rows, and its optimizer state stays."""
