@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dist_scenarios as sc
 from meft_triton.distributed import (NodeSharedAdamW, load_node_state, node_topology,
-                                     register_row_sparse_hook, save_node_state, shard_meft_model)
+                                     load_sharded_state, register_row_sparse_hook, save_node_state,
+                                     save_sharded_state, shard_meft_model)
 from meft_triton import create_meft_optimizer
 from meft_triton.optimizers import OffloadedAdamW
 
@@ -39,27 +40,39 @@ def ddp_gpu(out: Path, rank: int, world: int) -> None:
 
 def fsdp_gpu(out: Path, rank: int, world: int) -> None:
     """Placement "gpu" under FSDP2 (every adapter its own fully_shard group), accumulation over
-    2 micro-batches with the gradient sync off on the first."""
-    model = shard_meft_model(sc.tiny_llama("gpu"))
-    opt = create_meft_optimizer(model, lr=sc.LR)
+    2 micro-batches with the gradient sync off on the first; a sharded checkpoint after step 2,
+    loaded by a fresh model, must continue bitwise as the uninterrupted run."""
+    def build(adapter_seed=None):
+        model = shard_meft_model(sc.tiny_llama("gpu", adapter_seed=adapter_seed))
+        return model, create_meft_optimizer(model, lr=sc.LR)
 
-    @contextlib.contextmanager
-    def sync(last):
-        model.set_requires_gradient_sync(last)
-        yield
+    def sync_of(model):
+        @contextlib.contextmanager
+        def sync(last):
+            model.set_requires_gradient_sync(last)
+            yield
+        return sync
 
-    sc.train(model, opt, STEPS, ACCUM, rank=rank, world=world, sync=sync)
+    def full_masters(model):
+        full = {}
+        for i, a in enumerate(sc.adapters_of(model)):
+            full.update({f"{i}.keys": a.keys, f"{i}.values": a.values, f"{i}.router": a.router.weight})
+        return {k: v.full_tensor().detach().clone() for k, v in full.items()}
+
+    model, opt = build()
+    sc.train(model, opt, 2, ACCUM, rank=rank, world=world, sync=sync_of(model))
+    save_sharded_state(model, opt, out / "sharded", step=2)
+    sc.train(model, opt, STEPS - 2, ACCUM, rank=rank, world=world, first_step=2, sync=sync_of(model))
+    fresh, fresh_opt = build(adapter_seed=123)
+    step = load_sharded_state(fresh, fresh_opt, out / "sharded")
+    sc.train(fresh, fresh_opt, STEPS - step, ACCUM, rank=rank, world=world, first_step=step, sync=sync_of(fresh))
     adapter = sc.adapters_of(model)[0]
-    full = {}
-    for i, a in enumerate(sc.adapters_of(model)):
-        full.update({f"{i}.keys": a.keys, f"{i}.values": a.values, f"{i}.router": a.router.weight})
     try:  # no rank holds the full adapters: the node checkpoint must refuse, writing nothing
         save_node_state(model, opt, out / "ckpt", step=STEPS, topology=node_topology(), rng=False)
         refused = None
     except ValueError as exc:
         refused = str(exc)
-    torch.save({"masters": {k: v.full_tensor().detach().clone() for k, v in full.items()},
-                "local_key_rows": adapter.keys.to_local().shape[0], "refused": refused}, out / f"rank{rank}.pt")
+    torch.save({"masters": full_masters(model), "resumed": full_masters(fresh), "local_key_rows": adapter.keys.to_local().shape[0], "refused": refused}, out / f"rank{rank}.pt")
 
 
 def node_cpu(out: Path, rank: int, world: int) -> None:

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 import dist_scenarios as sc  # noqa: E402
 from dist_launch import launch  # noqa: E402
 from meft_triton import create_meft_optimizer  # noqa: E402
-from meft_triton.distributed import shard_meft_model  # noqa: E402
+from meft_triton.distributed import load_sharded_state, save_sharded_state, shard_meft_model  # noqa: E402
 from meft_triton.distributed.row_exchange import (dense_allreduce_bytes, sparse_allgather_bytes,  # noqa: E402
                                                   sparse_is_cheaper, touched_rows)
 
@@ -68,7 +68,7 @@ def test_touched_rows_finds_nonzero_and_nonfinite_rows():
         touched_rows(torch.zeros(3))
 
 
-def test_fsdp2_equals_one_process_with_rows_sharded(tmp_path):
+def test_fsdp2_equals_one_process_with_rows_sharded_and_resumes_bitwise(tmp_path):
     world = 2
     ranks = check_ranks(launch("fsdp_gpu", world, tmp_path, timeout=TIMEOUT), world, tmp_path)
     want = one_process("gpu")
@@ -80,13 +80,22 @@ def test_fsdp2_equals_one_process_with_rows_sharded(tmp_path):
         # each rank keeps half of a 64-row table between steps
         assert got["local_key_rows"] == sc.config("gpu").num_neurons // world
         assert "torch.distributed.checkpoint" in got["refused"]
+        # a fresh model loaded the sharded checkpoint written after step 2 and took step 3
+        for name, tensor in got["masters"].items():
+            assert torch.equal(got["resumed"][name], tensor), (rank, name)
+    assert (tmp_path / "sharded").is_dir() and not (tmp_path / "sharded.incomplete").exists()
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_shard_meft_model_rejects_what_it_cannot_shard():
+def test_shard_meft_model_rejects_what_it_cannot_shard(tmp_path):
     with pytest.raises(TypeError, match="model"):
         shard_meft_model("model")
     with pytest.raises(ValueError, match="no MEFT adapters"):
         shard_meft_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="placement 'gpu'.*NodeSharedAdamW"):
         shard_meft_model(sc.tiny_llama("cpu"))
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        save_sharded_state(torch.nn.Linear(2, 2), None, tmp_path / "ckpt", step=-1)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        load_sharded_state(torch.nn.Linear(2, 2), None, tmp_path / "missing")
+    assert not any(tmp_path.iterdir())
