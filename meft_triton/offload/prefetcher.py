@@ -96,6 +96,15 @@ class Ticket:
     _slot_obj: SlotBuffer | None = field(default=None, repr=False)
     _prior: tuple = field(default=(), repr=False)  # fences the copy was ordered after
 
+    def copied_bytes(self, rows: Tensor) -> int:
+        """Bytes this acquired ticket's copy moved into ``rows`` (its slot view): the rows its
+        engine reports (the ids without their padding), else all of them; none for rows kept
+        on the device since the forward."""
+        if self.slot is None:
+            return 0
+        copied = self.num_rows if self.handle.rows is None else self.handle.rows
+        return copied * rows.shape[1] * rows.element_size()
+
     @property
     def reads(self) -> tuple[tuple[SlotBuffer, CopyHandle], ...]:
         """What a consumer reads, in the form :meth:`CopyEngine.compute` declares."""

@@ -188,3 +188,106 @@ class GradientSums:
     def clear(self) -> None:
         if self.bound:
             self.take(self.sums.dtype)
+
+
+class ResidentLayer:
+    """Residency "resident" for one layer (``rows``, an :class:`~.rows.OffloadedRows`): its two
+    tables, sized from ``MEFTConfig.value_budget`` / ``gradient_budget`` (split evenly over the
+    runtime's layers) when a call first needs them; the copies in, and the gradient rows home.
+
+    A budget whose share holds less than one call's padded ids runs that part per micro-batch:
+    no value table (the call's rows go through a slot as under "per-micro-batch"), or no
+    gradient sums (each backward's rows go home at once, in the compute dtype).
+    """
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+        self.values: ResidentValues | None = None
+        self.grads: GradientSums | None = None
+        self.id_bound = 0  # the padded ids the tables were sized for
+
+    def _budgets(self, es: int) -> tuple[int, int]:
+        cfg, runtime, store = self.rows.adapter.config, self.rows.runtime, self.rows.store
+        value_budget, grad_budget = cfg.value_budget, cfg.gradient_budget
+        if "auto" in (value_budget, grad_budget):
+            from meft_triton.profiling.plan.auto import resident_budgets
+
+            info = runtime.engine.memory_info()
+            auto = resident_budgets(layers=len(runtime.layers), num_neurons=store.num_rows,
+                                    hidden=store.hidden_size, key_width=store.key_size, es=es,
+                                    free_bytes=None if info is None else info[0])
+            value_budget = auto[0] if value_budget == "auto" else value_budget
+            grad_budget = auto[1] if grad_budget == "auto" else grad_budget
+        return value_budget, grad_budget
+
+    def prepare(self, id_bound: int) -> None:
+        """Tables for calls of up to ``id_bound`` padded ids (rebuilt, dropping what they held,
+        when a call needs more than they were sized for)."""
+        if id_bound <= self.id_bound:
+            return
+        runtime, store = self.rows.runtime, self.rows.store
+        es = torch.empty((), dtype=runtime.dtype).element_size()
+        layers = len(runtime.layers)
+        value_budget, grad_budget = self._budgets(es)
+        value_rows = min(store.num_rows, value_budget // (layers * store.hidden_size * es))
+        grad_rows = min(store.num_rows, grad_budget // (layers * store.row_width * 4))
+        self.flush()
+        device = self.rows.key_cache.tensor.device
+        self.values = (ResidentValues(store.num_rows, store.hidden_size, value_rows, runtime.dtype, device)
+                       if value_rows >= id_bound else None)
+        self.grads = GradientSums(store.num_rows, store.row_width, grad_rows, device) if grad_rows >= id_bound else None
+        self.id_bound = id_bound
+
+    def fetch(self, active: Tensor, phase: str):
+        """Start copying the rows of ``active`` not on the device; returns ``(ticket, fill)``
+        for :meth:`land`, or None when this layer keeps no value table."""
+        self.prepare(active.numel())
+        if self.values is None:
+            return None
+        with torch.no_grad():
+            fetch, dest, source = self.values.plan(active)
+        prefetcher = self.rows.runtime.ensure_slots(active.numel())
+        return prefetcher.prefetch(self.rows.layer, fetch, phase=phase, check_ids=False), (dest, source)
+
+    def land(self, ticket, fill: tuple[Tensor, Tensor]) -> None:
+        """Order the compute side after ``ticket``'s copy and put its rows in place."""
+        runtime = self.rows.runtime
+        slot = runtime.prefetcher.acquire(ticket)
+        runtime.bytes_to_device += ticket.copied_bytes(slot)
+        values = self.values
+        try:
+            with torch.no_grad():
+                runtime.engine.compute(lambda: values.fill(*fill, slot), reads=ticket.reads)
+        finally:
+            runtime.prefetcher.release(ticket, for_backward=False)
+
+    def ship(self, row_ids: Tensor, grad_rows: Tensor) -> None:
+        """One backward's gradient rows (padded ascending ids): summed on the device (the sums
+        sent home first if they could overflow), or home at once without gradient sums."""
+        if self.grads is None:
+            self._send(row_ids, grad_rows.to(self.rows.runtime.dtype))
+            return
+        if not self.grads.room_for(row_ids.numel()):
+            self.flush()
+        self.grads.add(row_ids, grad_rows)
+
+    def flush(self) -> None:
+        """Start sending the summed gradient rows home in the compute dtype (nothing to do when
+        no backward ran since the last flush)."""
+        taken = None if self.grads is None else self.grads.take(self.rows.runtime.dtype)
+        if taken is not None:
+            self._send(*taken)
+
+    def _send(self, ids: Tensor, rows: Tensor) -> None:
+        runtime = self.rows.runtime
+        runtime.bytes_to_host += rows.numel() * rows.element_size() + ids.numel() * 8
+        self.rows.pending_grads.append(runtime.prefetcher.offload_grads(self.rows.layer, ids, rows, padded=True))
+
+    def clear_grads(self) -> None:
+        if self.grads is not None:
+            self.grads.clear()
+
+    def forget(self, row_ids: Tensor | None) -> None:
+        """The master rows ``row_ids`` (None: all) changed: their device copies are stale."""
+        if self.values is not None:
+            self.values.forget_all() if row_ids is None else self.values.forget(row_ids)

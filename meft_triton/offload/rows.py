@@ -33,7 +33,7 @@ from ..layer.backend import stages_for, unique_ids
 from .errors import LayerUpdateError
 from .key_cache import KeyCache
 from .prefetcher import Ticket
-from .resident import GradientSums, ResidentValues
+from .resident import ResidentLayer, ResidentValues
 from .row_store import CPURowStore
 from .runtime import OffloadRuntime, RowCache
 
@@ -71,81 +71,16 @@ class OffloadedRows:
         self.optimizer: Any = None  # the row-sparse AdamW over ``store`` (use_optimizer)
         self.pending_grads: list[Future] = []
         self.pending_step: Future | None = None
-        self.resident: ResidentValues | None = None  # residency "resident" (built at the first call)
-        self.grad_sums: GradientSums | None = None
+        self.residency = ResidentLayer(self)  # residency "resident": tables built at the first call
 
     @property
     def is_resident(self) -> bool:
         return self.adapter.config.residency == "resident"
 
-    def _resident_tables(self, id_bound: int) -> tuple[ResidentValues, GradientSums]:
-        """This layer's resident tables, sized from the budgets for calls of up to ``id_bound``
-        padded ids (rebuilt, dropping residency, when a call needs more)."""
-        if self.resident is not None and self.resident.capacity >= id_bound:
-            return self.resident, self.grad_sums
-        cfg, runtime, store = self.adapter.config, self.runtime, self.store
-        es = torch.empty((), dtype=runtime.dtype).element_size()
-        layers, d, width = len(runtime.layers), store.hidden_size, store.row_width
-        value_budget, grad_budget = cfg.value_budget, cfg.gradient_budget
-        if "auto" in (value_budget, grad_budget):
-            from meft_triton.profiling.plan.auto import resident_budgets
-
-            info = runtime.engine.memory_info()
-            auto = resident_budgets(layers=layers, num_neurons=store.num_rows, hidden=d, key_width=store.key_size,
-                                    id_bound=id_bound, es=es, free_bytes=None if info is None else info[0])
-            value_budget = auto[0] if value_budget == "auto" else value_budget
-            grad_budget = auto[1] if grad_budget == "auto" else grad_budget
-        capacities = []
-        for name, budget, row_bytes in (("value_budget", value_budget, d * es), ("gradient_budget", grad_budget, width * 4)):
-            rows = min(store.num_rows, budget // (layers * row_bytes))
-            if rows < id_bound:
-                raise ValueError(
-                    f"{name} must hold one call's rows in each of the {layers} layers: at least "
-                    f"{layers * id_bound * row_bytes} bytes ({id_bound} rows of {row_bytes} B per layer), got {budget}")
-            capacities.append(rows)
-        if self.grad_sums is not None:
-            self.flush_grads()
-        device = self.key_cache.tensor.device
-        self.resident = ResidentValues(store.num_rows, d, capacities[0], runtime.dtype, device)
-        self.grad_sums = GradientSums(store.num_rows, width, capacities[1], device)
-        return self.resident, self.grad_sums
-
-    def fetch_resident(self, active: Tensor, phase: str) -> tuple[Ticket, tuple[Tensor, Tensor]]:
-        """Start copying the rows of ``active`` that are not on the device (see
-        :class:`~.resident.ResidentValues`); :meth:`fill_resident` lands them."""
-        resident, _ = self._resident_tables(active.numel())
-        with torch.no_grad():
-            fetch, dest, source = resident.plan(active)
-        prefetcher = self.runtime.ensure_slots(active.numel())
-        return prefetcher.prefetch(self.layer, fetch, phase=phase, check_ids=False), (dest, source)
-
-    def fill_resident(self, ticket: Ticket, fill: tuple[Tensor, Tensor]) -> None:
-        """Wait (on the compute side) for ``ticket``'s copy and put its rows in place."""
-        prefetcher = self.runtime.prefetcher
-        slot = prefetcher.acquire(ticket)
-        self.runtime.bytes_to_device += _copied_bytes(ticket, slot)
-        try:
-            with torch.no_grad():
-                self.runtime.engine.compute(lambda: self.resident.fill(*fill, slot), reads=ticket.reads)
-        finally:
-            prefetcher.release(ticket, for_backward=False)
-
-    def add_grads(self, row_ids: Tensor, grad_rows: Tensor) -> None:
-        """Residency "resident": sum one backward's gradient rows on the device (sending the
-        sums home first when they could overflow the budget)."""
-        if not self.grad_sums.room_for(row_ids.numel()):
-            self.flush_grads()
-        self.grad_sums.add(row_ids, grad_rows)
-
     def flush_grads(self) -> None:
-        """Residency "resident": start sending the summed gradient rows home, in the compute
-        dtype (nothing to do when no backward ran since the last flush)."""
-        taken = None if self.grad_sums is None else self.grad_sums.take(self.runtime.dtype)
-        if taken is None:
-            return
-        ids, rows = taken
-        self.runtime.bytes_to_host += rows.numel() * rows.element_size() + ids.numel() * 8
-        self.pending_grads.append(self.runtime.prefetcher.offload_grads(self.layer, ids, rows, padded=True))
+        """Residency "resident": start sending the summed gradient rows home (see
+        :meth:`ResidentLayer.flush`)."""
+        self.residency.flush()
 
     # -- training state ---------------------------------------------------------------------
     def use_optimizer(self, optimizer: Any) -> None:
@@ -170,8 +105,7 @@ class OffloadedRows:
     def discard_grads(self) -> None:
         """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),
         as ``zero_grad`` drops a parameter's ``.grad``."""
-        if self.grad_sums is not None:
-            self.grad_sums.clear()
+        self.residency.clear_grads()
         pending, self.pending_grads = self.pending_grads, []
         wait_futures(pending)  # their copies land before the pinned buffers are forgotten
         if self.optimizer is not None:
@@ -210,8 +144,7 @@ class OffloadedRows:
     def rows_changed(self, row_ids: Tensor) -> None:
         """The master rows ``row_ids`` changed: their keys to the cache, their resident values out."""
         self.key_cache.write_back(row_ids)
-        if self.resident is not None:
-            self.resident.forget(row_ids)
+        self.residency.forget(row_ids)
 
     def close(self) -> None:
         """The adapter is being dropped: let in-flight gradient copies and the optimizer update
@@ -227,8 +160,7 @@ class OffloadedRows:
         """Every master row changed (a load, a re-initialisation): all keys again, no value
         row resident."""
         self.key_cache.refresh()
-        if self.resident is not None:
-            self.resident.forget_all()
+        self.residency.forget(None)
 
     # -- the two forward stages ---------------------------------------------------------------
     def start_routing(self, hidden: Tensor) -> RoutedTokens:
@@ -243,12 +175,13 @@ class OffloadedRows:
                                                     cfg.num_experts, cfg.topk)
             # no host read before the backbone FFN is queued: the slot is sized by a host-known bound
             active, local_ids = unique_ids(neuron_ids, cfg.num_neurons)
-        if self.is_resident:  # rows on the device serve every call until the step changes them
-            ticket, fill = self.fetch_resident(active, "forward")
+        fetched = self.residency.fetch(active, "forward") if self.is_resident else None
+        if fetched is not None:  # rows on the device serve every call until the step changes them
+            values = self.residency.values
             return RoutedTokens(flat, expert_ids, gate_weights, gate_lse, neuron_ids, activations, local_ids,
-                                ticket, hidden.dtype, hidden.shape, active=active, fill=fill,
-                                resident_as_of=(self.resident, self.resident.forgets))
-        cache = self.runtime.row_cache if not torch.is_grad_enabled() else None
+                                fetched[0], hidden.dtype, hidden.shape, active=active, fill=fetched[1],
+                                resident_as_of=(values, values.forgets))
+        cache = self.runtime.row_cache if not torch.is_grad_enabled() and not self.is_resident else None
         cached = cache.get(self.layer) if cache is not None else None
         fetch = active
         if cache is not None:  # a no-grad scoring round, off the training path: exact ids
@@ -286,7 +219,7 @@ class OffloadedRows:
         if routed.ticket is not None:
             prefetcher = self.runtime.prefetcher
             fresh = prefetcher.acquire(routed.ticket)
-            self.runtime.bytes_to_device += _copied_bytes(routed.ticket, fresh)
+            self.runtime.bytes_to_device += routed.ticket.copied_bytes(fresh)
             try:
                 fresh_ids, fresh = routed.ticket.row_ids.to(fresh.device), fresh.clone()
             finally:
@@ -302,15 +235,6 @@ class OffloadedRows:
         return stages.values(routed.activations, local_ids, rows)
 
 
-def _copied_bytes(ticket: Ticket, rows: Tensor) -> int:
-    """Bytes an acquired ticket's copy moved: the rows its engine reports (the ids without their
-    padding), else all of them; none for rows kept on the device since the forward."""
-    if ticket.slot is None:
-        return 0
-    copied = ticket.num_rows if ticket.handle.rows is None else ticket.handle.rows
-    return copied * rows.shape[1] * rows.element_size()
-
-
 class _OffloadedValues(torch.autograd.Function):
     """y from the slot rows; backward refetches them and ships key/value gradient rows home."""
 
@@ -318,12 +242,13 @@ class _OffloadedValues(torch.autograd.Function):
     def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens, needs_backward: bool):
         stages = stages_for(hidden, rows.adapter.config.backend)
         if routed.fill is not None:
-            rows.fill_resident(routed.ticket, routed.fill)
-            y = stages.values(routed.activations, rows.resident.local(routed.neuron_ids), rows.resident.rows)
+            rows.residency.land(routed.ticket, routed.fill)
+            values = routed.resident_as_of[0]
+            y = stages.values(routed.activations, values.local(routed.neuron_ids), values.rows)
         else:
             prefetcher = rows.runtime.prefetcher
             slot = prefetcher.acquire(routed.ticket)
-            rows.runtime.bytes_to_device += _copied_bytes(routed.ticket, slot)
+            rows.runtime.bytes_to_device += routed.ticket.copied_bytes(slot)
             try:
                 y = stages.values(routed.activations, routed.local_ids, slot)
             finally:
@@ -348,29 +273,31 @@ class _OffloadedValues(torch.autograd.Function):
                 slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
                 routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
 
-        if routed.fill is not None:  # the forward's rows, fetched again unless surely still there
+        resident = routed.fill is not None and rows.residency.values is not None
+        if resident:  # the forward's rows, fetched again unless surely still there
             tables, forgets = routed.resident_as_of
-            if tables is not rows.resident or not tables.still_holds(forgets):
-                rows.fill_resident(*rows.fetch_resident(routed.active, "backward"))
+            if tables is not rows.residency.values or not tables.still_holds(forgets):
+                rows.residency.land(*rows.residency.fetch(routed.active, "backward"))
             grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(
-                rows.resident.gather(routed.active))
-            if trained:
-                rows.add_grads(row_ids, torch.cat([key_rows, value_rows], dim=1))
-                return grad_hidden, grad_router.to(router_weight.dtype), None, None, None
-            return grad_hidden, None, None, None, None
-        prefetcher = runtime.prefetcher
-        # The forward's own ids: a second forward (or a checkpoint's recompute) before this
-        # backward would have replaced the layer's saved ids.
-        ticket = prefetcher.backward_ticket(rows.layer, routed.ticket.row_ids, check_ids=False)
-        slot = prefetcher.acquire(ticket)
-        runtime.bytes_to_device += _copied_bytes(ticket, slot)
-        try:
-            grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(slot)
-        finally:
-            prefetcher.release(ticket)
+                rows.residency.values.gather(routed.active))
+        else:
+            prefetcher = runtime.prefetcher
+            # The forward's own ids: a second forward (or a checkpoint's recompute) before this
+            # backward would have replaced the layer's saved ids.
+            ids = routed.ticket.row_ids if routed.fill is None else routed.active
+            ticket = prefetcher.backward_ticket(rows.layer, ids, check_ids=False)
+            slot = prefetcher.acquire(ticket)
+            runtime.bytes_to_device += ticket.copied_bytes(slot)
+            try:
+                grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(slot)
+            finally:
+                prefetcher.release(ticket)
         if not trained:
             return grad_hidden, None, None, None, None
         grad_rows = torch.cat([key_rows, value_rows], dim=1)
-        runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
-        rows.pending_grads.append(prefetcher.offload_grads(rows.layer, row_ids, grad_rows, padded=True))
+        if rows.is_resident:
+            rows.residency.ship(row_ids, grad_rows)
+        else:
+            runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
+            rows.pending_grads.append(runtime.prefetcher.offload_grads(rows.layer, row_ids, grad_rows, padded=True))
         return grad_hidden, grad_router.to(router_weight.dtype), None, None, None

@@ -100,7 +100,7 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
 def test_training_equals_gpu_placement(seed, micro_batches, budgets):
     on_gpu, on_cpu, runtime = stacks(**(tight() if budgets == "tight" else {}))
     train_and_compare(on_gpu, on_cpu, steps=3, micro_batches=micro_batches)
-    capacity = on_cpu[0].offload.resident.capacity
+    capacity = on_cpu[0].offload.residency.values.capacity
     assert capacity == (25 if budgets == "tight" else 48)
     runtime.close()
 
@@ -163,13 +163,24 @@ def test_rows_cross_once_per_step_with_room(seed):
     runtime.close()
 
 
-def test_budgets_below_one_call_are_named():
-    _, on_cpu, runtime = stacks(layers=2, value_budget=2 * 24 * D * 4)
-    with pytest.raises(ValueError, match=r"value_budget must hold one call's rows .* at least 2400 bytes"):
-        on_cpu[0](torch.randn(5, D))
+@pytest.mark.parametrize("part", ["value_budget", "gradient_budget"])
+def test_a_budget_below_one_call_runs_that_part_per_micro_batch(seed, part):
+    """A budget whose per-layer share cannot hold one call's 25 padded ids: that part runs
+    per micro-batch (values through the slots; gradient rows home after each backward, in
+    the compute dtype), the other stays resident, and training is unchanged."""
+    on_gpu, on_cpu, runtime = stacks(**{**tight(), part: 2 * 24 * D * 4})
+    train_and_compare(on_gpu, on_cpu, steps=2, micro_batches=3)
+    residency = on_cpu[0].offload.residency
+    assert (residency.values is None) == (part == "value_budget")
+    assert (residency.grads is None) == (part == "gradient_budget")
     runtime.close()
+
+
+def test_bad_residency_settings_are_named():
     with pytest.raises(ValueError, match="gradient_budget must be 'auto' or an int >= 1"):
         MEFTConfig(gradient_budget=0)
+    with pytest.raises(ValueError, match="value_budget must be 'auto' or an int >= 1"):
+        MEFTConfig(value_budget=1.5)
     with pytest.raises(ValueError, match="residency must be one of"):
         MEFTConfig(residency="always")
 
