@@ -5,8 +5,10 @@ Three launches, none of which forms a [T, N] or [T, P*S, d] tensor:
 1. key scores: (token, expert) pairs sorted by expert; each program multiplies one block of
    same-expert tokens [BLOCK_M, r] by a slice of that expert's keys [r, BLOCK_S] on tensor
    cores and writes s = w_e * (K x) into the per-token candidate scores [T, P*S] (fp32).
-2. select: per token, the min(K_top, P*S)-th largest candidate score is found by bisection on
-   the scores' order-preserving integer keys (any P*S, no sort), then the winners are compacted
+2. select: per token, the min(K_top, P*S)-th largest candidate score, bit by bit from the top
+   of the scores' order-preserving 32-bit keys (32 counting passes, no sort; a row of up to
+   4096 candidates is read once and counted in registers, a longer one streamed per pass),
+   then the winners (ties: the lowest candidate indices) are compacted in candidate order
    into ``neuron_ids [T, K_top]`` and ``activations = ReLU(s) [T, K_top]``.
 3. values: y[t] = sum_k a[t, k] V[neuron_ids[t, k]], on tensor cores for 16-bit values
    (row_gather_sum: blocks of 16 tokens, their picks' rows times a block-diagonal operand).
@@ -75,69 +77,98 @@ def _key_scores_kernel(
 
 @triton.jit
 def _order_key(x):
-    """An int32 that orders like the float32 x (NaN above +inf, as torch.topk ranks it)."""
+    """A uint32 that orders like the float32 x (NaN above +inf, as torch.topk ranks it; 0 only
+    for the NaN with every bit set, below -inf)."""
     bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) ^ -2147483648  # signed order -> unsigned
+    return key.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _relu_of_key(key):
+    """ReLU of the float32 whose _order_key is ``key`` (so the scores need not stay in
+    registers beside their keys): keys from 2^31 up are the non-negative floats (and +NaN),
+    keys below -inf's (2^23 - 1) the negative NaNs, which stay NaN."""
+    positive = (key ^ 0x80000000).to(tl.float32, bitcast=True)
+    return tl.where(key >= 0x80000000, positive, tl.where(key < 0x7FFFFF, float("nan"), 0.0))
+
+
+@triton.jit
+def _candidate_keys(score_rows, tokens, c0, num_tokens, num_candidates, BLOCK_C: tl.constexpr):
+    """The candidates c0 .. c0 + BLOCK_C - 1 of each row: their indices, the order keys of
+    their scores (0 outside the rows) and the in-range mask."""
+    cand = c0 + tl.arange(0, BLOCK_C)
+    ok = (tokens < num_tokens)[:, None] & (cand < num_candidates)[None, :]
+    score = tl.load(score_rows[:, None] + cand[None, :], mask=ok, other=0.0)
+    return cand, tl.where(ok, _order_key(score), 0), ok
 
 
 @triton.jit
 def _select_topk_kernel(
     scores_ptr, expert_ids_ptr, neuron_ids_ptr, activations_ptr,
-    num_tokens, num_candidates, neurons_per_expert, experts_per_token, out_stride,
-    TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    num_tokens, num_candidates, experts_per_token, out_stride,
+    NEURONS_PER_EXPERT: tl.constexpr, TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     # TOPK <= num_candidates picks per token, written to the first TOPK columns of rows of
-    # out_stride (= K_top) picks
+    # out_stride (= K_top) picks. RESIDENT (num_candidates <= BLOCK_C): each row's keys are
+    # read once and stay in registers for the 32 counting passes; else every pass streams them.
+    # S is a compile-time constant: a candidate's slot and neuron cost a multiply, not a division.
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_ok = tokens < num_tokens
-    rows = scores_ptr + tokens[:, None] * num_candidates
+    score_rows = scores_ptr + tokens * num_candidates
+    if RESIDENT:
+        key = _candidate_keys(score_rows, tokens, 0, num_tokens, num_candidates, BLOCK_C)[1]
 
-    # Bisection for thr = each row's TOPK-th largest key: the largest thr with
-    # count(key >= thr) >= TOPK. Keys are int32, so 32 halvings pin it exactly.
-    lo = tl.full([BLOCK_T], -2147483648, tl.int64)
-    hi = tl.full([BLOCK_T], 2147483647, tl.int64)
+    # thr = each row's TOPK-th largest key, its bits from the top: the largest value with
+    # count(key >= thr) >= TOPK. Keys outside the rows are 0 and every trial is >= 1, so they
+    # never count.
+    thr = tl.zeros([BLOCK_T], tl.uint32)
+    bit = tl.full([BLOCK_T], 0x80000000, tl.uint32)
     for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        count = tl.zeros([BLOCK_T], tl.int32)
-        for c0 in range(0, num_candidates, BLOCK_C):
-            cand = c0 + tl.arange(0, BLOCK_C)
-            ok = token_ok[:, None] & (cand < num_candidates)[None, :]
-            key = _order_key(tl.load(rows + cand[None, :], mask=ok, other=0.0)).to(tl.int64)
-            count += tl.sum(((key >= mid[:, None]) & ok).to(tl.int32), axis=1)
-        take = count >= TOPK
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
-    threshold = lo[:, None]
+        trial = thr | bit
+        if RESIDENT:
+            count = tl.sum((key >= trial[:, None]).to(tl.int32), axis=1)
+        else:
+            count = tl.zeros([BLOCK_T], tl.int32)
+            for c0 in range(0, num_candidates, BLOCK_C):
+                chunk = _candidate_keys(score_rows, tokens, c0, num_tokens, num_candidates, BLOCK_C)[1]
+                count += tl.sum((chunk >= trial[:, None]).to(tl.int32), axis=1)
+        thr = tl.where(count >= TOPK, trial, thr)
+        bit = bit >> 1
 
     num_above = tl.zeros([BLOCK_T], tl.int32)
-    for c0 in range(0, num_candidates, BLOCK_C):
-        cand = c0 + tl.arange(0, BLOCK_C)
-        ok = token_ok[:, None] & (cand < num_candidates)[None, :]
-        key = _order_key(tl.load(rows + cand[None, :], mask=ok, other=0.0)).to(tl.int64)
-        num_above += tl.sum(((key > threshold) & ok).to(tl.int32), axis=1)
+    if RESIDENT:
+        num_above = tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
+    else:
+        for c0 in range(0, num_candidates, BLOCK_C):
+            chunk = _candidate_keys(score_rows, tokens, c0, num_tokens, num_candidates, BLOCK_C)[1]
+            num_above += tl.sum((chunk > thr[:, None]).to(tl.int32), axis=1)
     ties_needed = (TOPK - num_above)[:, None]
 
-    # Compaction: everything above the threshold, then the first ties_needed ties (ties: any).
+    # Compaction: everything above the threshold, then the first ties_needed ties in
+    # candidate order, each row's picks in candidate order.
     written = tl.zeros([BLOCK_T], tl.int32)
     ties_seen = tl.zeros([BLOCK_T], tl.int32)
+    expert_rows = expert_ids_ptr + tokens * experts_per_token
+    id_rows = neuron_ids_ptr + tokens * out_stride
+    activation_rows = activations_ptr + tokens * out_stride
     for c0 in range(0, num_candidates, BLOCK_C):
-        cand = c0 + tl.arange(0, BLOCK_C)
-        ok = token_ok[:, None] & (cand < num_candidates)[None, :]
-        score = tl.load(rows + cand[None, :], mask=ok, other=0.0)
-        key = _order_key(score).to(tl.int64)
-        tie = (key == threshold) & ok
+        cand, chunk, ok = _candidate_keys(score_rows, tokens, c0, num_tokens, num_candidates, BLOCK_C)
+        tie = (chunk == thr[:, None]) & ok
         tie_rank = ties_seen[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
-        chosen = ((key > threshold) & ok) | (tie & (tie_rank <= ties_needed))
+        chosen = (chunk > thr[:, None]) | (tie & (tie_rank <= ties_needed))
         position = written[:, None] + tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-        slot = cand // neurons_per_expert
-        expert = tl.load(expert_ids_ptr + tokens[:, None] * experts_per_token + slot[None, :],
-                         mask=chosen, other=0)
-        neuron = expert.to(tl.int64) * neurons_per_expert + (cand % neurons_per_expert)[None, :]
-        out = tokens[:, None] * out_stride + position
-        tl.store(neuron_ids_ptr + out, neuron.to(tl.int32), mask=chosen)
-        tl.store(activations_ptr + out, tl.where(score < 0.0, 0.0, score), mask=chosen)
+        slot = (cand // NEURONS_PER_EXPERT).to(tl.int32)
+        expert = tl.load(expert_rows[:, None] + slot[None, :], mask=chosen, other=0)
+        neuron = expert.to(tl.int32) * NEURONS_PER_EXPERT + (cand % NEURONS_PER_EXPERT).to(tl.int32)[None, :]
+        tl.store(id_rows[:, None] + position, neuron, mask=chosen)
+        tl.store(activation_rows[:, None] + position, _relu_of_key(chunk), mask=chosen)
         written += tl.sum(chosen.to(tl.int32), axis=1)
         ties_seen += tl.sum(tie.to(tl.int32), axis=1)
+
+
+#: the longest candidate row (P * S) whose keys the select keeps in registers
+SELECT_RESIDENT_CANDIDATES = 4096
 
 
 def _check_selection_inputs(hidden, keys, expert_ids, gate_weights, num_experts, topk, check_ids):
@@ -208,12 +239,16 @@ def sparse_kv_select(hidden, keys, expert_ids, gate_weights, num_experts: int, t
         BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(hidden.dtype),
     )
-    block_c = pow2_block(num_candidates, 16, 1024)
-    block_t = max(1, 2048 // block_c)
+    # rows of up to 4096 candidates stay in registers, 16 keys per thread (at 32 the compiled
+    # code is barely faster and takes all 255 registers): one warp holds 512 keys (several
+    # tokens of a short row, no cross-warp sums), more warps a longer row
+    block_c = pow2_block(num_candidates, 16, SELECT_RESIDENT_CANDIDATES)
+    block_t = max(1, 512 // block_c)
     _select_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
         scores, expert_ids, neuron_ids, activations,
-        num_tokens, num_candidates, neurons_per_expert, experts_per_token, topk,
-        TOPK=min(topk, num_candidates), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_tokens, num_candidates, experts_per_token, topk,
+        NEURONS_PER_EXPERT=neurons_per_expert, TOPK=min(topk, num_candidates), BLOCK_T=block_t, BLOCK_C=block_c,
+        RESIDENT=num_candidates <= block_c, num_warps=max(1, block_c // 512),
     )
     if topk > num_candidates:
         # every candidate is taken; the rest of the top-K_top over all N are neurons scoring 0

@@ -1,9 +1,11 @@
 """sparse_kv_forward kernel vs the float64 reference."""
 
+import importlib
+
 import pytest
 import torch
 
-from meft_triton.kernels import router_topk, sparse_kv_forward, sparse_kv_values
+from meft_triton.kernels import router_topk, sparse_kv_forward, sparse_kv_select, sparse_kv_values
 from meft_triton import reference
 from oracle import assert_topk_choice, candidate_scores64, rel_err
 
@@ -18,6 +20,8 @@ SHAPES = [  # T, d, E, S, P, K_top
     (6, 16, 4, 3, 1, 12),     # K_top = N > P*S
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+# the module, not the function the package exports under the same name
+sparse_kv_forward_module = importlib.import_module("meft_triton.kernels.sparse_kv_forward")
 
 
 def make_inputs(shape, dtype, device, gate="logit", value_width=None):
@@ -114,6 +118,59 @@ def test_ties_pick_exactly_topk(device):
         assert row.unique().numel() == 5 and set((row // 8).tolist()) <= set(experts.tolist())
     assert torch.equal(activations.cpu(), torch.full((3, 5), 16.0))
     assert rel_err(y, 16.0 * values[neuron_ids.long()].sum(1)) < 1e-6
+
+
+def exact_scores(hidden, keys, expert_ids, gate_weights, S):
+    """The kernels' fp32 candidate scores when every product is exact: small integers."""
+    scores, cands = candidate_scores64(hidden, keys, expert_ids, gate_weights, S)
+    return scores.float(), cands
+
+
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("K", [1, 7, 29, 40])
+def test_select_is_the_exact_topk_with_ties(seed, device, poison_outputs, monkeypatch, resident, K):
+    """Integer scores with many ties, K_top = 1 up to past P*S, rows held in registers or
+    streamed in chunks (resident=False: chunks of 16 of the 30 candidates): the picks are a
+    top-K_top of the exact scores, ties taken in candidate order (the lowest candidate
+    indices), the same picks on both paths."""
+    if not resident:
+        monkeypatch.setattr(sparse_kv_forward_module, "SELECT_RESIDENT_CANDIDATES", 16)
+    T, d, E, S, P = 23, 5, 7, 10, 3
+    hidden = torch.randint(-2, 3, (T, d), device=device).float()
+    keys = torch.randint(-1, 2, (E * S, d), device=device).float()
+    expert_ids = torch.stack([torch.randperm(E, device=device)[:P] for _ in range(T)]).int()
+    gate_weights = torch.randint(1, 3, (T, P), device=device).float()
+    neuron_ids, activations = sparse_kv_select(hidden, keys, expert_ids, gate_weights, E, K)
+    scores, cands = exact_scores(hidden, keys, expert_ids, gate_weights, S)
+    taken = min(K, P * S)
+    # torch.topk's choice among equal scores is unspecified; the kernel's is the lowest
+    # candidate index: a stable descending sort's first K_top
+    want = cands.gather(1, scores.sort(dim=1, descending=True, stable=True).indices[:, :taken])
+    assert torch.equal(neuron_ids[:, :taken].long().cpu().sort(1).values, want.sort(1).values)
+    assert torch.equal(activations[:, :taken].cpu().sort(1).values,
+                       scores.relu().sort(dim=1, descending=True, stable=True).values[:, :taken].sort(1).values)
+    if K > taken:
+        assert torch.equal(neuron_ids[:, taken:].long().cpu(),
+                           reference.surplus_ids(expert_ids.long().cpu(), S, E, K - taken))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
+def test_select_orders_special_values(device, poison_outputs):
+    """+-inf, +-0 and NaN (a NaN score ranks above +inf, as torch.topk ranks it)."""
+    hidden = torch.ones(1, 1, device=device)
+    column = torch.tensor([0.5, float("inf"), -0.0, float("nan"), -float("inf"), 0.0, 3.0, -2.0],
+                          device=device)
+    keys = column[:, None]
+    expert_ids = torch.tensor([[0]], dtype=torch.int32, device=device)
+    ranked = [3, 1, 6, 0, 5, 2, 7, 4]  # best first; 5 (+0) and 2 (-0) are equal scores
+    for K in range(1, 9):
+        neuron_ids, _ = sparse_kv_select(hidden, keys, expert_ids, torch.ones(1, 1, device=device), 1, K)
+        picked = set(neuron_ids[0].tolist())
+        assert len(picked) == K
+        if K == 5:  # either zero
+            assert picked - {2, 5} == set(ranked[:4]) and len(picked & {2, 5}) == 1
+        else:
+            assert picked == set(ranked[:K]), K
 
 
 def test_strided_inputs(seed, device):
