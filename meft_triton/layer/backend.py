@@ -97,7 +97,7 @@ class TorchStages:
 
     @staticmethod
     def values(activations, local_ids, rows):
-        return torch.einsum("tk,tkd->td", activations.to(rows.dtype), rows[local_ids])
+        return torch.einsum("tk,tkd->td", activations.to(rows.dtype), reference.gather_rows(rows, local_ids))
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
@@ -112,8 +112,10 @@ class TorchStages:
             _, _, weights = reference.route(h, g, expert_ids.shape[1], gate, expert_ids)
             owner = neuron_ids.long() // neurons_per_expert
             match = (owner[:, :, None] == expert_ids.long()[:, None, :]).to(weights.dtype)
-            scores = (match * weights[:, None, :]).sum(-1) * torch.einsum("td,tkd->tk", h, key_rows[local_ids])
-            y = torch.einsum("tk,tkd->td", torch.relu(scores), value_rows[local_ids])
+            # gather_rows: the key/value gradient rows of one neuron are summed in a fixed order
+            picked_keys = reference.gather_rows(key_rows, local_ids)
+            scores = (match * weights[:, None, :]).sum(-1) * torch.einsum("td,tkd->tk", h, picked_keys)
+            y = torch.einsum("tk,tkd->td", torch.relu(scores), reference.gather_rows(value_rows, local_ids))
             if not param_grads:
                 return torch.autograd.grad(y, h, grad_y)[0], None, None, None, None
             dh, dg, dk, dv = torch.autograd.grad(y, (h, g, key_rows, value_rows), grad_y)
