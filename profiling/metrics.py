@@ -272,41 +272,6 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def transfer_bytes(unique_rows: Iterable[int], hidden_size: int, row_dtype_bytes: int,
-                   backward_rows: str = "refetch", grad_bytes: int = GRAD_BYTES) -> dict[str, int]:
-    """PCIe bytes of one training step under placement "cpu", from the unique active rows.
-
-    ``unique_rows``: the number of distinct neurons selected in each layer (one entry per
-    layer). Per layer with U unique rows and rows of ``d`` numbers:
-
-    * host -> device: U value rows for the forward (compute dtype), U value rows again for the
-      backward when ``backward_rows == "refetch"`` (none with "keep"), and U updated key rows
-      written back into the device's key cache after the optimizer step;
-    * device -> host: U key-gradient rows and U value-gradient rows (fp32).
-
-    Returns totals over the layers: ``h2d_bytes``, ``d2h_bytes``, ``h2d_rows``, ``d2h_rows``,
-    ``unique_rows`` and the H2D bytes of the forward's value rows alone (``h2d_forward_bytes``).
-    """
-    if backward_rows not in ("refetch", "keep"):
-        raise ValueError(f"backward_rows must be 'refetch' or 'keep', got {backward_rows!r}")
-    total = 0
-    for u in unique_rows:
-        if u < 0:
-            raise ValueError(f"unique_rows must be >= 0, got {u}")
-        total += int(u)
-    value_copies = 2 if backward_rows == "refetch" else 1
-    h2d_rows = total * (value_copies + 1)  # value rows (fwd [+ bwd]) + refreshed key rows
-    d2h_rows = total * 2  # key and value gradient rows
-    return {
-        "unique_rows": total,
-        "h2d_rows": h2d_rows,
-        "d2h_rows": d2h_rows,
-        "h2d_bytes": h2d_rows * hidden_size * row_dtype_bytes,
-        "d2h_bytes": d2h_rows * hidden_size * grad_bytes,
-        "h2d_forward_bytes": total * hidden_size * row_dtype_bytes,
-    }
-
-
 def adapter_memory_bytes(placement: str, *, num_neurons: int, num_experts: int, hidden_size: int,
                          layers: int, row_dtype_bytes: int, max_unique_rows: int,
                          backward_rows: str = "refetch") -> dict[str, int]:

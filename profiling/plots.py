@@ -3,7 +3,8 @@
 Each ``plot_*`` function takes the sweep's DataFrame and a path, writes the PNG and returns
 ``(figure, labels)``: the names of the series (or stacked stages) it drew, so tests can check
 what is in a picture. The "vs N" plots hold every other axis at its first value in the sweep
-(first preset, dtype, tokens, K_top, P) so that each line varies N alone.
+(first preset, dtype, tokens, K_top, P, micro-batches per step) so that each line varies N
+alone; the PCIe plot holds N instead and varies the micro-batches per step.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def series_label(row, main: str = "meft") -> str:
     """"<impl>, placement=..." for the MEFT adapter and the reference path, else the baseline's name."""
     if row["impl"] in MAIN_IMPLS:
         if row["placement"] == "cpu":
-            return f"{row['impl']}, placement=cpu ({row['transfer']}, {row['backward_rows']})"
+            if row.get("residency") == "resident":  # the backward reads the resident rows
+                return f"{row['impl']}, placement=cpu (resident, {row['transfer']})"
+            return f"{row['impl']}, placement=cpu ({row['residency']}, {row['transfer']}, {row['backward_rows']})"
         return f"{row['impl']}, placement=gpu"
     return BASELINE_LABELS.get(row["impl"], row["impl"])
 
@@ -46,10 +49,15 @@ def _style(impl: str, main: str) -> str:
     return "-o" if impl == main else ("-.^" if impl in MAIN_IMPLS else "--s")
 
 
-def n_slice(df):
-    """Step rows with every axis but N (and E) held at its first value in the sweep."""
+SLICED_AXES = ("preset", "hidden_size", "dtype", "tokens", "topk", "experts_per_token", "micro_batches")
+
+
+def n_slice(df, keep: str = "num_neurons"):
+    """Step rows with every axis but ``keep`` (N and E by default) held at its first value in
+    the sweep."""
     steps = df[df["kind"] == "step"]
-    for col in ("preset", "hidden_size", "dtype", "tokens", "topk", "experts_per_token"):
+    held = [c for c in SLICED_AXES if c != keep] + (["num_neurons"] if keep != "num_neurons" else [])
+    for col in held:
         if len(steps):
             steps = steps[steps[col] == steps[col].iloc[0]]
     return steps
@@ -179,7 +187,9 @@ def plot_breakdown(df, path: Path):
     steps = steps.sort_values(["num_neurons", "impl", "placement"], kind="stable")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(steps) + 2), 5.2))
     names = [f"N={int(r['num_neurons'])}\n{r['impl']}\n{r['placement']}" +
-             (f"\n{r['transfer']}\n{r['backward_rows']}" if r["placement"] == "cpu" else "")
+             (f"\n{r['residency']}\n{r['transfer']}" + ("" if r["residency"] == "resident" else
+                                                        f"\n{r['backward_rows']}")
+              if r["placement"] == "cpu" else "")
              for _, r in steps.iterrows()]
     bottom = [0.0] * len(steps)
     labels = []
@@ -198,11 +208,44 @@ def plot_breakdown(df, path: Path):
     return fig, labels
 
 
+def plot_pcie_bytes(df, path: Path):
+    """Placement "cpu": PCIe bytes per optimizer step vs micro-batches per step at one N, a colour
+    per residency policy (and transfer / backward rows): the library's counters (markers), the
+    planner's prediction for the same routing (line) and the floor (black, dashed)."""
+    steps = n_slice(df, keep="micro_batches")
+    steps = steps[(steps["placement"] == "cpu") & steps["h2d_bytes_measured"].notna()]
+    main = _main_impl(df)
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
+    labels = []
+    for label, rows in _series(steps, main).items():
+        rows = sorted(rows, key=lambda r: r["micro_batches"])
+        x = [r["micro_batches"] for r in rows]
+        measured = [(r["h2d_bytes_measured"] + r["d2h_bytes_measured"]) / 2**20 for r in rows]
+        predicted = [(r["h2d_bytes_per_step"] + r["d2h_bytes_per_step"]) / 2**20 for r in rows]
+        line, = ax.plot(x, predicted, "-", label=f"{label} [planner]")
+        ax.plot(x, measured, "o", color=line.get_color(), label=f"{label} [measured]", markersize=6)
+        labels += [f"{label} [planner]", f"{label} [measured]"]
+    if len(steps):
+        floor = sorted({(r["micro_batches"], r["pcie_floor_bytes_per_step"] / 2**20) for _, r in steps.iterrows()})
+        ax.plot([p[0] for p in floor], [p[1] for p in floor], "k--", label="floor (each touched row once each way)")
+        labels.append("floor (each touched row once each way)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("micro-batches per optimizer step")
+    ax.set_ylabel("PCIe MiB per optimizer step (all layers)")
+    n = f"N={int(steps['num_neurons'].iloc[0])}, " if len(steps) else ""
+    ax.set_title("Placement cpu: bytes per optimizer step, measured vs predicted vs floor\n" + n
+                 + _title_suffix(steps), fontsize=9)
+    _finish(fig, ax, path, labels)
+    return fig, labels
+
+
 PLOTS = {
     "tokens_per_s_vs_N.png": lambda df, p, cuda: plot_tokens_per_s(df, p),
     "gpu_memory_vs_N.png": lambda df, p, cuda: plot_memory(df, p, cuda),
     "transfer_GBps_vs_rows.png": lambda df, p, cuda: plot_transfer(df, p, cuda),
     "step_breakdown.png": lambda df, p, cuda: plot_breakdown(df, p),
+    "pcie_bytes_vs_micro_batches.png": lambda df, p, cuda: plot_pcie_bytes(df, p),
 }
 
 

@@ -34,6 +34,7 @@ _GPU_FULL = dict(
     preset=["llama-7b"], num_neurons=[8192, 16384, 32768, 65536, 131072], num_experts=None,
     experts_per_token=[8], topk=[64], tokens=[1024, 4096], placement=["gpu", "cpu"],
     transfer=["cpu_gather", "zero_copy"], backward_rows=["refetch", "keep"], dtype=["bfloat16"],
+    residency=["per-micro-batch", "resident"], micro_batches=[1, 8],
     baselines=["reference", "meft-original", "dense", "lora"], repeats=10, warmup=3, max_layers=4,
     transfer_rows=[1024, 4096, 16384, 65536, 131072], threads=None,
     # a frozen FFN stand-in per layer: what placement "cpu" hides its value-row copy behind
@@ -47,6 +48,7 @@ _CPU_FULL = dict(
     preset=["tiny"], num_neurons=[1024, 4096, 16384, 65536], num_experts=None,
     experts_per_token=[8], topk=[64], tokens=[256, 1024], placement=["gpu", "cpu"],
     transfer=["cpu_gather"], backward_rows=["refetch", "keep"], dtype=["float32"],
+    residency=["per-micro-batch", "resident"], micro_batches=[1, 8],
     baselines=["reference", "meft-original", "dense", "lora"], repeats=7, warmup=2, max_layers=2,
     transfer_rows=[256, 1024, 4096, 16384, 65536],
     # One torch thread on CPU: the sweep's own worker threads (row-sparse AdamW, the CPU copy
@@ -55,7 +57,7 @@ _CPU_FULL = dict(
     threads=1, backbone="none",
 )
 _CPU_QUICK = dict(
-    _CPU_FULL, num_neurons=[1024, 4096, 16384], tokens=[256], repeats=5, warmup=1,
+    _CPU_FULL, num_neurons=[1024, 4096, 16384], tokens=[256], repeats=5, warmup=1, micro_batches=[1, 4],
     transfer_rows=[256, 1024, 4096, 16384],
 )
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from meft_triton.config import BACKWARD_ROWS, PLACEMENTS, TRANSFERS
+from meft_triton.config import BACKWARD_ROWS, PLACEMENTS, RESIDENCIES, TRANSFERS
 from meft_triton.validation import is_out_of_memory
 
 from .. import metrics
@@ -30,7 +30,7 @@ from .workloads import Weights
 DESCRIPTION = "The profiling sweep: what an adapter of N neurons costs in tokens/s, memory and PCIe traffic."
 #: flags whose values, when not given, come from profiling.presets.sweep_defaults
 AXES = ("preset", "num_neurons", "num_experts", "experts_per_token", "topk", "tokens", "placement", "transfer",
-        "backward_rows", "dtype", "baselines", "transfer_rows")
+        "backward_rows", "residency", "micro_batches", "dtype", "baselines", "transfer_rows")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,10 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--placement", nargs="+", type=choice_list(PLACEMENTS), help="gpu, cpu")
     ap.add_argument("--transfer", nargs="+", type=choice_list(TRANSFERS), help="transfer engines (placement cpu)")
     ap.add_argument("--backward-rows", nargs="+", type=choice_list(BACKWARD_ROWS), help="refetch, keep")
+    ap.add_argument("--residency", nargs="+", type=choice_list(RESIDENCIES),
+                    help="placement cpu: per-micro-batch, resident (how long rows stay on the device)")
+    ap.add_argument("--micro-batches", "-M", nargs="+", type=int_list(1),
+                    help="micro-batches per optimizer step (MEFT points; each with its own inputs)")
     ap.add_argument("--ist-ratio", nargs="+", type=ratio_list,
                     help="fractions of layers IST trains per step, in (0, 1] (MEFT + IST; default 1)")
     ap.add_argument("--dtype", nargs="+", type=choice_list(tuple(DTYPES)), help="compute dtypes")

@@ -1,7 +1,8 @@
 """The sweep's output columns: name -> (unit, meaning), in CSV order.
 
-Times are ms per training step of all ``layers`` layers, scaled from the ``layers_run`` layers
-run; bytes per step likewise. NaN where not applicable or not measurable here, and ``note``
+Times are ms per optimizer step (``micro_batches`` forward + backward passes and the
+optimizer) of all ``layers`` layers, scaled from the ``layers_run`` layers run; bytes per step
+likewise. NaN where not applicable or not measurable here, and ``note``
 says why. :func:`columns_markdown` is written next to the CSV as ``columns.md``;
 :func:`check_described` refuses to write a column that has no entry here.
 """
@@ -31,6 +32,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
                   "compute device)"),
     "transfer": ("", 'transfer engine (placement "cpu"): cpu_gather | zero_copy'),
     "backward_rows": ("", 'backward row policy (placement "cpu"): refetch | keep'),
+    "micro_batches": ("count", "micro-batches per optimizer step (forward + backward each, one optimizer step); "
+                      "times, tokens/s and bytes are per optimizer step"),
+    "residency": ("", 'placement "cpu": per-micro-batch | resident (MEFTConfig.residency)'),
     "ist_ratio": ("ratio", "fraction of layers IST trains per step (meft only, uniform selection; 1 = every "
                   "layer): frozen layers move no gradient rows, run no optimizer"),
     "lora_rank": ("count", 'rank of the LoRA baseline (its device bytes = MEFT\'s under placement "cpu")'),
@@ -39,8 +43,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "fwd_ms": ("ms", "forward (router, keys, row copies, values)"),
     "bwd_ms": ("ms", "backward (incl. the backward refetch and the gradient rows sent home)"),
     "opt_ms": ("ms", "optimizer step (dense AdamW; placement \"cpu\": the row-sparse AdamW's hand-off)"),
-    "step_ms": ("ms", "whole training step (sum of the three)"),
-    "tokens_per_s": ("tokens/s", "tokens / step_ms (adapter stack, plus the frozen FFN with --backbone ffn)"),
+    "step_ms": ("ms", "whole optimizer step: every micro-batch's forward and backward, and the optimizer"),
+    "tokens_per_s": ("tokens/s", "tokens x micro_batches / step_ms (adapter stack, plus the frozen FFN with "
+                     "--backbone ffn)"),
     "t_router_ms": ("ms", "breakdown (reference): router logits and top-P experts"),
     "t_keys_ms": ("ms", "breakdown (reference): candidate key scores and top-K_top"),
     "t_copy_wait_ms": ("ms", 'breakdown, placement "cpu" on CPU compute without the FFN: from start_routing\'s '
@@ -61,15 +66,22 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "pinned_bytes": ("bytes", "pinned host bytes (torch's host allocator; else the row stores' pinned bytes)"),
     "unique_rows_per_layer": ("rows", "mean distinct active neurons per layer"),
     "unique_rows_layers": ("rows", 'distinct active neurons of each layer run, ";"-separated'),
-    "h2d_bytes_per_step": ("bytes", "accounting, unique rows x row bytes: value rows for the forward (+ again for "
-                           'the backward with "refetch") + updated key rows, in the compute dtype. On a machine '
-                           'without a GPU: the bytes placement "cpu" WOULD move'),
-    "d2h_bytes_per_step": ("bytes", "accounting: unique rows x (key + value gradient row) x d x 4 B"),
-    "h2d_rows_per_step": ("rows", "rows behind h2d_bytes_per_step"),
-    "d2h_rows_per_step": ("rows", "rows behind d2h_bytes_per_step"),
-    "h2d_bytes_measured": ("bytes", "the library's own counter: OffloadRuntime.bytes_to_device per step (value "
-                           "rows copied; the key-cache refresh is not counted there)"),
+    "h2d_bytes_per_step": ("bytes", 'placement "cpu", predicted: the planner\'s host -> device bytes per optimizer '
+                           "step (profiling/plan/traffic.py) for the routing this step saw (value rows per the "
+                           "residency policy, in the compute dtype, + the key rows the update changed). On a "
+                           'machine without a GPU: the bytes placement "cpu" WOULD move. Transfer rows: the rows\' '
+                           "payload"),
+    "d2h_bytes_per_step": ("bytes", "predicted likewise: gradient rows device -> host with their int64 ids "
+                           '(fp32 per micro-batch under "per-micro-batch"; summed on the device and sent once per '
+                           'step in the compute dtype under "resident")'),
+    "h2d_bytes_measured": ("bytes", "the library's own counter: OffloadRuntime.bytes_to_device per optimizer step "
+                           "(value rows and the key-cache write-back)"),
     "d2h_bytes_measured": ("bytes", "likewise OffloadRuntime.bytes_to_host (gradient rows + their int64 ids)"),
+    "rows_touched_per_step": ("rows", "distinct rows an optimizer step touched, mean over the layers run (the "
+                              "union of its micro-batches' rows)"),
+    "pcie_floor_bytes_per_step": ("bytes", "the floor: every row the step touched crosses once each way in the "
+                                  "compute dtype, 2 x rows x (r + d) x element size, summed over layers"),
+    "pcie_vs_floor": ("ratio", "(h2d_bytes_measured + d2h_bytes_measured) / pcie_floor_bytes_per_step"),
     "copy_ms": ("ms", "the step's rows (h2d/d2h_bytes_per_step) copied standalone through the library's Prefetcher "
                 'and the copy engine placement "cpu" uses on this device (offload.default_engine): '
                 "prefetch -> acquire -> release, and offload_grads"),

@@ -53,14 +53,17 @@ class Point:
     ist_ratio: float = 1.0
     kind: str = "step"
     rows: int | None = None  # transfer points
+    micro_batches: int = 1  # per optimizer step (meft points)
+    residency: str | None = None  # placement "cpu"
 
     def label(self) -> str:
         s = self.shape
         if self.kind == "transfer":
             return f"transfer rows={self.rows} d={s.hidden_size}"
-        extra = f" {self.transfer}/{self.backward_rows}" if self.placement == "cpu" else ""
+        extra = f" {self.residency} {self.transfer}/{self.backward_rows}" if self.placement == "cpu" else ""
         ist = f" ist={self.ist_ratio:g}" if self.ist_ratio < 1 else ""
-        return f"N={s.num_neurons} T={s.tokens} {self.impl}[{self.placement}{extra}{ist}]"
+        micro = f" x{self.micro_batches}" if self.micro_batches > 1 else ""
+        return f"N={s.num_neurons} T={s.tokens}{micro} {self.impl}[{self.placement}{extra}{ist}]"
 
 
 def experts_for(num_neurons: int, explicit: list[int] | None) -> list[int]:
@@ -97,19 +100,25 @@ def build_points(args: argparse.Namespace, cuda: bool) -> tuple[list[Point], lis
 
 
 def shape_points(shape: Shape, args: argparse.Namespace, cuda: bool, skipped: list[str]) -> list[Point]:
-    """The MEFT adapter per placement (placement "cpu": per transfer engine x backward row
-    policy, x IST ratio), then the baselines, at one shape."""
+    """The MEFT adapter per micro-batch count and placement (placement "cpu": per residency x
+    transfer engine x backward row policy, x IST ratio), then the baselines (one micro-batch
+    per step), at one shape. Under residency "resident" the backward reads the resident rows,
+    so backward_rows does not apply: one point, labelled "keep"."""
     out = []
-    for placement in args.placement:
-        if placement == "gpu":
-            out += [Point(shape, "meft", "gpu", ist_ratio=r) for r in args.ist_ratio]
-            continue
-        for transfer in args.transfer:
-            if transfer == "zero_copy" and not cuda:
-                skipped.append("transfer zero_copy (needs a GPU)")
+    for micro in args.micro_batches:
+        for placement in args.placement:
+            if placement == "gpu":
+                out += [Point(shape, "meft", "gpu", ist_ratio=r, micro_batches=micro) for r in args.ist_ratio]
                 continue
-            for rows in args.backward_rows:
-                out += [Point(shape, "meft", "cpu", transfer, rows, ist_ratio=r) for r in args.ist_ratio]
+            for residency in args.residency:
+                for transfer in args.transfer:
+                    if transfer == "zero_copy" and not cuda:
+                        skipped.append("transfer zero_copy (needs a GPU)")
+                        continue
+                    backward = ["keep"] if residency == "resident" else args.backward_rows
+                    out += [Point(shape, "meft", "cpu", transfer, rows, ist_ratio=r, micro_batches=micro,
+                                  residency=residency)
+                            for rows in backward for r in args.ist_ratio]
     out += [Point(shape, b, "gpu") for b in args.baselines]
     return out
 

@@ -16,6 +16,8 @@ from meft_triton.validation import is_out_of_memory
 from .. import metrics
 from ..metrics import NAN, Clock, Notes
 from .columns import COLUMN_NAMES
+from ..plan.routing import profile_from_dict
+from ..plan.traffic import layer_traffic
 from .grid import Point, Shape
 from .transfer import engine_GBps, measure_transfer_rows, random_rows
 from .workloads import Weights, Workload, estimate_bytes, make_workload
@@ -28,7 +30,7 @@ BREAKDOWN = {"router": ("router",), "keys": ("keys",), "copy_wait": ("copy_wait"
              "forward_fused": ("forward",), "backbone": ("backbone",), "backward": ("backward",),
              "optimizer": ("optimizer",)}
 MACHINE_COLUMNS = ("device", "cpu", "threads", "driver", "cuda", "torch", "triton", "python")
-STEP_BYTES = ("h2d_bytes_per_step", "d2h_bytes_per_step", "h2d_rows_per_step", "d2h_rows_per_step")
+STEP_BYTES = ("h2d_bytes_per_step", "d2h_bytes_per_step", "pcie_floor_bytes_per_step")
 
 
 def isnan(v) -> bool:
@@ -44,6 +46,8 @@ def blank_row(point: Point, args: argparse.Namespace, mode: str, machine: dict) 
                transfer=point.transfer if point.placement == "cpu" else None,
                backward_rows=point.backward_rows if point.kind == "step" and point.placement == "cpu" else None,
                ist_ratio=point.ist_ratio if point.kind == "step" else NAN,
+               micro_batches=point.micro_batches if point.kind == "step" else NAN,
+               residency=point.residency if point.kind == "step" and point.placement == "cpu" else None,
                repeats=args.repeats, warmup=args.warmup, unique_rows_layers=None, adapter_counters=None, note="",
                **{k: machine.get(k) for k in MACHINE_COLUMNS})
     if point.kind == "step":
@@ -94,13 +98,17 @@ def measure_step(point: Point, w: Weights, args: argparse.Namespace, device: tor
         for _ in range(args.warmup):
             timed_step(workload, cuda)
         counters_before = counters(workload)
+        samples, routings = [], []
         with nvml:
-            samples = [timed_step(workload, cuda) for _ in range(args.repeats)]
+            for _ in range(args.repeats):
+                samples.append(timed_step(workload, cuda))
+                routings.append(getattr(workload, "routing", None))
         per_step = counter_delta(counters_before, counters(workload), args.repeats)
         stage_times(row, point, samples, scale, notes)
         memory(row, workload, cuda, nvml, notes)
         accounting(row, point, workload.unique_rows, scale)
         if point.placement == "cpu":
+            predicted_traffic(row, point, routings, scale)
             copy_throughput(row, point, workload, per_step, scale, device, args, notes)
     except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
         if is_out_of_memory(exc):
@@ -136,7 +144,8 @@ def stage_times(row: dict, point: Point, samples: list[dict[str, float]], scale:
         row[f"{phase}_ms"] = scale * statistics.median(
             sum(v for k, v in x.items() if PHASE[k] == phase) for x in samples)
     row["step_ms"] = scale * statistics.median(sum(x.values()) for x in samples)
-    row["tokens_per_s"] = point.shape.tokens / (row["step_ms"] * 1e-3) if row["step_ms"] > 0 else NAN
+    tokens = point.shape.tokens * point.micro_batches
+    row["tokens_per_s"] = tokens / (row["step_ms"] * 1e-3) if row["step_ms"] > 0 else NAN
     stages = metrics.median_by_key(samples)
     for col, parts in BREAKDOWN.items():
         present = [stages[p] for p in parts if p in stages]
@@ -187,12 +196,32 @@ def accounting(row: dict, point: Point, unique_rows: list[int], scale: float) ->
                      "lora": 2 * (row["lora_rank"] if not isnan(row["lora_rank"]) else 0) * s.hidden_size}[point.impl]
         row["adapter_gpu_bytes"] = metrics.dense_memory_bytes(per_layer, s.layers)
         row["adapter_host_bytes"] = 0
-    if point.placement == "cpu":
-        acc = metrics.transfer_bytes(unique_rows, s.hidden_size, s.dtype_bytes, point.backward_rows)
-        for col in STEP_BYTES:
-            row[col] = acc[col.removesuffix("_per_step")] * scale
-    else:
+    if point.placement == "gpu":
         row.update(dict.fromkeys(STEP_BYTES, 0.0))
+
+
+def predicted_traffic(row: dict, point: Point, routings: list[list[dict]], scale: float) -> None:
+    """Placement "cpu": the planner's bytes per optimizer step (profiling/plan/traffic.py) for
+    the routing each timed step saw (their mean), each layer's floor (every row the step touched
+    once each way in the compute dtype), and the measured bytes against that floor. The budgets
+    hold every row here ("auto" without device memory to share), so the planner's counts are
+    exact."""
+    s = point.shape
+    totals = dict.fromkeys(("h2d_bytes_per_step", "d2h_bytes_per_step", "pcie_floor_bytes_per_step"), 0.0)
+    touched = 0.0
+    for routing in routings:
+        profile = profile_from_dict({"num_neurons": s.num_neurons, "layers": routing}, layers=len(routing),
+                                    num_neurons=s.num_neurons, micro_batches=point.micro_batches,
+                                    source="a timed step")
+        traffic = [layer_traffic(layer, policy=point.residency, hidden=s.hidden_size, key_width=s.hidden_size,
+                                 es=s.dtype_bytes, backward_rows=point.backward_rows, transfer=point.transfer,
+                                 id_bound=min(s.num_neurons, s.tokens * s.topk)) for layer in profile.layers]
+        totals["h2d_bytes_per_step"] += sum(t.h2d for t in traffic)
+        totals["d2h_bytes_per_step"] += sum(t.d2h for t in traffic)
+        totals["pcie_floor_bytes_per_step"] += sum(t.floor for t in traffic)
+        touched += sum(layer.per_step for layer in profile.layers) / len(profile.layers)
+    row.update({k: scale * v / len(routings) for k, v in totals.items()})
+    row["rows_touched_per_step"] = touched / len(routings)
 
 
 def copy_throughput(row: dict, point: Point, workload: Workload, per_step: dict[str, float], scale: float,
@@ -203,6 +232,8 @@ def copy_throughput(row: dict, point: Point, workload: Workload, per_step: dict[
     row["adapter_counters"] = json.dumps(per_step, sort_keys=True)
     row["h2d_bytes_measured"] = per_step["bytes_to_device"] * scale
     row["d2h_bytes_measured"] = per_step["bytes_to_host"] * scale
+    measured = row["h2d_bytes_measured"] + row["d2h_bytes_measured"]
+    row["pcie_vs_floor"] = measured / row["pcie_floor_bytes_per_step"] if row["pcie_floor_bytes_per_step"] else NAN
     rows = max(1, round(row["unique_rows_per_layer"]))
     store = workload.adapters[0].offload.store
     repeats = max(3, args.repeats)
@@ -235,7 +266,6 @@ def measure_transfer_point(point: Point, args: argparse.Namespace, cuda: bool, m
         row["achieved_GBps"], row["memcpy_GBps"] = t["gather_GBps"], t["host_memcpy_GBps"]
         row["h2d_bytes_per_step"] = point.rows * s.hidden_size * 4
     row["achieved_vs_memcpy"] = row["achieved_GBps"] / row["memcpy_GBps"]
-    row["h2d_rows_per_step"] = point.rows
     row["host_rss_bytes"], row["host_peak_rss_bytes"] = metrics.host_rss_bytes()
     return row
 

@@ -16,10 +16,11 @@ GPU_ONLY_LINE = (
 )
 
 SUMMARY_COLUMNS = [
-    ("num_neurons", "N"), ("num_experts", "E"), ("tokens", "T"), ("impl", "impl"), ("placement", "placement"),
-    ("policy", "transfer/bwd"), ("step_ms", "step ms"), ("tokens_per_s", "tokens/s"),
-    ("speedup_vs_reference", "x ref"), ("adapter_gpu_MiB", "GPU MiB (acct)"), ("h2d_MiB", "H2D MiB/step"),
-    ("unique_rows_per_layer", "rows/layer"), ("achieved_GBps", "GB/s"), ("achieved_vs_memcpy", "vs memcpy"),
+    ("num_neurons", "N"), ("num_experts", "E"), ("tokens", "T"), ("micro_batches", "M"), ("impl", "impl"),
+    ("placement", "placement"), ("policy", "residency transfer/bwd"), ("step_ms", "step ms"),
+    ("tokens_per_s", "tokens/s"), ("speedup_vs_reference", "x ref"), ("adapter_gpu_MiB", "GPU MiB (acct)"),
+    ("pcie_MiB", "PCIe MiB/step"), ("pcie_vs_floor", "PCIe / floor"), ("unique_rows_per_layer", "rows/layer"),
+    ("achieved_GBps", "GB/s"), ("achieved_vs_memcpy", "vs memcpy"),
 ]
 TRANSFER_SUMMARY_COLUMNS = [
     ("rows", "rows"), ("hidden_size", "d"), ("gather_GBps", "gather GB/s"), ("gather_cast_GBps", "gather+cast GB/s"),
@@ -34,10 +35,11 @@ FILES = ("sweep.csv", "sweep.json", "columns.md", "meta.json", "summary.md")
 def summary_markdown(df) -> str:
     """The step table, the transfer table (columns measured here) and the distinct notes."""
     steps = df[df["kind"] == "step"].copy()
-    steps["policy"] = [f"{t}/{b}" if p == "cpu" else "" for t, b, p in
-                       zip(steps["transfer"], steps["backward_rows"], steps["placement"])]
+    steps["policy"] = [("" if p != "cpu" else f"resident {t}" if r == "resident" else f"{r} {t}/{b}")
+                       for t, b, p, r in zip(steps["transfer"], steps["backward_rows"], steps["placement"],
+                                             steps["residency"])]
     steps["adapter_gpu_MiB"] = steps["adapter_gpu_bytes"] / 2**20
-    steps["h2d_MiB"] = steps["h2d_bytes_per_step"] / 2**20
+    steps["pcie_MiB"] = (steps["h2d_bytes_measured"] + steps["d2h_bytes_measured"]) / 2**20
     parts = [metrics.markdown_table(steps.to_dict("records"), [c for c, _ in SUMMARY_COLUMNS],
                                     [h for _, h in SUMMARY_COLUMNS])]
     transfers = df[df["kind"] == "transfer"]

@@ -34,6 +34,8 @@ class Weights:
 
     def __init__(self, shape: Shape, device: torch.device, seed: int) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
+        self.shape, self.device, self.seed = shape, device, seed
+        self._later: dict[tuple[int, int], torch.Tensor] = {}  # (layer, micro-batch >= 1) -> input
         s, dt = shape, shape.torch_dtype
         self.hidden, self.grad_out, self.router, self.keys, self.values = [], [], [], [], []
         for _ in range(s.layers_run):
@@ -53,8 +55,21 @@ class Weights:
         gate, up, down = self.ffn
         return (torch.nn.functional.silu(hidden @ gate.T) * (hidden @ up.T)) @ down
 
+    def micro_batch_input(self, layer: int, micro_batch: int) -> torch.Tensor:
+        """The layer's input for one micro-batch of a step: ``hidden[layer]`` for the first, fresh
+        tokens (seeded, made once) for the others, so routing differs as in real training."""
+        if micro_batch == 0:
+            return self.hidden[layer]
+        key = (layer, micro_batch)
+        if key not in self._later:
+            gen = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + 1000 * layer + micro_batch)
+            s = self.shape
+            self._later[key] = (torch.randn(s.tokens, s.hidden_size, device=self.device, generator=gen)
+                                .to(s.torch_dtype).requires_grad_())
+        return self._later[key]
+
     def reset_input_grads(self) -> None:
-        for h in self.hidden:
+        for h in [*self.hidden, *self._later.values()]:
             h.grad = None
 
 
@@ -170,17 +185,21 @@ class DenseBaseline(Workload):
 
 class MeftAdapterStack(Workload):
     """The package's MEFTAdapter under the point's placement: Triton kernels on CUDA, the
-    reference stages on CPU. Placement "cpu" layers share one OffloadRuntime (one copy engine
-    and slot pool, as in a model) and run in the adapter's two stages, ``start_routing`` ->
-    (the FFN) -> ``finish_values``; their keys/values train through ``configure_optimizer`` /
-    ``sparse_step`` (row-sparse AdamW on a worker thread), the router through dense AdamW."""
+    reference stages on CPU. A step runs ``micro_batches`` forward + backward passes (each on
+    its own inputs), then the optimizers. Placement "cpu" layers share one OffloadRuntime (one
+    copy engine and slot pool, as in a model) under the point's residency and run in the
+    adapter's two stages, ``start_routing`` -> (the FFN) -> ``finish_values``; their
+    keys/values train through ``configure_optimizer`` / ``sparse_step`` (row-sparse AdamW on a
+    worker thread), the router through dense AdamW. ``routing`` holds, per layer, the distinct
+    rows each micro-batch of the last step touched and their running union (the planner's
+    routing profile, :func:`profiling.plan.profile_from_dict`)."""
 
     def __init__(self, *a) -> None:
         super().__init__(*a)
         p, s = self.point, self.point.shape
         cfg = MEFTConfig(num_neurons=s.num_neurons, num_experts=s.num_experts, experts_per_token=s.experts_per_token,
                          topk=s.topk, placement=p.placement, transfer=p.transfer or "cpu_gather",
-                         backward_rows=p.backward_rows or "refetch")
+                         backward_rows=p.backward_rows or "refetch", residency=p.residency or "per-micro-batch")
         self.offloaded = p.placement == "cpu"
         self.runtime = None
         if self.offloaded:
@@ -200,9 +219,11 @@ class MeftAdapterStack(Workload):
             self.notes.add("row-sparse AdamW runs on worker threads, the next forward waits for it")
             if self.adapters[0].offload.store.pinned:
                 self.pinned_nbytes = float(sum(a.offload.store.nbytes for a in self.adapters))
-            self.unique_rows = [0] * s.layers_run  # the copy tickets' rows, set by every step
+            self.unique_rows = [0] * s.layers_run  # distinct rows of a micro-batch, set by every step
         else:
             self.unique_rows = [active_unique_rows(self.w, layer, s) for layer in range(s.layers_run)]
+        self.routing: list[dict] = []
+        self._picks: list[list[torch.Tensor]] = []
         self.ist = None
         self.steps_done = 0
         if p.ist_ratio < 1:
@@ -213,17 +234,20 @@ class MeftAdapterStack(Workload):
         if self.ist is not None:  # this step's trained layers; the rest are frozen
             self.ist.before_step(self.steps_done)
         self.steps_done += 1
-        ys = []
-        for layer, a in enumerate(self.adapters):
-            h = self.w.hidden[layer]
-            if self.offloaded:
-                ys.append(self._offloaded_forward(clock, layer, a, h))
-            else:
-                y = a(h)
-                clock.mark("forward")
-                ys.append(self.beside_backbone(clock, layer, y))
-        torch.autograd.backward(ys, self.w.grad_out)
-        clock.mark("backward")
+        self._picks = [[] for _ in self.adapters]
+        for micro in range(self.point.micro_batches):
+            ys, grads = [], []
+            for layer, a in enumerate(self.adapters):
+                h = self.w.micro_batch_input(layer, micro)
+                if self.offloaded:
+                    ys.append(self._offloaded_forward(clock, layer, a, h))
+                else:
+                    y = a(h)
+                    clock.mark("forward")
+                    ys.append(self.beside_backbone(clock, layer, y))
+                grads.append(self.w.grad_out[layer])
+            torch.autograd.backward(ys, grads)
+            clock.mark("backward")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.offloaded:
@@ -231,18 +255,29 @@ class MeftAdapterStack(Workload):
                 if a.router.weight.requires_grad:  # IST-frozen layers have nothing to step
                     a.sparse_step()
         clock.mark("optimizer")
+        if self.offloaded:  # after the last mark: host reads here are not timed
+            self._record_routing()
+
+    def _record_routing(self) -> None:
+        self.routing = []
+        for picks in self._picks:
+            per_micro_batch = [int(torch.unique(p).numel()) for p in picks]
+            cumulative = [int(torch.unique(torch.cat(picks[:m + 1])).numel()) for m in range(len(picks))]
+            self.routing.append({"per_micro_batch": per_micro_batch, "per_step": cumulative[-1],
+                                 "cumulative": cumulative})
+        self.unique_rows = [layer["per_micro_batch"][0] for layer in self.routing]
 
     def _offloaded_forward(self, clock: Clock, layer: int, adapter, h: torch.Tensor) -> torch.Tensor:
         """The adapter's two stages. With the FFN between them the value-row copy overlaps it;
         without it, on CPU compute, the wait for the copy is timed on its own ("copy_wait")."""
         routed = adapter.start_routing(h)
-        self.unique_rows[layer] = routed.ticket.num_rows
+        self._picks[layer].append(routed.neuron_ids.detach().clone())
         clock.mark("forward")
         ffn = None
         if self.w.ffn is not None:
             ffn = self.w.backbone(h)
             clock.mark("backbone")
-        elif self.device.type == "cpu":
+        elif self.device.type == "cpu" and routed.ticket is not None:
             routed.ticket.handle.wait()
             clock.mark("copy_wait")
         y = adapter.finish_values(routed)
@@ -250,9 +285,13 @@ class MeftAdapterStack(Workload):
         return y if ffn is None else y + ffn
 
     def counters(self) -> dict[str, float]:
-        """The shared OffloadRuntime's cumulative counters ({} under placement "gpu")."""
+        """The shared OffloadRuntime's cumulative counters ({} under placement "gpu"), after the
+        last step's updates landed (their key rows are copied to the device then): the counts
+        between two reads are exactly those of the steps between them."""
         if self.runtime is None:
             return {}
+        for a in self.adapters:
+            a.offload.wait_for_update()
         names = ("bytes_to_device", "bytes_to_host", "rows_reused")
         return {name: float(getattr(self.runtime, name)) for name in names}
 

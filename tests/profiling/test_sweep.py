@@ -17,8 +17,9 @@ from profiling.sweep import transfer
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--hidden-size", "16", "--layers", "3", "--max-layers", "2", "-N", "64,128", "-E", "4", "-P", "2",
         "-K", "4", "-T", "8", "--repeats", "1", "--warmup", "0", "--transfer-rows", "16,64",
-        "--threads", "1", "--no-progress", "--dtype", "float32"]
-PLOTS = ("tokens_per_s_vs_N.png", "gpu_memory_vs_N.png", "transfer_GBps_vs_rows.png", "step_breakdown.png")
+        "--threads", "1", "--no-progress", "--dtype", "float32", "-M", "1", "2"]
+PLOTS = ("tokens_per_s_vs_N.png", "gpu_memory_vs_N.png", "transfer_GBps_vs_rows.png", "step_breakdown.png",
+         "pcie_bytes_vs_micro_batches.png")
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,10 @@ def test_plots_are_pngs_with_expected_series(tiny_run, tmp_path):
 
     fig, labels = plots.plot_tokens_per_s(df, tmp_path / "t.png")
     main = "meft"
-    for label in (f"{main}, placement=gpu", f"{main}, placement=cpu (cpu_gather, refetch)",
-                  f"{main}, placement=cpu (cpu_gather, keep)", "MEFT original (dense-masked)",
+    per_micro_batch = f"{main}, placement=cpu (per-micro-batch, cpu_gather, refetch)"
+    for label in (f"{main}, placement=gpu", per_micro_batch,
+                  f"{main}, placement=cpu (per-micro-batch, cpu_gather, keep)",
+                  f"{main}, placement=cpu (resident, cpu_gather)", "MEFT original (dense-masked)",
                   "dense adapter, same N", "LoRA, same GPU memory"):
         assert label in labels
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == labels
@@ -125,7 +128,7 @@ def test_plots_are_pngs_with_expected_series(tiny_run, tmp_path):
 
     _, labels = plots.plot_memory(df, tmp_path / "m.png")
     assert f"{main}, placement=gpu [accounting]" in labels
-    assert f"{main}, placement=cpu (cpu_gather, refetch) [accounting]" in labels
+    assert f"{per_micro_batch} [accounting]" in labels
 
     _, labels = plots.plot_transfer(df, tmp_path / "p.png")
     assert "host gather fp32 (offload.gather.cpu_gather)" in labels and "plain host memcpy, same bytes" in labels
@@ -135,43 +138,49 @@ def test_plots_are_pngs_with_expected_series(tiny_run, tmp_path):
     assert {"backward", "optimizer"} <= set(labels)
     if not torch.cuda.is_available():  # the staged reference and placement "cpu"'s copy wait
         assert {"router", "keys", "copy wait", "values"} <= set(labels)
-    for name in ("t.png", "m.png", "p.png", "b.png"):
+    fig, labels = plots.plot_pcie_bytes(df, tmp_path / "x.png")
+    assert f"{main}, placement=cpu (resident, cpu_gather) [measured]" in labels
+    assert f"{per_micro_batch} [planner]" in labels and labels[-1].startswith("floor")
+    assert all(list(line.get_xdata()) == [1, 2] for line in fig.axes[0].get_lines())  # -M 1 2, one N
+    for name in ("t.png", "m.png", "p.png", "b.png", "x.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_transfer_bytes_hand_checked():
-    # two layers with 3 and 5 unique rows, d = 8, bf16 rows (2 B), fp32 gradient rows
-    acc = metrics.transfer_bytes([3, 5], hidden_size=8, row_dtype_bytes=2, backward_rows="refetch")
-    # H2D: 8 value rows forward + 8 again in backward + 8 refreshed key rows = 24 rows of 16 B
-    assert acc["h2d_rows"] == 24 and acc["h2d_bytes"] == 384
-    # D2H: 8 key-gradient + 8 value-gradient rows of 8 fp32 = 16 rows of 32 B
-    assert acc["d2h_rows"] == 16 and acc["d2h_bytes"] == 512
-    keep = metrics.transfer_bytes([3, 5], hidden_size=8, row_dtype_bytes=2, backward_rows="keep")
-    assert keep["h2d_bytes"] == 16 * 16 and keep["d2h_bytes"] == 512
-    with pytest.raises(ValueError, match="backward_rows"):
-        metrics.transfer_bytes([1], 8, 2, "sometimes")
-
-
-def test_sweep_bytes_equal_active_rows_times_row_bytes(tmp_path):
-    """P = E and K_top = P*S: every token selects every neuron, so each layer has N = 16 active
-    rows; 2 layers, d = 8, fp32: H2D = 2 x 16 x (2 value + 1 key rows) x 8 x 4 B."""
-    args = ["--hidden-size", "8", "--layers", "2", "--max-layers", "2", "-N", "16", "-E", "2", "-P", "2",
-            "-K", "16", "-T", "4", "--placement", "cpu", "--backward-rows", "refetch", "--baselines", "none",
-            "--repeats", "1", "--warmup", "0", "--transfer-rows", "4", "--threads", "1", "--no-plots",
-            "--no-progress", "--dtype", "float32", "--out", str(tmp_path)]
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_sweep_bytes_equal_counters_planner_and_hand_count(tmp_path, micro_batches):
+    """P = E and K_top = P*S: every token selects every neuron, so every layer touches all N = 16
+    rows in every micro-batch. 2 layers, d = 8, fp32 (4 B), M micro-batches per optimizer step.
+    The library's counters, the planner's prediction for the routing the step saw, and the hand
+    count agree exactly; "resident" moves each row once each way (+ the ids), whatever M is."""
+    d, n, layers, m = 8, 16, 2, micro_batches
+    args = ["--hidden-size", str(d), "--layers", str(layers), "--max-layers", str(layers), "-N", str(n), "-E", "2",
+            "-P", "2", "-K", str(n), "-T", "4", "-M", str(m), "--placement", "cpu", "--backward-rows", "refetch",
+            "--residency", "per-micro-batch", "resident", "--baselines", "none", "--repeats", "2", "--warmup", "1",
+            "--transfer-rows", "4", "--threads", "1", "--no-plots", "--no-progress", "--dtype", "float32",
+            "--out", str(tmp_path)]
     assert sweep.main(args) == 0
     df = pd.read_csv(tmp_path / "sweep.csv")
-    rows = df[df["kind"] == "step"]
-    assert len(rows) >= 1
-    for _, row in rows.iterrows():
-        assert row["unique_rows_layers"] == "16;16"
-        assert row["h2d_rows_per_step"] == 2 * 16 * 3
-        assert row["h2d_bytes_per_step"] == 2 * 16 * 3 * 8 * 4
-        assert row["d2h_bytes_per_step"] == 2 * 16 * 2 * 8 * 4
-        # OffloadRuntime's counters: value rows forward + refetched (key-cache refresh not counted)
-        # and gradient rows with their int64 ids
-        assert row["h2d_bytes_measured"] == 2 * 16 * 2 * 8 * 4
-        assert row["d2h_bytes_measured"] == 2 * 16 * (2 * 8 * 4 + 8)
+    rows = df[df["kind"] == "step"].set_index("residency")
+    assert set(rows.index) == {"per-micro-batch", "resident"}
+    row_bytes, id_bytes = d * 4, 8
+    floor = layers * 2 * n * 2 * row_bytes  # each row once each way: key (r = d) + value
+    hand = {
+        # per micro-batch: value rows forward + refetched in backward, fp32 key+value gradient rows
+        # with ids; after the step: the n key rows the update changed into the key cache
+        "per-micro-batch": (layers * (m * 2 * n + n) * row_bytes, layers * m * n * (2 * row_bytes + id_bytes)),
+        # each value row once (it stays for the step; a later call with every row on the device
+        # still hands the engine one row), gradient rows summed and sent once
+        "resident": (layers * (n + (m - 1) + n) * row_bytes, layers * n * (2 * row_bytes + id_bytes)),
+    }
+    for residency, (h2d, d2h) in hand.items():
+        row = rows.loc[residency]
+        assert row["unique_rows_layers"] == f"{n};{n}" and row["rows_touched_per_step"] == n
+        assert (row["h2d_bytes_measured"], row["d2h_bytes_measured"]) == (h2d, d2h), residency
+        assert (row["h2d_bytes_per_step"], row["d2h_bytes_per_step"]) == (h2d, d2h), residency
+        assert row["pcie_floor_bytes_per_step"] == floor
+        assert row["pcie_vs_floor"] == pytest.approx((h2d + d2h) / floor)
+    if m == 1:  # the floor + the gradient rows' ids
+        assert rows.loc["resident", "pcie_vs_floor"] == pytest.approx(1 + id_bytes / (2 * 2 * row_bytes))
 
 
 def test_transfer_rows_go_through_the_library_pipeline(monkeypatch):
@@ -307,12 +316,13 @@ def test_backbone_ffn_runs_beside_every_adapter(tmp_path):
     assert (df[df["kind"] == "transfer"]["backbone"] == "none").all()
 
 
-def test_ist_ratio_axis_halves_gradient_rows_to_host(tmp_path):
+@pytest.mark.parametrize("residency", ["per-micro-batch", "resident"])
+def test_ist_ratio_axis_halves_gradient_rows_to_host(tmp_path, residency):
     """MEFT + IST: with half the layers trained per step, half the gradient bytes go home."""
-    code = sweep.main(["--preset", "tiny", "-N", "1024", "-T", "64", "--placement", "cpu",
-                       "--backward-rows", "refetch", "--ist-ratio", "1", "0.5", "--baselines", "none",
-                       "--transfer-rows", "64", "--repeats", "2", "--warmup", "1", "--no-plots",
-                       "--no-progress", "--out", str(tmp_path)])
+    code = sweep.main(["--preset", "tiny", "-N", "1024", "-T", "64", "--placement", "cpu", "-M", "2",
+                       "--residency", residency, "--backward-rows", "refetch", "--ist-ratio", "1", "0.5",
+                       "--baselines", "none", "--transfer-rows", "64", "--repeats", "2", "--warmup", "1",
+                       "--no-plots", "--no-progress", "--out", str(tmp_path)])
     assert code == 0
     df = pd.read_csv(tmp_path / "sweep.csv")
     meft = df[(df.kind == "step") & (df.impl == "meft")].set_index("ist_ratio")
