@@ -5,9 +5,9 @@
     python -m profiling.plan --model PATH/config.json --gpu h200 --tokens 2048 --micro-batches 8 \\
         --num-neurons 32768 --num-experts 512 --routing profile.json
 
-For placement "gpu" and for placement "cpu" under each residency policy ("per-micro-batch",
-what meft_triton/offload does today; "resident", the design target of the issue "Placement cpu
-that pays") and each backward_rows / transfer not fixed on the command line, it prints GPU and
+For placement "gpu" and for placement "cpu" under each residency policy (``MEFTConfig.residency``:
+"per-micro-batch", every micro-batch moves its rows; "resident", rows stay on the device for
+the step) and each backward_rows / transfer not fixed on the command line, it prints GPU and
 CPU bytes by component, PCIe bytes per optimizer step against their floor and the predicted
 step time split into GPU compute, exposed PCIe and exposed CPU optimizer time; then the fastest
 configuration that fits as a ``MEFTConfig(...)``, or what is over and by how much.
@@ -15,8 +15,9 @@ configuration that fits as a ``MEFTConfig(...)``, or what is over and by how muc
 Modules: inputs (GPU presets from profiling/gpu_presets.json, the backbone, the batch),
 routing (rows touched per micro-batch and per step), traffic (PCIe bytes per policy), memory
 (bytes by component), timing (the time model), planner (one record per candidate), cli.
-Every number is a prediction from these formulas; the byte counts of "per-micro-batch" equal
-the runtime's counters on the same routing (tests/profiling/test_plan.py).
+Every number is a prediction from these formulas; the byte counts of both policies equal the
+runtime's counters on the same routing at full budgets (tests/profiling/test_plan.py, and the
+sweep's placement-"cpu" rows, which put both side by side).
 """
 
 from .inputs import GPU, Backbone, Batch, load_gpu, resolve_model
