@@ -9,8 +9,8 @@ next step equals the uninterrupted run's bitwise. A rank whose save or load fail
 rank raise (:class:`~.topology.PeerFailedError` on the others) instead of waiting.
 RNG states are rank 0's; pass ``restore_rng=False`` where ranks must keep their own.
 A model sharded by FSDP2 (:func:`~.fsdp.shard_meft_model`) holds no rank's full adapters:
-both functions refuse it, before anything is written or read (save and resume it with
-``torch.distributed.checkpoint``).
+both functions refuse it, before anything is written or read (:func:`~.fsdp.save_sharded_state`
+and :func:`~.fsdp.load_sharded_state` save and resume it).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _refuse_sharded(model, what: str) -> None:
 
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError(f"{what}: the model's parameters are sharded by FSDP (DTensor), so no rank holds "
-                         "the full adapters; save and load it with torch.distributed.checkpoint "
-                         "(get_state_dict / set_state_dict)")
+                         "the full adapters; use save_sharded_state / load_sharded_state "
+                         "(torch.distributed.checkpoint, every rank its shards)")
 
 
 def save_node_state(model, optimizer, path: str | os.PathLike, *, step: int, topology: NodeTopology,

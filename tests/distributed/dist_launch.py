@@ -50,19 +50,25 @@ def launch(scenario: str, world: int, out_dir, *, local_world: int | None = None
     return results
 
 
-def run_script(script: str, args: tuple, *, nproc: int | None = None, timeout: float = 240) -> tuple[int | None, str]:
-    """``python tests/distributed/SCRIPT ARGS`` in one process, or under torchrun
-    (``python -m torch.distributed.run``) with ``nproc`` ranks on a free loopback port; returns
-    (exit code, or None if it was killed at the timeout with all its ranks, output tail)."""
-    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+def run_command(argv: list[str], *, timeout: float = 240) -> tuple[int | None, str]:
+    """Run ``argv`` from the repository root (its own session, the package and this folder on
+    the path); returns (exit code, or None if it was killed at the timeout with every process it
+    started, the tail of its output: stdout and stderr together)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, *launcher, str(HERE / script), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out[-4000:]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         out, _ = proc.communicate()
         return None, out[-4000:]
+
+
+def run_script(script: str, args: tuple, *, nproc: int | None = None, timeout: float = 240) -> tuple[int | None, str]:
+    """``python tests/distributed/SCRIPT ARGS`` in one process, or under torchrun
+    (``python -m torch.distributed.run``) with ``nproc`` ranks on a free loopback port."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return run_command([sys.executable, *launcher, str(HERE / script), *map(str, args)], timeout=timeout)

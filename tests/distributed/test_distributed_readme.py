@@ -1,17 +1,16 @@
-"""The README's multi-GPU commands (torchrun, accelerate launch) run as written on this CPU
-machine with gloo at world size 2 (only --out is added, into the test's folder)."""
+"""The README's multi-GPU commands (torchrun, accelerate launch: DDP, FSDP2, the HF Trainer, both
+placements) run as written on this CPU machine with gloo at world size 2 (only a free port and
+--out, into the test's folder, are added)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import subprocess
 
 import pytest
 
-from dist_launch import ROOT, free_port
+from dist_launch import ROOT, free_port, run_command
 
 pytest.importorskip("transformers")
 
@@ -23,17 +22,24 @@ def readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_readme_multi_gpu_command_runs(tmp_path, launcher):
-    command = next(c for c in readme_commands() if c.startswith(launcher))
-    if shutil.which(launcher) is None:
-        pytest.skip(f"{launcher} is not installed")
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_both_launchers_and_every_mode():
+    text = "\n".join(COMMANDS)
+    for part in ("torchrun", "accelerate launch", "--placement gpu", "--placement cpu", "--fsdp", "--trainer"):
+        assert part in text, part
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.split(".py")[-1].strip() + " " + c.split()[0]
+                                                   for c in COMMANDS])
+def test_readme_multi_gpu_command_runs(tmp_path, command):
     argv = shlex.split(command)
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed")
     # a free port, so parallel runs do not collide: torchrun's option, or accelerate launch's
-    at, option = (1, "--master_port") if launcher == "torchrun" else (2, "--main_process_port")
+    at, option = (1, "--master_port") if argv[0] == "torchrun" else (2, "--main_process_port")
     argv[at:at] = [option, str(free_port())]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run([*argv, "--out", str(tmp_path / "ckpt")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "world 2" in done.stdout and (tmp_path / "ckpt").is_dir(), done.stdout
+    rc, out = run_command([*argv, "--out", str(tmp_path / "ckpt")], timeout=300)
+    assert rc == 0, f"{command} exited with {rc}:\n{out}"
+    assert "world 2" in out and (tmp_path / "ckpt").is_dir(), out
