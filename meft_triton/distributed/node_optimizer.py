@@ -165,5 +165,5 @@ class NodeSharedAdamW(OffloadedAdamW):
         torch.optim.AdamW.step(self)  # routers and L: the same (reduced) gradients on every rank
         for adapter, touched in zip(self.adapters, payload):
             if touched is not None:
-                adapter.offload.rows_changed(touched)  # keys to the cache, resident values dropped
+                adapter.offload.rows_changed(touched, elsewhere=not topo.is_leader)
         return loss

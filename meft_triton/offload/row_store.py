@@ -119,6 +119,7 @@ class CPURowStore:
         self.exp_avg_sq.zero_()
         self.pinned = want and err is None
         self.pin_error: str | None = err if want else auto_reason
+        self.shadow: Tensor | None = None  # the value rows in a compute dtype (value_shadow)
         if pin_memory is True and err is not None:
             warnings.warn(f"CPURowStore: using pageable memory ({err})", RuntimeWarning, stacklevel=2)
 
@@ -165,6 +166,33 @@ class CPURowStore:
     def row_width(self) -> int:
         """fp32 numbers per neuron record (key row + value row)."""
         return self.key_size + self.hidden_size
+
+    def value_shadow(self, dtype: torch.dtype) -> Tensor:
+        """``[N, d]`` copy of the value rows in the 16-bit compute ``dtype``, pinned like the
+        store: what a zero-copy gather reads over the link (half the bytes of the fp32 rows).
+        Made on first use; the row-sparse AdamW refreshes the rows it updates, and
+        :meth:`refresh_shadow` the rest after the values are written from outside."""
+        if dtype not in GATHER_DTYPES[1:]:
+            raise TypeError(f"dtype must be bfloat16 or float16, got {dtype}")
+        if self.shadow is None or self.shadow.dtype != dtype:
+            self.shadow, _ = _alloc((self.num_rows, self.hidden_size), self.pinned, dtype)
+            self.shadow.copy_(self.values())
+        return self.shadow
+
+    def refresh_shadow(self, row_ids: Tensor | None = None) -> None:
+        """Bring the :meth:`value_shadow` rows ``row_ids`` (None: all) back in line with the
+        master values; nothing to do without a shadow."""
+        if self.shadow is None:
+            return
+        if row_ids is None:
+            self.shadow.copy_(self.values())
+        elif row_ids.numel():
+            self.shadow.index_copy_(0, row_ids, self.values().index_select(0, row_ids).to(self.shadow.dtype))
+
+    @property
+    def shadow_nbytes(self) -> int:
+        """Bytes of the value shadow (0 without one)."""
+        return 0 if self.shadow is None else self.shadow.numel() * self.shadow.element_size()
 
     # ------------------------------------------------------------------ accounting
     @property

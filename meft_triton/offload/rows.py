@@ -141,8 +141,12 @@ class OffloadedRows:
         if touched is not None:
             self.rows_changed(touched)
 
-    def rows_changed(self, row_ids: Tensor) -> None:
-        """The master rows ``row_ids`` changed: their keys to the cache, their resident values out."""
+    def rows_changed(self, row_ids: Tensor, *, elsewhere: bool = False) -> None:
+        """The master rows ``row_ids`` changed: their keys to the cache, their resident values
+        out. ``elsewhere``: another process's optimizer changed them (a shared row store), so
+        this process's value shadow is refreshed here (its own optimizer does that itself)."""
+        if elsewhere:
+            self.store.refresh_shadow(row_ids)
         self.key_cache.write_back(row_ids)
         self.residency.forget(row_ids)
 
@@ -160,6 +164,7 @@ class OffloadedRows:
         """Every master row changed (a load, a re-initialisation): all keys again, no value
         row resident."""
         self.key_cache.refresh()
+        self.store.refresh_shadow()
         self.residency.forget(None)
 
     # -- the two forward stages ---------------------------------------------------------------

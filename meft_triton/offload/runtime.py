@@ -106,7 +106,13 @@ class OffloadRuntime:
         return len(self.layers) - 1
 
     def _host_values(self, layer: int) -> Tensor:
-        return self.layers[layer].store.values()
+        """The host rows a copy of ``layer``'s values reads: a zero-copy gather reads the
+        compute-dtype shadow (what crosses the link is then the compute dtype); a CPU gather
+        reads the fp32 master and rounds while staging."""
+        store = self.layers[layer].store
+        if getattr(self.engine, "strategy", None) == "zero_copy" and self.dtype in (torch.bfloat16, torch.float16):
+            return store.value_shadow(self.dtype)
+        return store.values()
 
     def heal(self) -> bool:
         """Replace a broken engine (a background thread of it died, so every later copy would

@@ -409,6 +409,7 @@ class SparseRowAdamW:
                 if perf_slowdown("optim"):  # needless extra passes over the touched rows (perf gate test)
                     for a in (s.records, s.exp_avg, s.exp_avg_sq) * 2:
                         a.index_copy_(0, sorted_ids, a[sorted_ids])
+                s.refresh_shadow(sorted_ids)  # a zero-copy gather's compute-dtype rows
             self._step = t
         except BaseException:
             # Nothing was written (the row loop fails, if at all, before its first write): keep

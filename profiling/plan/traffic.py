@@ -35,8 +35,11 @@ exact ends: an estimate.
 The floor (DESIGN.md, "Performance model"): each row the step touches crosses once each way in
 the compute dtype, 2 V (r + d) bytes x its element size; ids are not part of it.
 
-``transfer="zero_copy"`` under per-micro-batch reads the fp32 master rows over the link: the
-wire carries 4 B per value element while the counters count the compute dtype.
+``transfer="zero_copy"``: the gather kernel reads, over the link, the compute-dtype shadow of
+the value rows the row store keeps (``CPURowStore.value_shadow``), so the wire carries what
+the counters count; but it reads every one of a call's B padded ids (their distinct count is
+device data the kernel does not trim), under either policy: B rows per call instead of U (or
+of the resident policy's new rows). Residency "resident" therefore wants ``"cpu_gather"``.
 """
 
 from __future__ import annotations
@@ -86,14 +89,13 @@ def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width:
     refetch = backward_rows == "refetch"
     floor = 2.0 * v * (r + d) * es
     keys_back = float(v * r * es)
+    zero_copy = transfer == "zero_copy"
     if policy == "per-micro-batch":
-        wire_es = FP32 if transfer == "zero_copy" else es
-        fetches = [u * (2 if refetch else 1) for u in routing.per_micro_batch]
+        fetches = [(id_bound if zero_copy else u) * (2 if refetch else 1) for u in routing.per_micro_batch]
+        h2d = tuple(float(n * d * es) for n in fetches)
         return LayerTraffic(
-            h2d_mb=tuple(float(n * d * es) for n in fetches),
-            d2h_mb=(float(id_bound * ((r + d) * FP32 + ID_BYTES)),) * len(routing.per_micro_batch),
-            wire_h2d_mb=tuple(float(n * d * wire_es) for n in fetches),
-            boundary_h2d=keys_back, boundary_d2h=0.0, floor=floor)
+            h2d_mb=h2d, d2h_mb=(float(id_bound * ((r + d) * FP32 + ID_BYTES)),) * len(routing.per_micro_batch),
+            wire_h2d_mb=h2d, boundary_h2d=keys_back, boundary_d2h=0.0, floor=floor)
     if policy != "resident":
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     for name, share in (("value_share", value_share), ("grad_share", grad_share)):
@@ -102,8 +104,8 @@ def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width:
     evicted_v, evicted_g = 1.0 - value_share, 1.0 - grad_share
     h2d = []
     for u, new in zip(routing.per_micro_batch, routing.first_touch):
-        forward = max(1.0, new + evicted_v * (u - new))
-        backward = max(1.0, evicted_v * u) if evicted_v else 0.0
+        forward = id_bound if zero_copy else max(1.0, new + evicted_v * (u - new))
+        backward = 0.0 if not evicted_v else id_bound if zero_copy else max(1.0, evicted_v * u)
         h2d.append((forward + backward) * d * es)
     grad_row = (r + d) * es + ID_BYTES
     d2h = tuple(evicted_g * id_bound * grad_row for _ in routing.per_micro_batch)

@@ -195,3 +195,34 @@ def test_no_host_wait_on_the_training_thread(monkeypatch):
     waits = host_waits.package_waits(trap, kernels=False)
     assert all(w.site.startswith("meft_triton/optimizers/nonfinite.py") for w in waits), trap.report()
     assert len(waits) <= host_waits.COUNTED_STEPS, trap.report()
+
+
+def test_zero_copy_reads_the_compute_dtype_shadow(seed):
+    """A zero-copy engine reads the bf16 value shadow (half the bytes of the fp32 master over
+    the link): training matches the CPU gather, which rounds the fp32 rows while staging, and
+    the shadow follows every update."""
+    cfg = MEFTConfig(**BASE, placement="cpu", residency="resident")
+    results = []
+    for strategy in ("cpu_gather", "zero_copy"):
+        torch.manual_seed(0)
+        engine = FakeCopyEngine(seed=1, async_compute=False)
+        engine.strategy = strategy  # what the runtime asks a CudaCopyEngine
+        runtime = OffloadRuntime("cpu", torch.bfloat16, D, engine=engine)
+        layer = MEFTAdapter(D, cfg, dtype=torch.bfloat16, runtime=runtime)
+        layer.configure_optimizer(**HYPER)
+        outputs = []
+        for _ in range(3):
+            for _ in range(2):
+                y = layer(torch.randn(5, D, dtype=torch.bfloat16))
+                y.float().square().sum().backward()
+                outputs.append(y.detach())
+            layer.sparse_step()
+        store = layer.offload.store
+        layer.master_rows()
+        assert (store.shadow is not None) == (strategy == "zero_copy")
+        if store.shadow is not None:
+            assert torch.equal(store.shadow, store.values().to(torch.bfloat16))
+        results.append((torch.stack(outputs), store.records.clone()))
+        runtime.close()
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

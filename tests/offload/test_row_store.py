@@ -209,3 +209,28 @@ def test_huge_page_advice_is_harmless():
     assert big.shape == (3, 1 << 20) and big.dtype == torch.float32
     big.fill_(1.0)
     assert float(big.sum()) == 3 * (1 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_value_shadow_follows_the_master(dtype):
+    """The compute-dtype shadow a zero-copy gather reads: made from the values, the rows a
+    row-sparse AdamW step updates refreshed by the step, the rest on request."""
+    from meft_triton import SparseRowAdamW
+
+    torch.manual_seed(0)
+    store = CPURowStore.from_dense(torch.randn(30, 5), torch.randn(30, 7))
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        store.value_shadow(torch.float32)
+    shadow = store.value_shadow(dtype)
+    assert shadow.shape == (30, 7) and shadow.dtype == dtype and store.shadow_nbytes == 30 * 7 * 2
+    assert torch.equal(shadow, store.values().to(dtype))
+    opt = SparseRowAdamW(store, lr=0.1)
+    ids = torch.tensor([3, 17, 29])
+    opt.accumulate(ids, torch.randn(3, 5), torch.randn(3, 7))
+    before = shadow.clone()
+    opt.step()
+    assert not torch.equal(shadow[ids], before[ids])
+    assert torch.equal(shadow, store.values().to(dtype))
+    store.values()[4] += 1.0  # written from outside (a load)
+    store.refresh_shadow()
+    assert torch.equal(shadow, store.values().to(dtype))
