@@ -104,6 +104,13 @@ def floor_dk_dv_dg(c):
     return tuple(a + b for a, b in zip(floor_dk_dv(c), floor_dg(c)))
 
 
+def floor_zero_padding(c):
+    # reads the distinct count; writes zero key and value rows [R - U, d] fp32 past the U
+    # distinct ones, R = min(N, T*K) (the row-sparse form's host-known length)
+    padding = min(c["N"], c["T"] * c["K"]) - c["U"]
+    return 4 + 2 * padding * c["d"] * 4, 0, 0
+
+
 def floor_softmax_gate_grad(c):
     # reads x [T, d], G [E, d], dense dw [T, E] fp32, lse + weighted dw [T]; writes dg [T, E]
     return ((c["T"] + c["E"]) * c["d"] * c["es"] + c["T"] * c["E"] * (4 + c["es"]) + c["T"] * 8), \
@@ -149,8 +156,11 @@ def loops_key_scores(a, g):
 
 def loops_select_topk(a, g):
     c = cdiv(a["num_candidates"], a["BLOCK_C"])
-    # 32 bisection rounds over the candidates, a counting pass, a compaction pass
-    return [L("bisect", 32, L("cand", c)), L("count", c), L("compact", c)]
+    if a["RESIDENT"]:
+        # 32 counting passes over the keys held in registers, then one compaction chunk
+        return [L("bits", 32), L("compact", c)]
+    # each of the 32 passes streams the candidates, a counting pass, a compaction pass
+    return [L("bits", 32, L("cand", c)), L("above", c), L("compact", c)]
 
 
 def loops_row_gather_sum(a, g):
@@ -188,6 +198,13 @@ def loops_expert_grads(a, g):
     return [L("pairs", avg)]
 
 
+def loops_zero_padding(a, g):
+    # the programs stride over the padding rows past the device-side count
+    padding = max(0, a["num_rows"] - int(a["count_ptr"].item()))
+    return [L("rows", padding / (a["BLOCK_R"] * g[0]), L("dk", cdiv(a["key_width"], a["BLOCK_D"])),
+              L("dv", cdiv(a["value_width"], a["BLOCK_D"])))]
+
+
 def loops_softmax_gate_grad(a, g):
     return [L("d", cdiv(a["width"], a["BLOCK_D"]))]
 
@@ -220,6 +237,7 @@ STAGES = {
     "dK_dV": StageModel(floor_dk_dv, loops_segment_sum, True),
     "dG": StageModel(floor_dg, loops_segment_sum, True),
     "dK_dV_dG": StageModel(floor_dk_dv_dg, loops_expert_grads, True),
+    "zero_padding": StageModel(floor_zero_padding, loops_zero_padding, False),
     "softmax_gate_grad": StageModel(floor_softmax_gate_grad, loops_softmax_gate_grad, True),
     "smt_block_grad": StageModel(floor_smt_block_grad, loops_smt_block_grad, True),
     "zero_copy_gather": StageModel(floor_zero_copy_gather, loops_zero_copy_gather, False),

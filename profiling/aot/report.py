@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import triton
+
 from .model import limit_shared
 
 PRESETS = ("paper-7b", "scale-7b")
@@ -115,8 +117,9 @@ def preset_table(records: list[dict], target: str, dtype: str = "bf16") -> str:
 def markdown(records: list[dict], target: str, failures: list[str], wall_s: float, argv: list[str]) -> str:
     mine = [r for r in records if r["target"] == target]
     parts = [f"# Static GPU report: {target}", "",
-             f"`python -m profiling.aot {' '.join(argv)}` ({wall_s:.0f} s). Compiled on CPU for "
-             f"{target} through the real launchers; nothing ran on a GPU. Model and its limits: "
+             f"`python -m profiling.aot {' '.join(argv)}` ({wall_s:.0f} s). Compiled on CPU with "
+             f"Triton {triton.__version__} for {target} through the real launchers; nothing ran on "
+             "a GPU. Model and its limits: "
              "`profiling/aot/__init__.py`, README \"Static GPU report\".", "",
              "## bf16 at the presets: predicted vs floor", "", preset_table(records, target), "",
              "## --check", ""]

@@ -55,7 +55,7 @@ STAGE_LABELS = {
     "backward": {"_pick_table_kernel": ["pick_scatter", "pick_gather"],
                  "_score_grads_kernel": ["score_grads"], "_row_gather_sum_kernel": ["dx"],
                  "_row_gather_dot_kernel": ["dx"],
-                 "_expert_grads_kernel": ["dK_dV_dG"],
+                 "_expert_grads_kernel": ["dK_dV_dG"], "_zero_padding_kernel": ["zero_padding"],
                  "_softmax_gate_grad_kernel": ["softmax_gate_grad"]},
     "smt": {"_smt_block_grad_kernel": ["smt_block_grad"]},
     "zero_copy": {"_zero_copy_gather_kernel": ["zero_copy_gather"]},
