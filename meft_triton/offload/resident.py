@@ -96,6 +96,14 @@ class ResidentValues:
         """Compute side, after the copy: the fetched rows into their positions."""
         self.rows.index_copy_(0, dest, slot_rows.index_select(0, source).to(self.rows.dtype))
 
+    def drop(self, dest: Tensor) -> None:
+        """The rows planned into positions ``dest`` will never land (their copy was cancelled
+        or failed): they are not on the device."""
+        self.position.index_fill_(0, self.owner[dest], -1)
+        self.position[self.num_rows] = -1
+        self.owner.index_fill_(0, dest, self.num_rows)
+        self.last_use.index_fill_(0, dest, -1)
+
     def local(self, neuron_ids: Tensor) -> Tensor:
         """Each pick's row in :attr:`rows` (every id must be resident: :meth:`plan` first)."""
         return self.position[neuron_ids.long()]
@@ -252,14 +260,24 @@ class ResidentLayer:
     def land(self, ticket, fill: tuple[Tensor, Tensor]) -> None:
         """Order the compute side after ``ticket``'s copy and put its rows in place."""
         runtime = self.rows.runtime
-        slot = runtime.prefetcher.acquire(ticket)
-        runtime.bytes_to_device += ticket.copied_bytes(slot)
         values = self.values
+        try:
+            slot = runtime.prefetcher.acquire(ticket)
+        except BaseException:
+            values.drop(fill[0])  # the planned rows never land: the next call fetches them
+            raise
+        runtime.bytes_to_device += ticket.copied_bytes(slot)
         try:
             with torch.no_grad():
                 runtime.engine.compute(lambda: values.fill(*fill, slot), reads=ticket.reads)
         finally:
             runtime.prefetcher.release(ticket, for_backward=False)
+
+    def abandon(self, ticket, fill: tuple[Tensor, Tensor], values: ResidentValues) -> None:
+        """A fetch whose rows will not be read: cancel its copy and forget what it planned."""
+        self.rows.runtime.prefetcher.release(ticket)
+        if values is self.values:
+            values.drop(fill[0])
 
     def ship(self, row_ids: Tensor, grad_rows: Tensor) -> None:
         """One backward's gradient rows (padded ascending ids): summed on the device (the sums

@@ -203,7 +203,9 @@ class OffloadedRows:
 
     def abandon(self, routed: RoutedTokens) -> None:
         """``finish_values`` will not run for ``routed``: cancel its copy, free its slot."""
-        if routed.ticket is not None and self.runtime.prefetcher is not None:
+        if routed.fill is not None:
+            self.residency.abandon(routed.ticket, routed.fill, routed.resident_as_of[0])
+        elif routed.ticket is not None and self.runtime.prefetcher is not None:
             self.runtime.prefetcher.release(routed.ticket)
 
     def finish_values(self, routed: RoutedTokens) -> Tensor:

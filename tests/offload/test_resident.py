@@ -226,3 +226,20 @@ def test_zero_copy_reads_the_compute_dtype_shadow(seed):
         runtime.close()
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_an_abandoned_or_failed_fetch_leaves_no_phantom_rows(seed):
+    """A call given back before its values (the code between the two stages raised), and a
+    copy that fails: the rows they planned are not taken for resident by later calls."""
+    engine = FakeCopyEngine(seed=0, async_compute=False)
+    on_gpu, on_cpu, runtime = stacks(engine=engine, layers=1)
+    layer, hidden = on_cpu[0], torch.randn(5, D)
+    engine.pause()  # the copy cannot have run when it is cancelled
+    layer.abandon_routing(layer.start_routing(hidden))
+    engine.resume()
+    engine.fail_next(1)
+    with pytest.raises(Exception, match="copy"):
+        layer(hidden)
+    torch.testing.assert_close(layer(hidden), on_gpu[0](hidden), rtol=1e-6, atol=1e-6)
+    engine.check()
+    runtime.close()
