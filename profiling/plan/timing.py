@@ -25,10 +25,11 @@ compute; what exceeds it is exposed. At the step boundary:
   bandwidth, so layer 0, which the next forward needs first, finishes with the rest; each
   layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then go to the
   device before its forward, behind the forwards of the layers below it.
-* resident (the design target): a pipeline over layers in backward order. Layer l's summed
-  gradients are final when its last backward ends; they cross, its AdamW runs (the gradient
-  read in the compute dtype: 24 + es B per element), its key rows cross back; it is needed
-  when the next step's forward reaches layer l. Exposed = how far the latest layer misses that.
+* resident (meft_triton/offload/resident.py): at the optimizer step every layer's summed
+  gradients cross to the host in the compute dtype, are summed into the fp32 accumulators
+  (es + 8 B per element), every layer's AdamW runs, and the key rows go back as above
+  (:func:`boundary_resident`: the runtime's order; a pipeline over layers from each layer's
+  last backward would hide more, but the step is all-or-nothing across layers).
 
 The CPU optimizer's bandwidth is the host's (``host_bytes_per_s``), shared by every layer.
 """
@@ -108,16 +109,11 @@ def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute) -> 
     return exposed
 
 
-def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfile, compute: Compute, *,
-                   hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
-    """Seconds the next step's forwards wait, per-micro-batch policy (see the module docstring)."""
-    L, r = len(traffic), key_width
-    cpu_bytes = 0.0
-    for t, layer in zip(traffic, profile.layers):
-        rows = sum(t.d2h_mb) / ((r + hidden) * FP32 + ID_BYTES)  # the rows that crossed, padding included
-        cpu_bytes += rows * (r + hidden) * ACCUMULATE_BYTES
-        cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
-    start = cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0
+def _keys_back_wait(start: float, traffic: list[LayerTraffic], gpu: GPU, compute: Compute) -> float:
+    """From ``start`` seconds after the step's last backward, each layer's changed key rows
+    cross to the device before its next forward, behind the forwards of the layers below it:
+    how long the latest layer waits."""
+    L = len(traffic)
     wait, link_free = 0.0, start
     for l, t in enumerate(traffic):
         link_free += t.boundary_h2d / gpu.pcie_bytes_per_s
@@ -125,19 +121,31 @@ def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfil
     return max(0.0, wait)
 
 
+def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfile, compute: Compute, *,
+                   hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
+    """Seconds the next step's forwards wait, per-micro-batch policy (see the module docstring)."""
+    r = key_width
+    cpu_bytes = 0.0
+    for t, layer in zip(traffic, profile.layers):
+        rows = sum(t.d2h_mb) / ((r + hidden) * FP32 + ID_BYTES)  # the rows that crossed, padding included
+        cpu_bytes += rows * (r + hidden) * ACCUMULATE_BYTES
+        cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
+    return _keys_back_wait(cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0, traffic, gpu, compute)
+
+
 def boundary_resident(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfile, compute: Compute, *,
                       hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
-    """Seconds the next step's forwards wait, resident policy: a three-stage pipeline (link to
-    the host, CPU AdamW, link to the device) over layers in backward order."""
-    L, r = len(traffic), key_width
-    d2h_free = cpu_free = h2d_free = 0.0
-    wait = 0.0
-    for l in reversed(range(L)):
-        t, v = traffic[l], profile.layers[l].per_step
-        ready = (L - l) * compute.backward_s / L
-        d2h_free = max(ready, d2h_free) + t.boundary_d2h / gpu.pcie_bytes_per_s
-        cpu_s = v * ((r + hidden) * (ADAMW_BYTES - FP32 + es) + r * (FP32 + es)) / gpu.host_bytes_per_s
-        cpu_free = max(d2h_free, cpu_free) + (cpu_s if include_cpu else 0.0)
-        h2d_free = max(cpu_free, h2d_free) + t.boundary_h2d / gpu.pcie_bytes_per_s
-        wait = max(wait, h2d_free - compute.backward_s - l * compute.forward_s / L)
-    return max(0.0, wait)
+    """Seconds the next step's forwards wait, resident policy, as the runtime orders it: at the
+    optimizer step every layer's gradient sums cross to the host (the link after the last
+    backward), are summed into the fp32 accumulators on the training thread (the compute-dtype
+    row read, the fp32 sum read and written), then every layer's AdamW runs at once on worker
+    threads (all-or-nothing: the non-finite check and global-norm clipping need every layer's
+    gradients first), then the key rows go back as under per-micro-batch."""
+    r = key_width
+    link = sum(t.boundary_d2h for t in traffic) / gpu.pcie_bytes_per_s
+    cpu_bytes = 0.0
+    for t, layer in zip(traffic, profile.layers):
+        rows = t.boundary_d2h / ((r + hidden) * es + ID_BYTES)  # the rows sent home, padding included
+        cpu_bytes += rows * (r + hidden) * (es + 2 * FP32)
+        cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
+    return _keys_back_wait(link + (cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0), traffic, gpu, compute)
