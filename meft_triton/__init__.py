@@ -13,6 +13,7 @@ row-sparse CPU optimizer :class:`SparseRowAdamW`, training checkpoints
 """
 
 import sys
+import warnings
 
 from . import reference
 from .addons.ist import ISTConfig, ISTScheduler
@@ -29,8 +30,13 @@ __version__ = "0.1.0"
 
 if "peft" in sys.modules:
     # peft already loaded (importing it costs seconds, so it is never imported here on its own):
-    # register MEFT now, so PeftModel.from_pretrained knows peft_type "MEFT" in a new process
-    from .integration import peft_method  # noqa: F401
+    # register MEFT now, so PeftModel.from_pretrained knows peft_type "MEFT" in a new process.
+    # A peft with a "MEFT" method of its own must not make meft_triton unusable: warn here
+    # (MEFTPeftConfig raises the same error when asked for).
+    try:
+        from .integration import peft_method  # noqa: F401
+    except RuntimeError as _exc:
+        warnings.warn(f"meft_triton is not registered with peft: {_exc}", RuntimeWarning, stacklevel=2)
 
 
 def __getattr__(name: str):

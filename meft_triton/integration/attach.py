@@ -12,6 +12,7 @@ Typical use::
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -129,28 +130,31 @@ def attach_meft(
     Returns the same model, modified in place: no backbone module is replaced (hooks run the
     adapter), so ``state_dict()``/``save_pretrained`` keep the backbone's own key names and the
     adapters appear as ``<FFN output module>.adapter.*``. Adapters are created on each FFN's
-    device; later ``model.to(device)`` moves them along, but ``model.to(dtype)``/``model.half()``
-    would also cast the fp32 masters, so cast the backbone before attaching. Every parameter
-    other than the adapters gets ``requires_grad=False``, unless the model holds peft tuner
-    layers (LoRA, ...): then peft has already chosen what trains and no flag is changed. The
-    previous flags are remembered for :func:`detach_meft`. Once peft is imported the adapters
-    are :class:`~meft_triton.integration.peft_layer.MEFTTunerLayer` s, which peft treats as its
-    own: a LoRA added later with ``get_peft_model`` leaves them trainable, and the
-    ``PeftModel``'s ``save_pretrained`` (the Trainer's checkpoints) saves and reloads them. Raises ``ValueError`` naming the model
-    class (and the ``target`` to pass) when no layers with an FFN are found, and
-    ``ValueError``/``TypeError`` for bad ``layers``/``target``/``config``/``dtype``; on any
-    error the model is left unchanged.
+    device; later ``model.to(device)`` moves them along, but
+    ``model.to(dtype)``/``model.half()`` would also cast the fp32 masters, so cast the backbone
+    before attaching. Every parameter other than the adapters gets ``requires_grad=False``,
+    unless the model holds peft tuner layers (LoRA, ...): then peft has already chosen what
+    trains and no flag is changed. The previous flags are remembered for :func:`detach_meft`.
+    Where peft is installed the adapters of a transformers model are
+    :class:`~meft_triton.integration.peft_layer.MEFTTunerLayer` s, which peft treats as its own:
+    a LoRA added later with ``get_peft_model`` leaves them trainable, and the ``PeftModel``'s
+    ``save_pretrained`` (the Trainer's checkpoints) saves and reloads them. Raises
+    ``ValueError`` naming the model class (and the ``target`` to pass) when no layers with an
+    FFN are found, and ``ValueError``/``TypeError`` for bad
+    ``layers``/``target``/``config``/``dtype``; on any error the model is left unchanged.
     """
     return attach_adapters(model, config, layers, target=target, dtype=dtype,
                            input_require_grads=input_require_grads, adapter_class=default_adapter_class())
 
 
 def default_adapter_class() -> type[MEFTAdapter]:
-    """The class :func:`attach_meft` builds adapters from: once peft is imported,
+    """The class :func:`attach_meft` builds adapters from: where peft is installed and imported,
+    or transformers is (importing peft then costs under a second),
     :class:`~meft_triton.integration.peft_layer.MEFTTunerLayer`, which peft counts as one of its
     tuner layers (so a LoRA added later keeps MEFT trainable and saves it with its own weights);
-    without peft the plain :class:`MEFTAdapter` (importing peft costs seconds)."""
-    if "peft" not in sys.modules:
+    else the plain :class:`MEFTAdapter` (peft alone would import transformers: seconds)."""
+    if "peft" not in sys.modules and ("transformers.modeling_utils" not in sys.modules
+                                      or importlib.util.find_spec("peft") is None):
         return MEFTAdapter
     from .peft_layer import MEFTTunerLayer
 

@@ -12,7 +12,7 @@ counts as adapter state. Being one is what makes peft
 
 It is the same layer as :class:`~meft_triton.layer.adapter.MEFTAdapter` (same parameters, state
 dict and computation); :func:`~meft_triton.integration.attach.attach_meft` builds its adapters
-from this class whenever peft is imported.
+from this class where peft is installed (see ``default_adapter_class``).
 """
 
 from __future__ import annotations

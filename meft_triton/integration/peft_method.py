@@ -207,10 +207,15 @@ def register() -> None:
     config_cls, tuner_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type), PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if config_cls is MEFTPeftConfig and tuner_cls is MEFTModel:
         return
-    if config_cls is not None or tuner_cls is not None:
-        raise RuntimeError(f"peft already has a method registered as {peft_type.value!r} "
-                           f"({getattr(config_cls, '__qualname__', config_cls)}); meft-triton cannot register its own")
-    register_peft_method(name=METHOD_NAME, config_cls=MEFTPeftConfig, model_cls=MEFTModel)
+    if config_cls is None and tuner_cls is None:
+        register_peft_method(name=METHOD_NAME, config_cls=MEFTPeftConfig, model_cls=MEFTModel)
+        return
+    if getattr(config_cls, "__module__", None) == __name__ and getattr(tuner_cls, "__module__", None) == __name__:
+        # this module imported again (importlib.reload): its new classes replace the old ones
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MEFTPeftConfig, MEFTModel
+        return
+    raise RuntimeError(f"peft already has a method registered as {peft_type.value!r} "
+                       f"({getattr(config_cls, '__qualname__', config_cls)}); meft-triton cannot register its own")
 
 
 register()

@@ -77,8 +77,22 @@ def meft_state(model) -> dict[str, torch.Tensor]:
 def test_registration_is_idempotent_and_the_config_is_meft_config(tmp_path):
     peft_method.register()
     peft_method.register()
+    mappings = (peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING, peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING)
+    # classes of an earlier import of the same module (importlib.reload) are replaced
+    stale = [type(cls.__name__, (cls,), {"__module__": peft_method.__name__}) for cls in
+             (peft_method.MEFTPeftConfig, peft_method.MEFTModel)]
+    for mapping, cls in zip(mappings, stale):
+        mapping["MEFT"] = cls
+    peft_method.register()
+    assert mappings[0]["MEFT"] is peft_method.MEFTPeftConfig
+    # another library's method of that name is refused
+    mappings[0]["MEFT"] = type("OtherConfig", (peft.config.PeftConfig,), {})
+    try:
+        with pytest.raises(RuntimeError, match="already has a method registered as 'MEFT'"):
+            peft_method.register()
+    finally:
+        mappings[0]["MEFT"] = peft_method.MEFTPeftConfig
     assert peft.utils.PeftType("MEFT") is peft.utils.PeftType.MEFT
-    assert peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING["MEFT"] is MEFTPeftConfig
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["MEFT"] is peft_method.MEFTModel
     config = MEFTPeftConfig(**SIZES, layers=(1,), target=("mlp", "mlp"))
     assert config.meft_config() == MEFTConfig(**SIZES)
@@ -194,6 +208,17 @@ def test_trainer_checkpoints_hold_the_adapters_only_and_resume(tmp_path, placeme
         torch.testing.assert_close(tensor, trained[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_placement_cpu_under_the_trainers_default_optimizer_raises(tmp_path):
+    pm = get_peft_model(llama(), MEFTPeftConfig(**SIZES, placement="cpu"))
+    data = [{"input_ids": ids(seed)[0], "labels": ids(seed)[0]} for seed in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                                          per_device_train_batch_size=2, save_strategy="no")
+    start = meft_state(pm)
+    with pytest.raises(TypeError, match="create_meft_optimizer"):
+        transformers.Trainer(model=pm, args=args, train_dataset=data).train()
+    assert all(torch.equal(v, start[k]) for k, v in meft_state(pm).items())
+
+
 # ----------------------------------------------------------------- beside peft's LoRA
 
 
@@ -213,6 +238,9 @@ def test_lora_on_top_of_attach_meft_keeps_meft_trainable_and_one_optimizer_train
     named = dict(pm.named_parameters())
     assert all(not torch.equal(named[n], before) for n, before in lora_b.items())
     assert all(not torch.equal(p, before) for p, before in zip(meft_parameters(pm), routers))
+    pm.eval()
+    with pm.disable_adapter():  # LoRA and MEFT off: the backbone's own output
+        assert torch.equal(logits(pm), logits(llama()))
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

@@ -168,6 +168,7 @@ def test_helpers_find_meft_inside_a_peft_model_added_on_top(tmp_path):
     randomize(model)
     pm = lora(model)
     assert list(meft_adapters(pm)) == [0, 1]
+    assert all(p.requires_grad for p in meft_parameters(pm))  # peft froze all but its own before
     assert create_meft_optimizer(pm, lr=1e-3) is not None
     save_adapter(pm, tmp_path / "a")
     fresh = load_adapter(llama(), tmp_path / "a")
