@@ -16,7 +16,7 @@ runs on the device, so the training thread never reads device data to decide wha
 * :class:`GradientSums`: fp32 sums [Cg + 1, r + d], one position per distinct row id the step's
   backwards produced (the order of first arrival), with a device count. The host knows an
   upper bound of the count (the padded ids it added); when it could pass the capacity, or at
-  the step, :meth:`GradientSums.flush` sends the first ``min(bound, Cg)`` positions home in the
+  the step, :meth:`GradientSums.take` hands the first ``min(bound, Cg)`` positions home in the
   compute dtype, padded by repeats of the last valid id with zero rows (the padding the copy
   engines and ``offload_grads(padded=True)`` drop), and clears the sums.
 
@@ -218,14 +218,15 @@ class ResidentLayer:
         cfg, runtime, store = self.rows.adapter.config, self.rows.runtime, self.rows.store
         value_budget, grad_budget = cfg.value_budget, cfg.gradient_budget
         if "auto" in (value_budget, grad_budget):
-            from meft_triton.profiling.plan.auto import resident_budgets
+            if runtime.auto_budgets is None:  # once, before any layer's tables take memory
+                from meft_triton.profiling.plan.auto import resident_budgets
 
-            info = runtime.engine.memory_info()
-            auto = resident_budgets(layers=len(runtime.layers), num_neurons=store.num_rows,
-                                    hidden=store.hidden_size, key_width=store.key_size, es=es,
-                                    free_bytes=None if info is None else info[0])
-            value_budget = auto[0] if value_budget == "auto" else value_budget
-            grad_budget = auto[1] if grad_budget == "auto" else grad_budget
+                info = runtime.engine.memory_info()
+                runtime.auto_budgets = resident_budgets(
+                    layers=len(runtime.layers), num_neurons=store.num_rows, hidden=store.hidden_size,
+                    key_width=store.key_size, es=es, free_bytes=None if info is None else info[0])
+            value_budget = runtime.auto_budgets[0] if value_budget == "auto" else value_budget
+            grad_budget = runtime.auto_budgets[1] if grad_budget == "auto" else grad_budget
         return value_budget, grad_budget
 
     def prepare(self, id_bound: int) -> None:

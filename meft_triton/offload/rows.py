@@ -14,7 +14,9 @@ backbone's FFN:
 
 Backward fetches the value rows again (or keeps them, ``backward_rows="keep"``), computes
 dh and d router on the device, and sends the row-sparse key/value gradients to pinned host
-memory; :meth:`OffloadedRows.step` hands them to the layer's row-sparse AdamW, which updates
+memory. With ``residency="resident"`` (:mod:`.resident`) the value rows instead stay on the
+device for the rest of the optimizer step, and the gradient rows are summed there and sent
+home once per step; :meth:`OffloadedRows.step` hands them to the layer's row-sparse AdamW, which updates
 the CPU master on a worker thread. The layer's next ``start_routing`` waits for that update
 and writes the touched key rows into the device cache first.
 """
@@ -243,7 +245,8 @@ class OffloadedRows:
 
 
 class _OffloadedValues(torch.autograd.Function):
-    """y from the slot rows; backward refetches them and ships key/value gradient rows home."""
+    """y from the slot rows (or the layer's resident rows); backward reads them again and ships
+    the key/value gradient rows home (or sums them on the device)."""
 
     @staticmethod
     def forward(ctx, hidden, router_weight, rows: OffloadedRows, routed: RoutedTokens, needs_backward: bool):

@@ -83,6 +83,8 @@ class OffloadRuntime:
         self.bytes_to_host = 0
         self.rows_reused = 0
         self.row_cache: RowCache | None = None
+        # residency "resident": what budgets "auto" came to at the first call, for every layer
+        self.auto_budgets: tuple[int, int] | None = None
         self._owner: int | None = None  # the thread of the last call (see ensure_slots)
         self._owner_lock = threading.Lock()
 

@@ -282,3 +282,17 @@ def test_ist_training_of_a_model_equals_per_micro_batch(seed):
     for per_micro_batch, resident in zip(*masters):
         torch.testing.assert_close(resident, per_micro_batch, rtol=1e-6, atol=1e-6)
     assert any(not torch.equal(m, masters[0][0]) for m in masters[0][1:])
+
+
+def test_auto_budgets_follow_the_free_device_memory(seed):
+    """"auto" takes half the device memory free at the first call, values first: here room
+    for every value row but not for one call's gradient sums, which then go home per
+    micro-batch; every layer gets the same answer."""
+    key_write_back_slots = 2 * 2 * 48 * D * 4  # two per layer, taken when the state is loaded
+    engine = FakeCopyEngine(seed=0, async_compute=False, memory_limit_bytes=key_write_back_slots + 12000)
+    on_gpu, on_cpu, runtime = stacks(engine=engine)
+    train_and_compare(on_gpu, on_cpu, steps=2, micro_batches=2)
+    assert runtime.auto_budgets == (2 * 48 * D * 4, 6000 - 2 * 48 * D * 4)
+    for layer in on_cpu:
+        assert layer.offload.residency.values.capacity == 48 and layer.offload.residency.grads is None
+    runtime.close()
