@@ -3,7 +3,8 @@ GPU"). Every rank trains its share of each global batch; the result equals one p
 
     torchrun --nproc_per_node 2 examples/multi_process.py --placement gpu
     torchrun --nproc_per_node 2 examples/multi_process.py --placement gpu --fsdp
-    torchrun --nproc_per_node 2 examples/multi_process.py --placement cpu --trainer
+    torchrun --nproc_per_node 2 examples/multi_process.py --placement gpu --trainer
+    accelerate launch --multi_gpu --num_processes 2 examples/multi_process.py --placement cpu --trainer
     accelerate launch --multi_gpu --num_processes 2 examples/multi_process.py --placement cpu
 
 placement "gpu": the model is wrapped in DistributedDataParallel and the adapters' gradients are

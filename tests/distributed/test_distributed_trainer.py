@@ -11,22 +11,30 @@ import torch
 pytest.importorskip("transformers")
 
 import dist_scenarios as sc  # noqa: E402
+import trainer_worker  # noqa: E402
 from dist_launch import run_script  # noqa: E402
 from meft_triton.distributed import agreed_loss, use_row_sparse_hook  # noqa: E402
 from test_distributed_gpu import TIMEOUT  # noqa: E402
 
 
 def trained(tmp_path, placement, extra, nproc=None):
+    """One process (here, in this process: no WORLD_SIZE) or ``nproc`` ranks under torchrun."""
     out = tmp_path / ("one" if nproc is None else f"w{nproc}")
     out.mkdir()
-    rc, log = run_script("trainer_worker.py", (placement, out, *extra), nproc=nproc, timeout=TIMEOUT)
-    assert rc == 0, f"{'one process' if nproc is None else f'{nproc} ranks'} exited with {rc}:\n{log}"
+    if nproc is None:
+        trainer_worker.run(placement, out, list(extra))
+    else:
+        rc, log = run_script("trainer_worker.py", (placement, out, *extra), nproc=nproc, timeout=TIMEOUT)
+        assert rc == 0, f"{nproc} ranks exited with {rc}:\n{log}"
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc or 1)]
 
 
-@pytest.mark.parametrize("ist", [False, True], ids=["plain", "ist"])
-@pytest.mark.parametrize("placement", ["gpu", "cpu"])
-def test_trainer_under_torchrun_equals_one_process(tmp_path, placement, ist):
+# placement "cpu" without IST runs as a README command (test_distributed_readme.py); with IST it
+# trains the node-shared optimizer under the Trainer's DDP here
+@pytest.mark.parametrize("placement, ist", [("gpu", False), ("gpu", True), ("cpu", True)],
+                         ids=["gpu-plain", "gpu-ist", "cpu-ist"])
+def test_trainer_under_torchrun_equals_one_process(tmp_path, monkeypatch, placement, ist):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     extra = ("ist",) if ist else ()
     (want,) = trained(tmp_path, placement, extra)
     ranks = trained(tmp_path, placement, extra, nproc=2)

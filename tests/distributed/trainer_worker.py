@@ -28,8 +28,9 @@ from meft_triton.distributed import NodeSharedAdamW, agreed_loss, node_topology,
 STEPS, ACCUM = 3, 2
 
 
-def main() -> None:
-    placement, out, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+def run(placement: str, out: Path, extra: list[str]) -> None:
+    """Train and write OUT_DIR/rank{r}.pt; one process when no WORLD_SIZE is set (the test calls
+    it in its own process for the reference)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("gloo")
@@ -72,7 +73,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # as dist_worker.py: no C++ static destructors racing gloo/DDP threads at exit
