@@ -28,13 +28,13 @@ def selected_rows(adapter, hidden):
     return neuron_ids.unique()
 
 
-def stacks(engine=None, layers=2, **changes):
+def stacks(engine=None, layers=2, device="cpu", **changes):
     """``layers`` placement-"gpu" adapters and the same under placement "cpu", residency
-    "resident", sharing one runtime (on ``engine``)."""
+    "resident", sharing one runtime (on ``engine``), computing on ``device``."""
     cfg = MEFTConfig(**{**BASE, **changes})
-    runtime = OffloadRuntime("cpu", torch.float32, D, engine=engine)
-    on_gpu = [MEFTAdapter(D, cfg.replace(residency="per-micro-batch")) for _ in range(layers)]
-    on_cpu = [MEFTAdapter(D, cfg.replace(placement="cpu", residency="resident"), runtime=runtime)
+    runtime = OffloadRuntime(device, torch.float32, D, engine=engine)
+    on_gpu = [MEFTAdapter(D, cfg.replace(residency="per-micro-batch"), device=device) for _ in range(layers)]
+    on_cpu = [MEFTAdapter(D, cfg.replace(placement="cpu", residency="resident"), device=device, runtime=runtime)
               for _ in range(layers)]
     for a, b in zip(on_gpu, on_cpu):
         b.load_state_dict(a.state_dict())
@@ -54,7 +54,8 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
     """``steps`` optimizer steps of ``micro_batches`` each on both stacks; the "gpu" stack's keys
     and values follow a SparseRowAdamW fed with its dense gradients' selected rows (the lazy
     AdamW placement "cpu" runs). ``frozen(step)``: the layers left out in that step (IST)."""
-    expected = [SparseRowAdamW(CPURowStore.from_dense(a.keys.detach().clone(), a.values.detach().clone()), **HYPER)
+    device = on_gpu[0].keys.device
+    expected = [SparseRowAdamW(CPURowStore.from_dense(a.keys.detach().cpu(), a.values.detach().cpu()), **HYPER)
                 for a in on_gpu]
     optimizer = OffloadedAdamW(on_cpu, **HYPER)
     routers = torch.optim.AdamW([a.router.weight for a in on_gpu], lr=HYPER["lr"], eps=HYPER["eps"], weight_decay=0.0)
@@ -64,7 +65,7 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
             a.requires_grad_(i not in left_out)
             b.requires_grad_(i not in left_out)
         for _ in range(micro_batches):
-            hidden = torch.randn(tokens, D)
+            hidden = torch.randn(tokens, D, device=device)
             inputs, h = [], hidden
             for a in on_gpu:  # each layer's input, for the rows it selects
                 inputs.append(h)
@@ -75,7 +76,7 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
             for i, (a, x) in enumerate(zip(on_gpu, inputs)):
                 if i not in left_out:
                     rows = selected_rows(a, x.detach())
-                    expected[i].accumulate(rows, a.keys.grad[rows], a.values.grad[rows])
+                    expected[i].accumulate(rows.cpu(), a.keys.grad[rows].cpu(), a.values.grad[rows].cpu())
             run(on_cpu, hidden, checkpointing).backward()
         routers.step()
         routers.zero_grad()
@@ -89,16 +90,19 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
                 a.values.copy_(e.store.values())
     for a, b in zip(on_gpu, on_cpu):
         keys, values = b.master_rows()
-        torch.testing.assert_close(keys, a.keys.detach(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(values, a.values.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(keys, a.keys.detach().cpu(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(values, a.values.detach().cpu(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(b.router.weight, a.router.weight, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(b.offload.key_cache.tensor, keys)
+        torch.testing.assert_close(b.offload.key_cache.tensor.cpu(), keys)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("micro_batches", [1, 4])
 @pytest.mark.parametrize("budgets", ["auto", "tight"])
-def test_training_equals_gpu_placement(seed, micro_batches, budgets):
-    on_gpu, on_cpu, runtime = stacks(**(tight() if budgets == "tight" else {}))
+def test_training_equals_gpu_placement(seed, micro_batches, budgets, device):
+    """On CUDA: the copy engine's streams and the Triton kernels (backend "auto")."""
+    changes = tight() if budgets == "tight" else {}
+    on_gpu, on_cpu, runtime = stacks(device=device, **changes, **({"backend": "auto"} if device == "cuda" else {}))
     train_and_compare(on_gpu, on_cpu, steps=3, micro_batches=micro_batches)
     capacity = on_cpu[0].offload.residency.values.capacity
     assert capacity == (25 if budgets == "tight" else 48)
