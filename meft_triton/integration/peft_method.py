@@ -150,8 +150,7 @@ class MEFTModel(BaseTuner):
                                 state_dict: dict[str, Tensor], unwanted_adapter_names: list[str]) -> dict[str, Tensor]:
         # every entry under a MEFT adapter, the CPU row store's master rows included (under
         # placement "cpu" keys and values are state-dict entries, not parameters)
-        prefixes = tuple(f"{name.removeprefix('_fsdp_wrapped_module.')}." for name, module in model.named_modules()
-                         if isinstance(module, MEFTAdapter))
+        prefixes = tuple(f"{name}." for name, _ in adapter_modules(model))
         return {key: value for key, value in state_dict.items() if key.startswith(prefixes)}
 
     @classmethod
@@ -163,7 +162,7 @@ class MEFTModel(BaseTuner):
                                            state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         # load_state_dict(strict=False) would leave a missing tensor at its random start, and peft
         # reports only keys holding its prefix: check the file against the model first
-        expected = set(cls._get_adapter_state_dict(model, config, adapter_name, model.state_dict(), []))
+        expected = adapter_entry_names(model)
         if not any(key.startswith("base_model.model.") for key in expected):
             state_dict = {key.removeprefix("base_model.model."): value for key, value in state_dict.items()}
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
@@ -172,6 +171,25 @@ class MEFTModel(BaseTuner):
                              f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
                              f"{' ...' if len(unexpected) > 4 else ''}")
         return state_dict
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, MEFTAdapter]]:
+    """``(state-dict prefix, adapter)`` of every MEFT adapter in ``model`` (FSDP's wrapper prefix
+    dropped, as peft drops it from the state dict)."""
+    return [(name.removeprefix("_fsdp_wrapped_module."), module) for name, module in model.named_modules()
+            if isinstance(module, MEFTAdapter)]
+
+
+def adapter_entry_names(model: nn.Module) -> set[str]:
+    """The state-dict keys of every MEFT adapter in ``model``, without building the state dict
+    (under placement "cpu" that would copy every layer's master rows)."""
+    names = set()
+    for prefix, adapter in adapter_modules(model):
+        names.update(f"{prefix}.{name}" for name, _ in adapter.named_parameters())
+        names.update(f"{prefix}.{name}" for name, _ in adapter.named_buffers())
+        if adapter.offload is not None:
+            names.update((f"{prefix}.keys", f"{prefix}.values"))
+    return names
 
 
 def meft_peft_type() -> PeftType:
@@ -220,4 +238,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["MEFTModel", "MEFTPeftConfig", "MEFTPeftSettings", "meft_peft_type", "register"]
+__all__ = ["MEFTModel", "MEFTPeftConfig", "MEFTPeftSettings", "adapter_entry_names", "adapter_modules",
+           "meft_peft_type", "register"]

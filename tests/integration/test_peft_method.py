@@ -111,10 +111,11 @@ def test_registration_is_idempotent_and_the_config_is_meft_config(tmp_path):
 # ----------------------------------------------------------------- get_peft_model round trip
 
 
+@pytest.mark.parametrize("low_key_dim", [None, 8])
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_get_peft_model_save_pretrained_from_pretrained(tmp_path, placement):
+def test_get_peft_model_save_pretrained_from_pretrained(tmp_path, placement, low_key_dim):
     base = logits(llama())
-    pm = get_peft_model(llama(), MEFTPeftConfig(**SIZES, placement=placement))
+    pm = get_peft_model(llama(), MEFTPeftConfig(**SIZES, placement=placement, low_key_dim=low_key_dim))
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in pm.named_parameters() if ".mlp.adapter." in n}
     assert all(isinstance(a, MEFTTunerLayer) for a in meft_adapters(pm).values())
@@ -125,8 +126,9 @@ def test_get_peft_model_save_pretrained_from_pretrained(tmp_path, placement):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
+    parts = ("keys", "router.weight", "values") + (() if low_key_dim is None else ("low_key.weight",))
     assert sorted(saved) == sorted(f"base_model.model.model.layers.{i}.mlp.adapter.{n}" for i in range(2)
-                                   for n in ("keys", "router.weight", "values"))
+                                   for n in parts)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["backbone"]["model_type"] == "llama"
 
     loaded = PeftModel.from_pretrained(fresh_llama(), tmp_path)  # fresh adapters, then the saved weights
