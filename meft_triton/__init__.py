@@ -12,14 +12,12 @@ row-sparse CPU optimizer :class:`SparseRowAdamW`, training checkpoints
 :mod:`meft_triton.reference`.
 """
 
-import sys
-import warnings
-
 from . import reference
 from .addons.ist import ISTConfig, ISTScheduler
 from .addons.smt import SMTConfig, SMTWarmup, apply_smt, create_smt_optimizer
 from .config import MEFTConfig, meft_num_experts
 from .integration import attach_meft, detach_meft, meft_adapters, meft_parameters
+from .integration.peft_import import install as install_peft_registration
 from .io import load_adapter, load_training_state, read_training_state, save_adapter, save_training_state
 from .layer import MEFTAdapter, adapter_parameter_count
 from .optimizers import (MEFTAdamW, NonFiniteGradientError, NonFiniteGradientWarning, OffloadedAdamW,
@@ -28,15 +26,8 @@ from .optimizers.factory import create_meft_optimizer
 
 __version__ = "0.1.0"
 
-if "peft" in sys.modules:
-    # peft already loaded (importing it costs seconds, so it is never imported here on its own):
-    # register MEFT now, so PeftModel.from_pretrained knows peft_type "MEFT" in a new process.
-    # A peft with a "MEFT" method of its own must not make meft_triton unusable: warn here
-    # (MEFTPeftConfig raises the same error when asked for).
-    try:
-        from .integration import peft_method  # noqa: F401
-    except RuntimeError as _exc:
-        warnings.warn(f"meft_triton is not registered with peft: {_exc}", RuntimeWarning, stacklevel=2)
+# MEFT registered with peft now if peft is imported, else right after its import (an import hook)
+install_peft_registration()
 
 
 def __getattr__(name: str):

@@ -8,6 +8,8 @@ Tiny random Llama models built from a config (hidden 32, 2 layers, vocab 100).""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,6 +108,29 @@ def test_registration_is_idempotent_and_the_config_is_meft_config(tmp_path):
         MEFTPeftConfig(**SIZES, dtype="int8")
     with pytest.raises(ValueError, match="target"):
         MEFTPeftConfig(**SIZES, target=("fc1",))
+
+
+def test_a_new_process_importing_meft_triton_before_peft_loads_a_saved_adapter(tmp_path):
+    model = llama()
+    model.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(model, MEFTPeftConfig(**SIZES))
+    pm.save_pretrained(tmp_path / "meft")
+    torch.save(logits(pm), tmp_path / "want.pt")
+    script = f"""
+import sys, torch
+import meft_triton  # before peft: MEFT is registered once peft is imported
+assert "peft" not in sys.modules
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r}),
+                                  {str(tmp_path / "meft")!r})
+with torch.no_grad():
+    got = model(input_ids=torch.load({str(tmp_path / "ids.pt")!r})).logits
+assert torch.equal(got, torch.load({str(tmp_path / "want.pt")!r}))
+assert not any(type(f).__name__ == "PeftImportHook" for f in sys.meta_path)
+"""
+    torch.save(ids(), tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
 
 
 # ----------------------------------------------------------------- get_peft_model round trip
