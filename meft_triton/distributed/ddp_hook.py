@@ -38,10 +38,13 @@ class RowSparseStats:
     sparse_tensors: int = 0        # gradients reduced row-sparsely
     dense_tensors: int = 0         # gradients reduced by all-reduce
     rows_sent: list = field(default_factory=list)  # per sparse reduction: rows this rank sent
+    # per 2-D gradient, in reduction order: (rows, width, the most rows any rank touched, by rows?)
+    choices: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.bytes_sent = self.bytes_dense = self.sparse_tensors = self.dense_tensors = 0
         self.rows_sent = []
+        self.choices = []
 
 
 def _bucket_grads(bucket) -> "list[Tensor] | None":
@@ -77,7 +80,9 @@ def row_sparse_hook(state: RowSparseStats, bucket) -> torch.futures.Future[torch
         sparse = {}
         for k, (g, i) in enumerate(zip(candidates, ids)):
             most = int(counts[:, k].max())
-            if sparse_is_cheaper(most, g.shape, size, world):
+            by_rows = sparse_is_cheaper(most, g.shape, size, world)
+            state.choices.append((g.shape[0], g.shape[1], most, by_rows))
+            if by_rows:
                 sparse[id(g)] = (g, i, counts[:, k])
         for g in grads:
             if id(g) not in sparse:

@@ -13,8 +13,10 @@ micro-batches); a rank's GPU memory and PCIe bytes are those of one process. Wha
   - placement "gpu" (DDP with the row-sparse hook): per 2-D gradient the cheaper of a dense
     all-reduce and an all-gather of the rows the rank touched (its V rows per layer, ids +
     fp32 rows); the keys and values tables go by rows when V / N is below about 2 / W, the
-    router and the low-key projection (every row touched) go dense; plus one int64 count per
-    tensor and rank.
+    router and the low-key projection (every row touched) go dense, all dense ones in one flat
+    all-reduce (one DDP bucket); plus one int64 count per tensor and rank. On the rows a run
+    touched this equals the hook's ``RowSparseStats.bytes_sent`` exactly
+    (tests/distributed/test_distributed_gpu.py).
   - placement "cpu" (``NodeSharedAdamW``): a rank sends its V gradient rows per layer to its
     node's leader; a leader sends its node's rows (V_node) to every other node's leader and the
     ids the update touched to its node's ranks; routers and L are all-reduced dense. The
@@ -86,28 +88,33 @@ def gradient_bytes(profile: RoutingProfile, *, placement: str, num_neurons: int,
     w = parallel.world_size
     if w == 1:
         return dict(sent=0.0, dense=0.0, reduction="none")
+    layers = len(profile.layers)
+    # routers (and L) of every layer: one flat all-reduce, as DDP's bucket or NodeSharedAdamW sends them
     small = [(num_experts, key_width)] + ([(key_width, hidden)] if low_key else [])
-    small_dense = sum(dense_allreduce_bytes(n * width, FP32, w) for n, width in small)
-    table_dense = [dense_allreduce_bytes(num_neurons * width, FP32, w) for width in (key_width, hidden)]
-    dense = len(profile.layers) * (small_dense + sum(table_dense))
+    small_numel = layers * sum(n * width for n, width in small)
+    dense = dense_allreduce_bytes(small_numel + layers * num_neurons * (key_width + hidden), FP32, w)
     if placement == "gpu":
-        sent, by_rows = 0.0, []
+        sent, dense_numel, by_rows = 0, small_numel, []
         for layer in profile.layers:
             v = min(num_neurons, layer.per_step)
-            sent += (w - 1) * ID_BYTES * (2 + len(small)) + small_dense
-            for width, dense_table in zip((key_width, hidden), table_dense):
+            sent += (w - 1) * ID_BYTES * (2 + len(small))  # every rank's row count per 2-D gradient
+            for width in (key_width, hidden):
                 rows = sparse_allgather_bytes(v, width, FP32, w)
-                by_rows.append(rows < dense_table)
-                sent += min(rows, dense_table)
+                by_rows.append(rows < dense_allreduce_bytes(num_neurons * width, FP32, w))
+                if by_rows[-1]:
+                    sent += rows
+                else:
+                    dense_numel += num_neurons * width
+        sent += dense_allreduce_bytes(dense_numel, FP32, w)
         reduction = "rows" if all(by_rows) else "dense" if not any(by_rows) else "mixed"
         return dict(sent=float(sent), dense=float(dense), reduction=reduction)
     g, nodes = parallel.gpus_per_node, parallel.nodes
     row_bytes = key_width * FP32 + hidden * FP32 + ID_BYTES
-    member = leader = 0.0
+    counts = layers * ID_BYTES * (g - 1 + nodes - 1)
+    member = leader = counts + dense_allreduce_bytes(small_numel, FP32, w)
     for layer in profile.layers:
         v = min(num_neurons, layer.per_step)
         v_node = node_rows(v, num_neurons, g)
-        counts = ID_BYTES * (g - 1 + nodes - 1)
-        member += v * row_bytes + counts + small_dense
-        leader += (nodes - 1) * v_node * row_bytes + (g - 1) * v_node * ID_BYTES + counts + small_dense
-    return dict(sent=float(max(member if g > 1 else 0.0, leader)), dense=float(dense), reduction="rows")
+        member += v * row_bytes
+        leader += (nodes - 1) * v_node * row_bytes + (g - 1) * v_node * ID_BYTES
+    return dict(sent=float(max(member if g > 1 else 0, leader)), dense=float(dense), reduction="rows")

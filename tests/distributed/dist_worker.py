@@ -34,7 +34,8 @@ def ddp_gpu(out: Path, rank: int, world: int) -> None:
     sync = lambda last: contextlib.nullcontext() if last else ddp.no_sync()  # noqa: E731
     sc.train(ddp, opt, STEPS, ACCUM, rank=rank, world=world, sync=sync)
     torch.save({"masters": sc.masters(model), "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
-                "sparse": stats.sparse_tensors, "dense": stats.dense_tensors, "rows_sent": stats.rows_sent},
+                "sparse": stats.sparse_tensors, "dense": stats.dense_tensors, "rows_sent": stats.rows_sent,
+                "choices": stats.choices},
                out / f"rank{rank}.pt")
 
 

@@ -1,6 +1,6 @@
 """Placement "gpu" under DDP with the row-sparse hook and under FSDP2: W gloo ranks (spawned, with
 a timeout) on a global batch equal one process on it, and the hook chooses rows where they are
-cheaper."""
+cheaper, sending the bytes the planner predicts."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from meft_triton import create_meft_optimizer  # noqa: E402
 from meft_triton.distributed import load_sharded_state, save_sharded_state, shard_meft_model  # noqa: E402
 from meft_triton.distributed.row_exchange import (dense_allreduce_bytes, sparse_allgather_bytes,  # noqa: E402
                                                   sparse_is_cheaper, touched_rows)
+from profiling.plan import profile_from_dict  # noqa: E402
+from profiling.plan.data_parallel import Parallel, gradient_bytes  # noqa: E402
 
 TIMEOUT = 240
 
@@ -46,6 +48,27 @@ def test_ddp_equals_one_process_and_sends_rows(tmp_path, world):
     stats = ranks[0]
     # keys/values of a 64-row table, at most 4 picks x 15 local tokens per rank: rows win
     assert stats["sparse"] > 0 and stats["bytes_sent"] < stats["bytes_dense"], stats
+    assert predicted_bytes(ranks, world) == (stats["bytes_sent"], stats["bytes_dense"])
+
+
+def predicted_bytes(ranks, world):
+    """The planner's gradient bytes per rank (python -m profiling.plan --world-size), summed over
+    the run's steps, on the rows the run touched: per step, each layer's keys and values, the
+    most rows any rank touched (the hook's choice between rows and dense is made on it)."""
+    cfg = sc.config("gpu")
+    choices = ranks[0]["choices"]
+    tables = [most for num_rows, _, most, _ in choices if num_rows == cfg.num_neurons]
+    assert all(r["choices"] == choices for r in ranks) and len(tables) == 3 * 2 * 2  # steps x layers x (K, V)
+    assert tables[0::2] == tables[1::2]  # a layer's keys and values touch the same rows
+    sent = dense = 0
+    for step in range(3):
+        layers = [{"per_micro_batch": [v], "per_step": v} for v in tables[4 * step:4 * step + 4:2]]
+        profile = profile_from_dict({"layers": layers}, layers=2, num_neurons=cfg.num_neurons, micro_batches=1)
+        got = gradient_bytes(profile, placement="gpu", num_neurons=cfg.num_neurons, num_experts=cfg.num_experts,
+                             hidden=sc.HIDDEN, key_width=sc.HIDDEN, low_key=False, parallel=Parallel(world))
+        sent += got["sent"]
+        dense += got["dense"]
+    return sent, dense
 
 
 def test_the_cheaper_reduction_is_chosen_by_rows_touched():
