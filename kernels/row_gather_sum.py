@@ -16,8 +16,8 @@ share each row among a block of tokens but leave P partial sums per token to com
 [T * P, d] buffer (more bytes than the whole stage) or atomics (not deterministic).
 Launch parameters: launch_config "row_gather_dot".
 
-fp32 rows use exact fp32 products ("ieee", validation.dot_precision), which have no tensor
-cores: they stream one token per program with FMAs instead of multiplying zeros.
+fp32 rows stream one token per program with FMAs: on tensor cores an fp32 row would need
+three tf32 products (validation.dot_precision) of a tile that is 15/16 zeros.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ Per record (one launch at one target, dtype, shape):
 * ``floor_us`` = max(bytes / HBM bandwidth, host bytes / PCIe bandwidth, FLOPs / rate), the
   bytes and FLOPs of one small function per stage in :mod:`.model` (each says what it counts:
   every input read once, every output written once, distinct rows only), the rate the
-  dtype's best (tensor cores for bf16/fp16; fp32 CUDA cores for fp32, whose kernels ask for
-  exact "ieee" products). Ceilings: ``profiling/gpu_ceilings.json``.
+  dtype's best at its tolerance (tensor cores for bf16/fp16; for fp32 the faster of the CUDA
+  cores and tf32 tensor cores at a third of their rate: the fp32 kernels ask for "tf32x3",
+  three tf32 products per multiply). Ceilings: ``profiling/gpu_ceilings.json``.
 * ``predicted_us`` = max(bytes term, issue term, compute term):
   - bytes term: the floor's bytes over the bandwidths;
   - issue term: SASS instructions one warp executes (straight-line code once, each loop body
@@ -28,7 +29,8 @@ Per record (one launch at one target, dtype, shape):
     x warps x programs / (SMs x 4 warp instructions per SM per clock x clock);
   - compute term: the FLOPs at the rate of the instruction class the SASS actually holds:
     wgmma (HGMMA) at the tensor rate, mma.sync (HMMA) at ``mma_sync_fraction`` of it (below 1
-    on Hopper), no tensor-core instruction at the fp32 CUDA-core rate. This third term goes
+    on Hopper), no tensor-core instruction at the fp32 CUDA-core rate; a "tf32x3" kernel's
+    FLOPs count three times. This third term goes
     beyond "bytes or issue"; without it a GEMM on tensor cores could be predicted faster
     than the hardware can multiply.
 

@@ -70,7 +70,9 @@ def record_for(launch: Launch, label: str, workload: str, target_name: str, dtyp
         per_warp = sass.dynamic_count(instrs, stage.loops(launch.args, launch.grid), notes)
         rec["dynamic_instructions_per_warp"] = round(per_warp, 1)
         rec["loop_notes"] = notes
-        rec.update(model.predicted_us(ceil, dtype, rec["bytes"], rec["flops"], rec["host_bytes"],
+        # an fp32 "tf32x3" dot issues three tensor-core products per multiply
+        passes = model.TF32X3_PRODUCTS if launch.args.get("DOT_PRECISION") == "tf32x3" else 1
+        rec.update(model.predicted_us(ceil, dtype, rec["bytes"], rec["flops"] * passes, rec["host_bytes"],
                                       per_warp, programs, info["num_warps"], info["tensor_core_kind"]))
         rec["predicted_over_floor"] = rec["predicted_us"] / rec["floor_us"] if rec["floor_us"] else None
     return rec

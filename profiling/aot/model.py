@@ -246,14 +246,21 @@ STAGES = {
 
 # ----------------------------------------------------------------------------- time model
 
+#: tensor-core products per multiply of an fp32 kernel asking for input_precision "tf32x3"
+TF32X3_PRODUCTS = 3
+
+
 def flop_rate(ceil: dict, dtype: str, tensor_kind: str | None) -> float:
     """FLOP/s for this dtype: the tensor-core rate (times mma_sync_fraction for mma.sync)
     when ``tensor_kind`` is "wgmma"/"mma.sync", fp32 CUDA cores when "none"; ``None`` gives
-    the floor's rate (the best the dtype allows: tensor cores for bf16/fp16, fp32 for fp32,
-    whose kernels ask for exact "ieee" products)."""
+    the floor's rate (the best the dtype allows at its tolerance: tensor cores for bf16/fp16,
+    for fp32 the faster of the CUDA cores and three tf32 products per multiply, "tf32x3").
+    The caller counts a tf32x3 kernel's FLOPs three times (:data:`TF32X3_PRODUCTS`)."""
     rates = ceil["flops_per_s"]
     if tensor_kind is None:
-        return rates[f"{dtype}_tensor"] if dtype in ("bf16", "fp16") else rates["fp32"]
+        if dtype in ("bf16", "fp16"):
+            return rates[f"{dtype}_tensor"]
+        return max(rates["fp32"], rates["tf32_tensor"] / TF32X3_PRODUCTS)
     if tensor_kind == "none":
         return rates["fp32"]
     rate = rates[f"{dtype}_tensor"] if dtype in ("bf16", "fp16") else rates["tf32_tensor"]

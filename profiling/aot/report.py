@@ -16,7 +16,7 @@ def check(records: list[dict], ceilings: dict) -> list[str]:
 
     Fails on: a compile error; shared memory over the target's per-block limit; local-memory
     spills in bf16/fp16 at either preset; a GEMM-like stage with no tensor-core instruction in
-    bf16/fp16 (fp32 stages ask for exact "ieee" products, which never use tensor cores)."""
+    bf16/fp16 (fp32 values and dx stream FMAs by design, row_gather_sum's docstring)."""
     failures = []
     for r in records:
         where = f"{r['kernel']} [{r['target']} {r['dtype']} {r['shape']}]"
