@@ -181,21 +181,23 @@ class GradientSums:
         if n == 0:
             return None
         index = torch.arange(n, device=self.sums.device)
-        valid = index < self.count
         last = self.ids.index_select(0, (self.count - 1).clamp(min=0).view(1))
-        ids = torch.where(valid, self.ids[:n], last)
+        ids = torch.where(index < self.count, self.ids[:n], last)
         rows = self.sums[:n].to(dtype, copy=True)
+        self.clear()
+        return ids, rows
+
+    def clear(self) -> None:
+        """Drop the sums (nothing to do when nothing was added)."""
+        n = min(self.bound, self.capacity)
+        if n == 0:
+            return
         self.position.index_fill_(0, self.ids[:n], -1)  # unused positions hold the trash id N
         self.ids[:n] = self.num_rows
         self.sums[:n].zero_()
         self.sums[self.capacity].zero_()
         self.count.zero_()
         self.bound = 0
-        return ids, rows
-
-    def clear(self) -> None:
-        if self.bound:
-            self.take(self.sums.dtype)
 
 
 class ResidentLayer:

@@ -300,3 +300,30 @@ def test_auto_budgets_follow_the_free_device_memory(seed):
     for layer in on_cpu:
         assert layer.offload.residency.values.capacity == 48 and layer.offload.residency.grads is None
     runtime.close()
+
+
+def test_zero_grad_drops_summed_gradient_rows(seed):
+    """``zero_grad`` before the step discards a batch: its summed rows never reach the
+    optimizer (as under placement "gpu"), and the next batch's do."""
+    _, on_cpu, runtime = stacks(layers=1)
+    optimizer = OffloadedAdamW(on_cpu, **HYPER)
+    hidden, other = torch.randn(5, D), torch.randn(5, D)
+
+    def collected():
+        optimizer.collect_step()
+        ids, rows = optimizer.sparse[0].accumulated()
+        order = torch.argsort(ids)
+        return ids[order].clone(), rows[order].clone()
+
+    run(on_cpu, hidden).backward()
+    once = collected()
+    optimizer.zero_grad()
+    before = runtime.bytes_to_host
+    run(on_cpu, other).backward()
+    optimizer.zero_grad()  # a discarded batch: its sums never cross
+    assert runtime.bytes_to_host == before
+    run(on_cpu, hidden).backward()
+    again = collected()
+    assert torch.equal(again[0], once[0]) and torch.equal(again[1], once[1])
+    optimizer.zero_grad()
+    runtime.close()
