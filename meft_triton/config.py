@@ -78,9 +78,9 @@ class MEFTConfig:
     are summed on the device and cross once per step in the compute dtype). Under "resident"
     ``value_budget`` and ``gradient_budget`` are the device bytes, for all layers together,
     of the resident value rows and the gradient sums ("auto": sized by the planner,
-    profiling/plan/auto.py, from the device memory left); each layer needs room for one
-    micro-batch's rows, and what does not fit is evicted and fetched again (values) or sent
-    home early (gradients).
+    profiling/plan/auto.py, from the device memory free at the first forward). What does not
+    fit is evicted and fetched again (values) or sent home early (gradients); a layer whose
+    share cannot hold one call's rows runs that part per micro-batch.
     """
 
     num_neurons: int = 4096
