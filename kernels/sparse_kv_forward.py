@@ -121,10 +121,14 @@ def _select_topk_kernel(
 
     # thr = each row's TOPK-th largest key, its bits from the top: the largest value with
     # count(key >= thr) >= TOPK. Keys outside the rows are 0 and every trial is >= 1, so they
-    # never count.
+    # never count. A row is done early once exactly TOPK keys are >= thr (the K_top-th and the
+    # next key already differ above the remaining bits): its picks are then the keys >= thr,
+    # which the compaction below takes as "above, then every tie". Distinct random scores stop
+    # after about 15 of the 32 passes; equal K_top-th and next keys take all 32.
     thr = tl.zeros([BLOCK_T], tl.uint32)
-    bit = tl.full([BLOCK_T], 0x80000000, tl.uint32)
-    for _ in range(32):
+    at_thr = tl.where(tokens < num_tokens, num_candidates, TOPK)  # count(key >= thr); padding rows: done
+    bit = tl.full([], 0x80000000, tl.uint32)
+    while (bit != 0) & (tl.max(at_thr, axis=0) > TOPK):
         trial = thr | bit
         if RESIDENT:
             count = tl.sum((key >= trial[:, None]).to(tl.int32), axis=1)
@@ -133,7 +137,9 @@ def _select_topk_kernel(
             for c0 in range(0, num_candidates, BLOCK_C):
                 chunk = _candidate_keys(score_rows, tokens, c0, num_tokens, num_candidates, BLOCK_C)[1]
                 count += tl.sum((chunk >= trial[:, None]).to(tl.int32), axis=1)
-        thr = tl.where(count >= TOPK, trial, thr)
+        take = count >= TOPK
+        thr = tl.where(take, trial, thr)
+        at_thr = tl.where(take, count, at_thr)
         bit = bit >> 1
 
     num_above = tl.zeros([BLOCK_T], tl.int32)

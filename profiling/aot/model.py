@@ -156,8 +156,11 @@ def loops_key_scores(a, g):
 
 def loops_select_topk(a, g):
     c = cdiv(a["num_candidates"], a["BLOCK_C"])
+    # the worst case of 32 counting passes: a row stops once exactly K_top keys are above its
+    # threshold, which depends on the scores (about 15 passes for distinct random scores at
+    # C = 512, K_top = 64; the report's scores are not data)
     if a["RESIDENT"]:
-        # 32 counting passes over the keys held in registers, then one compaction chunk
+        # over the keys held in registers, then one compaction chunk
         return [L("bits", 32), L("compact", c)]
     # each of the 32 passes streams the candidates, a counting pass, a compaction pass
     return [L("bits", 32, L("cand", c)), L("above", c), L("compact", c)]
