@@ -114,7 +114,11 @@ class MEFTModel(BaseTuner):
             raise ValueError(f"{type(model).__name__} already has MEFT adapters (one MEFT adapter per model); "
                              f"cannot add {adapter_name!r}")
         if config.backbone is not None:
-            check_same_backbone(config.backbone, model, "MEFTModel")
+            try:
+                check_same_backbone(config.backbone, model, "MEFTModel")
+            except ValueError as exc:
+                raise ValueError(f"{exc} (the config's 'backbone' records the model it was first attached "
+                                 "to; for another model pass a new MEFTPeftConfig)") from None
         attach_adapters(model, config.meft_config(), config.layers, target=config.target,
                         dtype=None if config.dtype is None else DTYPES[config.dtype],
                         input_require_grads=config.input_require_grads, adapter_class=MEFTTunerLayer)

@@ -168,7 +168,12 @@ def test_get_peft_model_save_pretrained_from_pretrained(tmp_path, placement, low
 
 
 def test_save_adapter_and_helpers_find_meft_in_the_peft_model(tmp_path):
-    pm = get_peft_model(llama(), MEFTPeftConfig(**SIZES))
+    config = MEFTPeftConfig(**SIZES)
+    pm = get_peft_model(llama(), config)
+    other = qwen2()
+    with pytest.raises(ValueError, match="pass a new MEFTPeftConfig"):  # config records its backbone
+        get_peft_model(other, config)
+    assert not meft_adapters(other)
     assert list(meft_adapters(pm)) == [0, 1]
     save_adapter(pm, tmp_path / "a")
     assert torch.equal(logits(load_adapter(fresh_llama(), tmp_path / "a")), logits(pm))
