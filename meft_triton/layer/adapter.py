@@ -159,8 +159,8 @@ class MEFTAdapter(nn.Module):
 
     # -- placement "cpu" -----------------------------------------------------------------------
     # ``offload`` is a property so that attaching a row store also registers the adapter for
-    # the compiled path (layer/compiled_offload.py): the graph carries the handle, an int Dynamo
-    # guards on, and the handle must exist before the first call is traced.
+    # the compiled path (layer/compiled_offload.py): the compiled graph reads the handle, and it
+    # must exist before the first call is traced.
     @property
     def offload(self):
         """Placement "cpu": the layer's :class:`~meft_triton.offload.rows.OffloadedRows` (None under "gpu")."""

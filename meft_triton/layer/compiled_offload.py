@@ -10,8 +10,10 @@ hide it behind static shapes:
 ``meft_triton::offload_backward``  the backward of ``offload_values``: d hidden, d router, d L.
 
 The compiled graph passes integers, not objects: each adapter gets a layer handle when its
-row store is attached (:func:`register_layer`), and each call an in-flight token, a CPU int64
-scalar that ``offload_start`` returns and the other two read. The ops run the same
+row store is attached (:func:`register_layer`), and each call an in-flight token that
+``offload_start`` returns and the other two read. Both are CPU int64 scalar tensors: a graph
+input, not a constant Dynamo would guard on, so one compiled graph serves every adapter of the
+same shapes (per-layer "regional" compilation compiles once, not once per layer). The ops run the same
 ``OffloadedRows`` methods the eager path runs, so both placements' schedules stay one code:
 inside an op autograd is switched off by the dispatcher, so the ops switch it back on for the
 call and keep the autograd graph of ``finish_values`` (its backward ships the key/value gradient
@@ -46,12 +48,12 @@ class OffloadedCall:
     output: Tensor | None = None  # finish_values' y, with its autograd graph, until the backward
 
 
-def register_layer(adapter) -> int:
-    """A handle the compiled graph can carry for ``adapter`` (an int; the registry holds the
-    adapter weakly)."""
+def register_layer(adapter) -> Tensor:
+    """A handle the compiled graph can carry for ``adapter`` (a CPU int64 scalar; the registry
+    holds the adapter weakly)."""
     handle = next(NEXT_HANDLE)
     LAYERS[handle] = adapter
-    return handle
+    return torch.tensor(handle, dtype=torch.int64)
 
 
 @contextmanager
@@ -74,9 +76,9 @@ def _forget(token: int) -> None:
 
 
 @torch.library.custom_op("meft_triton::offload_start", mutates_args=())
-def offload_start(hidden: Tensor, layer: int, grad_enabled: bool, hidden_grad: bool) -> Tensor:
+def offload_start(hidden: Tensor, layer: Tensor, grad_enabled: bool, hidden_grad: bool) -> Tensor:
     """Stage 1 of adapter ``layer`` on ``hidden`` [..., d]; the token of the call (CPU int64)."""
-    adapter = LAYERS[layer]
+    adapter = LAYERS[int(layer)]
     with autograd_inside_op(), torch.set_grad_enabled(grad_enabled):
         leaf = hidden.detach().requires_grad_(grad_enabled and hidden_grad)
         routed = adapter.offload.start_routing(leaf)

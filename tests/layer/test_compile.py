@@ -7,12 +7,25 @@ import pytest
 import torch
 
 from meft_triton import MEFTAdapter, MEFTConfig, attach_meft, create_meft_optimizer, meft_adapters
+from oracle import rel_err
 
 BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
             value_init_std=1.0, router_init_scale=0.3, backend="torch")
 PLACEMENTS = ["gpu", "cpu"]
 STEPS = 3
-TOL = dict(rtol=1e-5, atol=1e-6)  # inductor fuses the graph's fp32 arithmetic in another order
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_cache():
+    """Each test compiles from scratch: every config other tests in this process compiled
+    MEFTAdapter.forward for counts against Dynamo's recompile limit of the one code object."""
+    torch.compiler.reset()
+
+
+def assert_near(got, want, what=""):
+    """Equal up to fp32 rounding: inductor fuses the placement-"gpu" graph's arithmetic (the
+    reference path) in another order; placement "cpu"'s offloaded stages are opaque ops."""
+    assert rel_err(got, want) < 1e-5, what
 
 
 def rows_of(adapter):
@@ -43,26 +56,36 @@ def adapter_step(adapter, optimizers):
         adapter.sparse_step()
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("low_key_dim", [None, 5])
-def test_compiled_adapter_trains_like_eager(seed, placement, low_key_dim):
-    eager, model = adapter_twins(placement, low_key_dim=low_key_dim, gate="softmax" if low_key_dim else "logit")
+ADAPTER_CASES = [
+    pytest.param("gpu", {}, id="gpu"),
+    pytest.param("gpu", {"low_key_dim": 5, "gate": "softmax"}, id="gpu-low_key-softmax"),
+    pytest.param("cpu", {}, id="cpu"),
+    pytest.param("cpu", {"low_key_dim": 5, "gate": "softmax"}, id="cpu-low_key-softmax"),
+    pytest.param("cpu", {"backward_rows": "keep"}, id="cpu-keep"),
+    pytest.param("cpu", {"residency": "resident"}, id="cpu-resident"),
+]
+
+
+@pytest.mark.parametrize(("placement", "changes"), ADAPTER_CASES)
+def test_compiled_adapter_trains_like_eager(seed, placement, changes):
+    """A token count that changes between steps (a recompile with dynamic shapes) included."""
+    eager, model = adapter_twins(placement, **changes)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     optimizers = [adapter_optimizers(eager), adapter_optimizers(model)]
-    for _ in range(STEPS):
-        hidden, target = torch.randn(3, 7, 12), torch.randn(3, 7, 12)
+    for step in range(STEPS):
+        hidden, target = torch.randn(3, 7 + step, 12), torch.randn(3, 7 + step, 12)
         inputs = [hidden.clone().requires_grad_(), hidden.clone().requires_grad_()]
         outputs = [eager(inputs[0]), compiled(inputs[1])]
-        torch.testing.assert_close(outputs[1], outputs[0], **TOL)
+        assert_near(outputs[1], outputs[0])
         for out in outputs:
             (out - target).square().mean().backward()
-        torch.testing.assert_close(inputs[1].grad, inputs[0].grad, **TOL)
+        assert_near(inputs[1].grad, inputs[0].grad)
         for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
-            torch.testing.assert_close(p_compiled.grad, p_eager.grad, **TOL, msg=name)
+            assert_near(p_compiled.grad, p_eager.grad, name)
         for adapter, opts in zip((eager, model), optimizers):
             adapter_step(adapter, opts)
     for want, got in zip(rows_of(eager), rows_of(model)):
-        torch.testing.assert_close(got, want, **TOL)
+        assert_near(got, want)
     assert not torch.equal(rows_of(model)[1], rows_of(adapter_twins(placement)[0])[1])  # it trained
 
 
@@ -75,7 +98,7 @@ def test_compiled_adapter_without_grad(seed, placement):
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     hidden = torch.randn(23, 12)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(hidden), eager(hidden), **TOL)
+        assert_near(compiled(hidden), eager(hidden))
     assert not compiled_offload.CALLS
 
 
@@ -89,6 +112,18 @@ def test_dropped_compiled_call_frees_its_state(seed):
     assert compiled_offload.CALLS
     del y
     assert not compiled_offload.CALLS
+
+
+def test_one_compiled_graph_serves_every_adapter(seed):
+    """Per-layer ("regional") compilation: adapters of one shape share the graph, no recompile
+    per layer (the layer handle is a graph input, not a constant Dynamo guards on)."""
+    adapters = [MEFTAdapter(12, MEFTConfig(**{**BASE, "placement": "cpu"})) for _ in range(3)]
+    hidden = torch.randn(4, 12, requires_grad=True)
+    compiled = [torch.compile(adapter, fullgraph=True, backend="inductor") for adapter in adapters]
+    compiled[0](hidden).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for adapter, call in zip(adapters[1:], compiled[1:]):
+            assert_near(call(hidden), adapter(hidden))
 
 
 transformers = pytest.importorskip("transformers")
@@ -116,15 +151,15 @@ def test_compiled_attached_model_trains_like_eager(placement):
     for _ in range(STEPS):
         ids = torch.randint(3, 100, (2, 9), generator=gen)
         losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
-        torch.testing.assert_close(losses[1], losses[0], **TOL)
+        assert_near(losses[1], losses[0])
         for loss in losses:
             loss.backward()
         grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (eager, model)]
         for want, got in zip(*grads):
-            torch.testing.assert_close(got, want, **TOL)
+            assert_near(got, want)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
     for a_eager, a_compiled in zip(meft_adapters(eager).values(), meft_adapters(model).values()):
         for want, got in zip(rows_of(a_eager), rows_of(a_compiled)):
-            torch.testing.assert_close(got, want, **TOL)
+            assert_near(got, want)
