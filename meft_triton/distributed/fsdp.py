@@ -92,15 +92,27 @@ def save_sharded_state(model: nn.Module, optimizer: Any, path: str | os.PathLike
     dcp.save({"model": model_state, "optim": optim_state, "step": step}, checkpoint_id=str(unfinished))
     with collectives("saving the sharded checkpoint (after writing)"):
         dist.barrier()
+    failure: list[Any] = [None]
     if first:
-        replaced = path.with_name(path.name + ".replaced")
-        if path.exists():
-            path.rename(replaced)
-        unfinished.rename(path)
-        shutil.rmtree(replaced, ignore_errors=True)
+        try:
+            _commit(unfinished, path)
+        except OSError as exc:  # every rank must learn it, not wait at a barrier
+            failure = [f"{type(exc).__name__}: {exc}"]
     with collectives("saving the sharded checkpoint (committing)"):
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise OSError(f"save_sharded_state: committing {path} on rank 0 failed: {failure[0]}")
     return path
+
+
+def _commit(unfinished: Path, path: Path) -> None:
+    """Put the finished folder in place of ``path``; the old checkpoint is deleted only after."""
+    replaced = path.with_name(path.name + ".replaced")
+    if path.exists():
+        shutil.rmtree(replaced, ignore_errors=True)  # an earlier commit's leftover; path is the good one
+        path.rename(replaced)
+    unfinished.rename(path)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def load_sharded_state(model: nn.Module, optimizer: Any, path: str | os.PathLike) -> int:

@@ -63,6 +63,7 @@ def fsdp_gpu(out: Path, rank: int, world: int) -> None:
     model, opt = build()
     sc.train(model, opt, 2, ACCUM, rank=rank, world=world, sync=sync_of(model))
     save_sharded_state(model, opt, out / "sharded", step=2)
+    save_sharded_state(model, opt, out / "sharded", step=2)  # replaces the first, committed, copy
     sc.train(model, opt, STEPS - 2, ACCUM, rank=rank, world=world, first_step=2, sync=sync_of(model))
     fresh, fresh_opt = build(adapter_seed=123)
     step = load_sharded_state(fresh, fresh_opt, out / "sharded")

@@ -106,7 +106,8 @@ def test_fsdp2_equals_one_process_with_rows_sharded_and_resumes_bitwise(tmp_path
         # a fresh model loaded the sharded checkpoint written after step 2 and took step 3
         for name, tensor in got["masters"].items():
             assert torch.equal(got["resumed"][name], tensor), (rank, name)
-    assert (tmp_path / "sharded").is_dir() and not (tmp_path / "sharded.incomplete").exists()
+    assert (tmp_path / "sharded").is_dir()
+    assert not (tmp_path / "sharded.incomplete").exists() and not (tmp_path / "sharded.replaced").exists()
     assert not (tmp_path / "ckpt").exists()
 
 
