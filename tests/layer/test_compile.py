@@ -114,6 +114,35 @@ def test_dropped_compiled_call_frees_its_state(seed):
     assert not compiled_offload.CALLS
 
 
+def test_compiled_frozen_adapter_passes_only_dh(seed):
+    """A frozen placement-"cpu" layer (IST's unselected layers): dh as eager, no gradient rows."""
+    eager, model = adapter_twins("cpu")
+    for adapter in (eager, model):
+        adapter.requires_grad_(False)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    hidden, grad_y = torch.randn(23, 12), torch.randn(23, 12)
+    inputs = [hidden.clone().requires_grad_(), hidden.clone().requires_grad_()]
+    eager(inputs[0]).backward(grad_y)
+    compiled(inputs[1]).backward(grad_y)
+    assert_near(inputs[1].grad, inputs[0].grad)
+    assert not model.offload.pending_grads and model.router.weight.grad is None
+
+
+def test_call_dropped_between_its_stages_gives_its_slot_back(seed):
+    """What a compiled graph that raised between the stages leaves: a token nobody finishes.
+    Dropping it cancels the copy and frees the slot, as ``abandon_routing`` does eagerly."""
+    from meft_triton.layer import compiled_offload
+
+    _, adapter = adapter_twins("cpu")
+    adapter(torch.randn(4, 12))  # the slot pool exists
+    prefetcher = adapter.offload.runtime.prefetcher
+    free = prefetcher.free_slots()
+    token = torch.ops.meft_triton.offload_start(torch.randn(4, 12), adapter.offload_handle, True, False)
+    assert prefetcher.free_slots() == free - 1
+    del token
+    assert prefetcher.free_slots() == free and not compiled_offload.CALLS
+
+
 def test_one_compiled_graph_serves_every_adapter(seed):
     """Per-layer ("regional") compilation: adapters of one shape share the graph, no recompile
     per layer (the layer handle is a graph input, not a constant Dynamo guards on)."""
