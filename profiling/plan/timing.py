@@ -20,7 +20,7 @@ device->host) bytes / bandwidth. Transfers during a micro-batch hide behind that
 compute; what exceeds it is exposed. At the step boundary:
 
 * per-micro-batch (the code today): ``OffloadedAdamW.step`` sums every micro-batch's gradient
-  rows into the accumulators on the training thread (12 B per element: read the row, read and
+  rows into the accumulators, the layers in parallel (12 B per element: read the row, read and
   write the sum), then all layers' AdamW run at once on worker threads sharing the host's
   bandwidth, so layer 0, which the next forward needs first, finishes with the rest; each
   layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then go to the
@@ -137,7 +137,7 @@ def boundary_resident(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingPro
                       hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
     """Seconds the next step's forwards wait, resident policy, as the runtime orders it: at the
     optimizer step every layer's gradient sums cross to the host (the link after the last
-    backward), are summed into the fp32 accumulators on the training thread (the compute-dtype
+    backward), are summed into the fp32 accumulators, the layers in parallel (the compute-dtype
     row read, the fp32 sum read and written), then every layer's AdamW runs at once on worker
     threads (all-or-nothing: the non-finite check and global-norm clipping need every layer's
     gradients first), then the key rows go back as under per-micro-batch."""
