@@ -12,7 +12,11 @@ rate: a large matmul in the compute dtype), then times forward and forward+backw
   dense [T, N] activation matmul),
 
 and prints each time with the floor max(bytes / bandwidth, flops / tensor-core rate) of the
-adapter and the ratios. A baseline that runs out of memory is recorded as such. Results go to
+adapter and the ratios. Beside the Triton times stand the static report's predictions for the
+same target, dtype and shape (``python -m profiling.aot``, the committed records of
+``profiling/results/static-<target>/``; sm_90 GPUs read sm90a, sm_80 ones sm80), so a GPU
+run grades the model: ``*_vs_static`` = measured / predicted. A baseline that runs out of
+memory is recorded as such. Results go to
 ``profiling/results/<device>/<timestamp>-kernels/kernels.csv`` with the machine description.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -29,6 +34,30 @@ from meft_triton import MEFTConfig, reference
 from .environment import describe_machine, results_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+RESULTS = Path(__file__).resolve().parent / "results"
+#: GPU compute capability -> the static report's target compiled for it
+STATIC_TARGETS = {(9, 0): "sm90a", (8, 0): "sm80"}
+STATIC_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+#: the static report's workloads the bench's two phases run: router + forward, then + backward
+STATIC_PHASES = {"fwd": ("router_topk", "forward"), "step": ("router_topk", "forward", "backward")}
+
+
+def static_prediction(capability: tuple[int, int], dtype: str, shape: dict[str, int],
+                      results: Path = RESULTS) -> dict[str, float] | None:
+    """The static report's predicted ``fwd_ms`` and ``step_ms`` (sums over the phase's
+    launches) for a GPU of this compute capability, ``dtype`` (a key of DTYPES) and ``shape``
+    (T, d, N, E, P, K as the records' ``shape_params`` name them); None when no committed
+    record matches (another GPU or shape)."""
+    target = STATIC_TARGETS.get(tuple(capability))
+    if target is None or not (results / f"static-{target}" / "records.json").is_file():
+        return None
+    records = [r for r in json.loads((results / f"static-{target}" / "records.json").read_text())
+               if r.get("dtype") == STATIC_DTYPES[dtype] and r.get("predicted_us") is not None
+               and all(r["shape_params"].get(k) == v for k, v in shape.items())]
+    if not records:
+        return None
+    return {f"{phase}_ms": sum(r["predicted_us"] for r in records if r["workload"] in workloads) / 1e3
+            for phase, workloads in STATIC_PHASES.items()}
 
 
 def adapter_floor(cfg: MEFTConfig, tokens: int, hidden_size: int, dtype_bytes: int,
@@ -159,8 +188,14 @@ def run(args) -> tuple[pd.DataFrame, dict]:
         table[f"{phase}_floor_ms"] = floor_ms(phase)
         table[f"{phase}_vs_floor"] = table[f"{phase}_ms"] / floor_ms(phase)
         table[f"{phase}_speedup_of_triton"] = table[f"{phase}_ms"] / table.loc[0, f"{phase}_ms"]
+    static = static_prediction(torch.cuda.get_device_capability(), args.dtype,
+                               dict(T=T, d=d, N=cfg.num_neurons, E=E, P=P, K=K))
+    for phase in ("fwd", "step"):
+        predicted = float("nan") if static is None else static[f"{phase}_ms"]
+        table[f"{phase}_static_ms"] = [predicted] + [float("nan")] * (len(table) - 1)  # triton only
+        table[f"{phase}_vs_static"] = table[f"{phase}_ms"] / table[f"{phase}_static_ms"]
     meta = {**describe_machine(), **ceilings, **floor, "unique_rows": unique_rows,
-            "unique_experts": unique_experts, "shape": vars(args)}
+            "unique_experts": unique_experts, "shape": vars(args), "static_prediction": static}
     return table, meta
 
 
