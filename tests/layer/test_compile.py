@@ -3,6 +3,8 @@ both placements (forward, every gradient, the key/value rows after optimizer ste
 adapter and for a tiny transformers model with adapters attached. fullgraph=True turns any
 graph break into an error."""
 
+import re
+
 import pytest
 import torch
 
@@ -192,3 +194,21 @@ def test_compiled_attached_model_trains_like_eager(placement):
     for a_eager, a_compiled in zip(meft_adapters(eager).values(), meft_adapters(model).values()):
         for want, got in zip(rows_of(a_eager), rows_of(a_compiled)):
             assert_near(got, want)
+
+
+def test_compiled_copy_overlaps_the_ffn():
+    """In the compiled forward the value-row copy starts before the backbone FFN's matmuls and
+    is waited for after them, as the eager hooks order it."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model_twins("cpu")[0]
+    ids = torch.randint(3, 100, (2, 9))
+    _, (forward, *_) = run_and_get_code(torch.compile(model, fullgraph=True, backend="inductor"), input_ids=ids)
+    call = forward[forward.index("def call("):]
+    starts = [m.start() for m in re.finditer(r"= torch\.ops\.meft_triton\.offload_start\.default\(", call)]
+    finishes = [m.start() for m in re.finditer(r"= torch\.ops\.meft_triton\.offload_values\.default\(", call)]
+    assert len(starts) == len(finishes) == 2  # one per layer
+    for start, finish in zip(starts, finishes):
+        assert start < finish
+        assert call.count("extern_kernels.mm(", start, finish) == 3  # gate, up, down projections
+
