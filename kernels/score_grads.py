@@ -31,23 +31,27 @@ from .validation import pow2_block
 @triton.jit
 def _pick_table_kernel(
     table_ptr, picks_ptr, neuron_ids_ptr, expert_ids_ptr,
-    neurons_per_expert, experts_per_token, num_picks,
-    P_PAD: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
+    experts_per_token, num_picks,
+    NEURONS_PER_EXPERT: tl.constexpr, P_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """Per token: each pick's place in the [T * P, S] table (its expert's slot, its neuron
     within the expert). Scatter: table[place] = picks[t, k]. Gather: picks[t, k] =
-    table[place], 0 for picks outside the token's experts (K_top > P * S), which have none."""
+    table[place], 0 for picks outside the token's experts (K_top > P * S), which have none.
+    Neuron ids fit int32 and S is a compile-time constant: a pick's expert and neuron within
+    it cost a multiply, not a 64-bit division."""
     token = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, P_PAD)
     experts = tl.load(expert_ids_ptr + token * experts_per_token + slots,
-                      mask=slots < experts_per_token, other=-1).to(tl.int64)
+                      mask=slots < experts_per_token, other=-1).to(tl.int32)
     for k0 in range(0, num_picks, BLOCK_K):
         picks = k0 + tl.arange(0, BLOCK_K)
         pick_ok = picks < num_picks
-        ids = tl.load(neuron_ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int64)
-        owner = (ids // neurons_per_expert)[:, None] == experts[None, :]
-        slot = tl.max(tl.where(owner, slots[None, :], -1), axis=1).to(tl.int64)
-        at = (token * experts_per_token + slot) * neurons_per_expert + ids % neurons_per_expert
+        ids = tl.load(neuron_ids_ptr + token * num_picks + picks, mask=pick_ok, other=0).to(tl.int32)
+        owner = (ids // NEURONS_PER_EXPERT)[:, None] == experts[None, :]
+        slot = tl.max(tl.where(owner, slots[None, :], -1), axis=1)
+        at = ((token * experts_per_token + slot) * NEURONS_PER_EXPERT
+              + (ids % NEURONS_PER_EXPERT).to(tl.int64))
         placed = pick_ok & (slot >= 0)
         if GATHER:
             value = tl.load(table_ptr + at, mask=placed, other=0.0)
@@ -123,10 +127,11 @@ def _score_grads_kernel(
 
 def _pick_table(table, picks, neuron_ids, expert_ids, neurons_per_expert, gather):
     num_tokens, experts_per_token = expert_ids.shape
+    # one warp per token: a [BLOCK_K, P] owner tile of 64 x 8 is 16 elements per thread
     _pick_table_kernel[(num_tokens,)](
-        table, picks, neuron_ids, expert_ids, neurons_per_expert, experts_per_token,
-        neuron_ids.shape[1], P_PAD=triton.next_power_of_2(experts_per_token),
-        BLOCK_K=pow2_block(neuron_ids.shape[1], 16, 64), GATHER=gather,
+        table, picks, neuron_ids, expert_ids, experts_per_token, neuron_ids.shape[1],
+        NEURONS_PER_EXPERT=neurons_per_expert, P_PAD=triton.next_power_of_2(experts_per_token),
+        BLOCK_K=pow2_block(neuron_ids.shape[1], 16, 64), GATHER=gather, num_warps=1,
     )
 
 
