@@ -53,7 +53,9 @@ def candidate_scores64(hidden, keys, expert_ids, gate_weights, neurons_per_exper
 
 def assert_placements_agree(on_gpu, on_cpu, hidden, y_tol: float = 1e-5):
     """Placement "cpu" gives placement "gpu"'s forward (to ``y_tol``), dh, d router and key/value
-    gradient rows (1e-5) for ``hidden``. Returns the gradient rows shipped to the host."""
+    gradient rows (1e-5) for ``hidden``. Returns the fp32 gradient rows the backward shipped to
+    the host (residency "per-micro-batch": under "resident" they wait on the device for the step)."""
+    assert on_cpu.config.residency == "per-micro-batch", "reads the rows one backward ships home"
     h_gpu, h_cpu = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     y_gpu, y_cpu = on_gpu(h_gpu), on_cpu(h_cpu)
     assert y_cpu.shape == y_gpu.shape
@@ -74,8 +76,10 @@ def assert_placements_agree(on_gpu, on_cpu, hidden, y_tol: float = 1e-5):
 
 
 def take_grad_rows(offloaded) -> tuple[torch.Tensor, torch.Tensor]:
-    """A placement-"cpu" layer's gradient rows sent home since the last step, summed per row
-    and taken off the layer: ``(row_ids [U] sorted, rows [U, 2d] = [dK | dV])``, on the CPU."""
+    """A placement-"cpu" layer's gradient rows since the last step, summed per row and taken
+    off the layer: ``(row_ids [U] sorted, rows [U, 2d] = [dK | dV])``, on the CPU. Residency
+    "resident" sends its device sums home first (their zero padding rows add nothing)."""
+    offloaded.flush_grads()
     summed: dict[int, torch.Tensor] = {}
     for future in offloaded.pending_grads:
         grad = future.result()

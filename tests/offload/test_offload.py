@@ -27,7 +27,7 @@ def pair(backend="torch", device="cpu", **changes):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
 def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_rows, device):
-    on_gpu, on_cpu = pair(backend, device, backward_rows=backward_rows)
+    on_gpu, on_cpu = pair(backend, device, backward_rows=backward_rows, residency="per-micro-batch")
     assert_placements_agree(on_gpu, on_cpu, torch.randn(4, 7, 12, device=device), y_tol=1e-6)
 
 
@@ -96,7 +96,7 @@ def test_transfer_accounting(seed):
 def test_key_rows_an_update_touched_go_back_through_the_copy_engine(seed, monkeypatch):
     """After a row-sparse step exactly the touched key rows reach the device cache, through the
     runtime's copy engine (counted), and the cache equals the updated master keys."""
-    _, on_cpu = pair()
+    _, on_cpu = pair(residency="per-micro-batch")  # the touched ids: one backward's rows, shipped at once
     runtime = on_cpu.offload.runtime
     on_cpu.configure_optimizer(lr=1e-1)
     copied = []
@@ -157,7 +157,7 @@ def test_frozen_layer_passes_dh_but_moves_no_rows(seed):
 def test_several_forwards_before_their_backwards(seed, device, backward_rows):
     """Two losses over one layer (e.g. chosen and rejected answers), or more forwards than the
     prefetcher keeps rows for: each backward, in any order, gets its own forward's rows."""
-    on_gpu, on_cpu = pair("auto", device, backward_rows=backward_rows)
+    on_gpu, on_cpu = pair("auto", device, backward_rows=backward_rows, residency="per-micro-batch")
     inputs = [torch.randn(3 + 2 * i, 12, device=device) for i in range(6)]
     for layer in (on_gpu, on_cpu):
         losses = [(i + 1) * layer(h).square().sum() for i, h in enumerate(inputs)]
@@ -181,7 +181,7 @@ def test_layers_frozen_in_turn_get_their_own_rows_in_backward(seed, device, back
     slots must grow while a stale lookahead would hold one."""
     from meft_triton.offload import OffloadRuntime
 
-    cfg = MEFTConfig(**{**BASE, "backend": backend})
+    cfg = MEFTConfig(**{**BASE, "backend": backend, "residency": "per-micro-batch"})  # one backward's rows
     runtime = OffloadRuntime(device, torch.float32, 12)
     on_gpu = [MEFTAdapter(12, cfg, device=device) for _ in range(2)]
     on_cpu = [MEFTAdapter(12, cfg.replace(placement="cpu"), device=device, runtime=runtime) for _ in range(2)]
@@ -220,7 +220,7 @@ def test_gpu_memory_stays_at_key_cache_plus_slots_over_100_steps(seed):
 
     d, layers, tokens = 4096, 4, 512
     cfg = MEFTConfig(num_neurons=65536, num_experts=1024, experts_per_token=8, topk=64,
-                     placement="cpu", value_init_std=0.02)
+                     placement="cpu", value_init_std=0.02, residency="per-micro-batch")  # no resident tables
     runtime = OffloadRuntime("cuda", torch.bfloat16, d)
     adapters = [MEFTAdapter(d, cfg, device="cuda", runtime=runtime) for _ in range(layers)]
     for adapter in adapters:
@@ -298,7 +298,8 @@ def test_low_key_cpu_placement_is_meft_original_formulation_in_float64(seed, gat
 @pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
 @pytest.mark.parametrize("gate", ["logit", "softmax"])
 def test_low_key_forward_and_grads_match_gpu_placement(seed, backend, backward_rows, gate, device):
-    on_gpu, on_cpu = low_key_pair(backend, device, backward_rows=backward_rows, gate=gate)
+    on_gpu, on_cpu = low_key_pair(backend, device, backward_rows=backward_rows, gate=gate,
+                                  residency="per-micro-batch")
     assert_placements_agree(on_gpu, on_cpu, torch.randn(23, 12, device=device), y_tol=1e-6)
 
 
