@@ -37,7 +37,8 @@ def _expert_grads_kernel(
     key_out_ptr, value_out_ptr, router_out_ptr,
     grad_raw_ptr, act_ptr, grad_w_ptr, x_ptr, dy_ptr,
     order_ptr, offsets_ptr, row_pos_ptr, row_experts_ptr,
-    num_experts, key_width, value_width, neurons_per_expert, experts_per_token,
+    num_experts, key_width, value_width, neurons_per_expert,
+    experts_per_token: tl.constexpr,  # a constant divisor: no 64-bit division per pair
     stride_xt, stride_xd, stride_yt, stride_yd, stride_ko, stride_vo, stride_go,
     HAS_ROUTER: tl.constexpr, ROW_MAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,

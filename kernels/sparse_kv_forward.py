@@ -40,7 +40,8 @@ from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in
 def _key_scores_kernel(
     hidden_ptr, keys_ptr, gate_weights_ptr, scores_ptr,
     order_ptr, block_start_ptr, block_end_ptr, block_expert_ptr,
-    hidden_size, neurons_per_expert, experts_per_token,
+    hidden_size, neurons_per_expert,
+    experts_per_token: tl.constexpr,  # a constant divisor: no 64-bit division per pair
     stride_ht, stride_hd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
