@@ -14,15 +14,18 @@ configuration that fits as a ``MEFTConfig(...)``, or what is over and by how muc
 
 Modules: inputs (GPU presets from profiling/gpu_presets.json, the backbone, the batch),
 routing (rows touched per micro-batch and per step), traffic (PCIe bytes per policy), memory
-(bytes by component), timing (the time model), planner (one record per candidate), cli.
+(bytes by component), timing (the time model), data_parallel (world size: CPU RAM per node,
+gradient bytes each rank sends), planner (one record per candidate), auto (the resident
+budgets of ``MEFTConfig(value_budget="auto")``), cli.
 Every number is a prediction from these formulas; the byte counts of both policies equal the
 runtime's counters on the same routing at full budgets (tests/profiling/test_plan.py, and the
 sweep's placement-"cpu" rows, which put both side by side).
 """
 
+from .data_parallel import Parallel
 from .inputs import GPU, Backbone, Batch, load_gpu, resolve_model
 from .planner import Budgets, best, plan, why_nothing_fits
 from .routing import RoutingProfile, load_profile, profile_from_dict, uniform_profile
 
-__all__ = ["GPU", "Backbone", "Batch", "Budgets", "RoutingProfile", "best", "load_gpu", "load_profile",
+__all__ = ["GPU", "Backbone", "Batch", "Budgets", "Parallel", "RoutingProfile", "best", "load_gpu", "load_profile",
            "plan", "profile_from_dict", "resolve_model", "uniform_profile", "why_nothing_fits"]

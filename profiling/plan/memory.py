@@ -23,7 +23,7 @@ element size es; U: rows a micro-batch touches, V: rows the step touches):
   two gradient accumulators per layer (one fills while the other steps), each grown like
   SparseRowAdamW's (at least double, capped at N); per-micro-batch: every micro-batch's fp32
   gradient rows held pinned until the step; resident: one compute-dtype staging copy of the
-  summed gradients, and with zero_copy the compute-dtype shadow of the values it reads.
+  summed gradients, and with zero_copy (16-bit compute dtype) the shadow of the values it reads.
 """
 
 from __future__ import annotations
@@ -105,6 +105,6 @@ def cpu_ram_bytes(backbone: Backbone, batch: Batch, profile: RoutingProfile, *, 
         out["pinned gradient rows (until the step)"] = float(rows * ((r + d) * FP32 + ID_BYTES))
     else:
         out["pinned gradient staging"] = float(sum(l.per_step for l in profile.layers) * ((r + d) * es + ID_BYTES))
-        if transfer == "zero_copy":
-            out["compute-dtype value shadow"] = float(L * num_neurons * d * es)
+    if transfer == "zero_copy" and es < FP32:  # the zero-copy kernel reads it, under either policy
+        out["compute-dtype value shadow"] = float(L * num_neurons * d * es)
     return out

@@ -102,7 +102,7 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         traffic = [layer_traffic(layer, policy=policy, hidden=d, key_width=r, es=batch.es,
                                  backward_rows=backward_rows, transfer=transfer,
                                  id_bound=min(config.num_neurons, batch.tokens * config.topk), value_share=value_share,
-                                 grad_share=grad_share) for layer in profile.layers]
+                                 grad_share=grad_share, num_neurons=config.num_neurons) for layer in profile.layers]
         h2d, d2h = sum(t.h2d for t in traffic), sum(t.d2h for t in traffic)
         wire, floor = sum(t.wire for t in traffic), sum(t.floor for t in traffic)
         boundary = boundary_today if policy == "per-micro-batch" else boundary_resident
@@ -139,17 +139,20 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
 
 
 def config_line(cfg: MEFTConfig, record: dict) -> str:
-    """The candidate as a ``MEFTConfig(...)`` of the fields that differ from the defaults."""
+    """The candidate as a ``MEFTConfig(...)`` of the fields that differ from the defaults (the
+    resident policy's budgets in device bytes, as planned)."""
+    if cfg.placement == "cpu":
+        budgets = {}
+        if record["policy"] == "resident":
+            budgets = dict(value_budget=max(1, int(record["value_budget_bytes"])),
+                           gradient_budget=max(1, int(record["grad_budget_bytes"])))
+        cfg = cfg.replace(residency=record["policy"], **budgets)
     defaults = MEFTConfig()
     fields = {k: v for k, v in cfg.to_dict().items() if v != getattr(defaults, k) or k == "placement"}
     if cfg.placement == "gpu":
-        fields = {k: v for k, v in fields.items() if k not in ("transfer", "backward_rows")}
-    line = "MEFTConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
-    if record.get("policy") == "resident":
-        # residency across micro-batches is the issue's item 1, not in MEFTConfig yet
-        line += (f"  # + residency: value budget {record['value_budget_bytes'] / GiB:.2f} GiB, "
-                 f"gradient-sum budget {record['grad_budget_bytes'] / GiB:.2f} GiB")
-    return line
+        fields = {k: v for k, v in fields.items()
+                  if k not in ("transfer", "backward_rows", "residency", "value_budget", "gradient_budget")}
+    return "MEFTConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
 def plan(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile: RoutingProfile, *,

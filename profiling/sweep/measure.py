@@ -215,7 +215,8 @@ def predicted_traffic(row: dict, point: Point, routings: list[list[dict]], scale
                                     source="a timed step")
         traffic = [layer_traffic(layer, policy=point.residency, hidden=s.hidden_size, key_width=s.hidden_size,
                                  es=s.dtype_bytes, backward_rows=point.backward_rows, transfer=point.transfer,
-                                 id_bound=min(s.num_neurons, s.tokens * s.topk)) for layer in profile.layers]
+                                 id_bound=min(s.num_neurons, s.tokens * s.topk), num_neurons=s.num_neurons)
+                   for layer in profile.layers]
         totals["h2d_bytes_per_step"] += sum(t.h2d for t in traffic)
         totals["d2h_bytes_per_step"] += sum(t.d2h for t in traffic)
         totals["pcie_floor_bytes_per_step"] += sum(t.floor for t in traffic)
