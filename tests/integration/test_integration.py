@@ -683,10 +683,11 @@ def test_cpu_placement_matches_gpu_placement_and_trains():
     assert not any(p.requires_grad for n, p in on_cpu.named_parameters() if "adapter" not in n)
 
 
-@pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
+@pytest.mark.parametrize(("residency", "backward_rows"),
+                         [("resident", "refetch"), ("per-micro-batch", "refetch"), ("per-micro-batch", "keep")])
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, checkpointing, accumulation):
+def test_cpu_placement_gradients_with_layers_frozen_at_random(residency, backward_rows, checkpointing, accumulation):
     """IST's traffic pattern on a 3-layer model: each step trains a random subset of layers,
     after a no-grad scoring forward, with gradient checkpointing and accumulation; every trained
     layer's key/value gradient rows and router gradient equal placement "gpu"'s."""
@@ -697,7 +698,7 @@ def test_cpu_placement_gradients_with_layers_frozen_at_random(backward_rows, che
         config = tiny_config("llama")
         config.num_hidden_layers = 3
         m = attach_meft(transformers.AutoModelForCausalLM.from_config(config),
-                        CPU_CFG.replace(placement=placement, backward_rows=backward_rows))
+                        CPU_CFG.replace(placement=placement, residency=residency, backward_rows=backward_rows))
         if checkpointing:
             m.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
