@@ -65,6 +65,9 @@ ADAPTER_CASES = [
     pytest.param("cpu", {"low_key_dim": 5, "gate": "softmax"}, id="cpu-low_key-softmax"),
     pytest.param("cpu", {"residency": "per-micro-batch"}, id="cpu-per-micro-batch"),
     pytest.param("cpu", {"residency": "per-micro-batch", "backward_rows": "keep"}, id="cpu-per-micro-batch-keep"),
+    # the kernels (Triton's interpreter without a GPU) inside the opaque ops
+    pytest.param("gpu", {"backend": "triton", "gate": "softmax"}, id="gpu-triton-softmax"),
+    pytest.param("cpu", {"backend": "triton", "gate": "softmax"}, id="cpu-triton-softmax"),
 ]
 
 
