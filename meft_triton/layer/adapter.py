@@ -163,7 +163,8 @@ class MEFTAdapter(nn.Module):
     # must exist before the first call is traced.
     @property
     def offload(self):
-        """Placement "cpu": the layer's :class:`~meft_triton.offload.rows.OffloadedRows` (None under "gpu")."""
+        """Placement "cpu": the layer's :class:`~meft_triton.offload.rows.OffloadedRows`
+        (None under placement "gpu")."""
         return self.__dict__["_offload_rows"]
 
     @offload.setter

@@ -11,15 +11,17 @@ hide it behind static shapes:
 
 The compiled graph passes integers, not objects: each adapter gets a layer handle when its
 row store is attached (:func:`register_layer`), and each call an in-flight token that
-``offload_start`` returns and the other two read. Both are CPU int64 scalar tensors: a graph
-input, not a constant Dynamo would guard on, so one compiled graph serves every adapter of the
-same shapes (per-layer "regional" compilation compiles once, not once per layer). The ops run the same
-``OffloadedRows`` methods the eager path runs, so both placements' schedules stay one code:
-inside an op autograd is switched off by the dispatcher, so the ops switch it back on for the
-call and keep the autograd graph of ``finish_values`` (its backward ships the key/value gradient
-rows home) until ``offload_backward`` runs it. A call whose token is dropped without a backward
-(an evaluation with grad enabled, an exception between the stages) is given back then: its copy
-is cancelled and its graph freed.
+``offload_start`` returns and the other two read. Both are CPU int64 scalar tensors, graph
+inputs rather than constants Dynamo would guard on, so one compiled graph serves every adapter
+of the same shapes (per-layer "regional" compilation compiles once, not once per layer).
+
+The ops run the very ``OffloadedRows`` methods the eager path runs, so eager and compiled calls
+share one schedule. The dispatcher runs a custom op's implementation with autograd excluded;
+the ops switch it back on for the call (:func:`autograd_inside_op`), keep the autograd graph
+``finish_values`` records (its backward ships the key/value gradient rows home) and run it in
+``offload_backward``. A call whose token is dropped without a backward (an evaluation with
+grad enabled, an exception between the stages) is given back then: its copy is cancelled and
+its graph freed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ NEXT_HANDLE = itertools.count(1)
 
 @dataclass
 class OffloadedCall:
+    """One call of an offloaded layer between its ops."""
+
     adapter: Any
     hidden: Tensor          # the leaf the call's own autograd graph starts from
     routed: Any = None      # RoutedTokens until finish_values consumed them
@@ -85,7 +89,8 @@ def offload_start(hidden: Tensor, layer: Tensor, grad_enabled: bool, hidden_grad
     key = next(NEXT_HANDLE)
     CALLS[key] = OffloadedCall(adapter, leaf, routed)
     token = torch.tensor(key, dtype=torch.int64)
-    weakref.finalize(token, _forget, key)
+    # not at interpreter exit: the runtime may be closed by then, and nothing is left to free
+    weakref.finalize(token, _forget, key).atexit = False
     return token
 
 
@@ -122,7 +127,8 @@ def offload_backward(grad_y: Tensor, token: Tensor, hidden: Tensor, router_weigh
     an empty tensor, not computed); its backward also sends the key/value gradient rows home."""
     call = CALLS.pop(int(token))
     adapter = call.adapter
-    sources = [call.hidden, adapter.router.weight, None if adapter.low_key is None else adapter.low_key.weight]
+    low_key = None if adapter.low_key is None else adapter.low_key.weight
+    sources = [call.hidden, adapter.router.weight, low_key]
     inputs = [source for source, want in zip(sources, wanted) if want]
     with autograd_inside_op():
         grads = iter(torch.autograd.grad(call.output, inputs, grad_y, allow_unused=True) if inputs else ())
