@@ -181,7 +181,7 @@ LAYERS = 2
 WARMUP_STEPS, COUNTED_STEPS = 2, 2
 
 
-def tiny_training(placement: str, backend: str, device: str):
+def tiny_training(placement: str, backend: str, device: str, residency: str = "resident"):
     """A 2-layer Llama with adapters on both layers and its optimizer; returns one train step."""
     from meft_triton import attach_meft, create_meft_optimizer
 
@@ -189,7 +189,7 @@ def tiny_training(placement: str, backend: str, device: str):
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=50)
     model = transformers.AutoModelForCausalLM.from_config(config).to(device)
-    model = attach_meft(model, BASE.replace(placement=placement, backend=backend))
+    model = attach_meft(model, BASE.replace(placement=placement, backend=backend, residency=residency))
     model.train()
     opt = create_meft_optimizer(model, lr=1e-2)
     ids = torch.randint(3, 50, (2, 6), device=device)
@@ -202,10 +202,10 @@ def tiny_training(placement: str, backend: str, device: str):
     return model, step
 
 
-def run_steps(placement: str, backend: str, device: str = "cpu") -> HostWaitTrap:
+def run_steps(placement: str, backend: str, device: str = "cpu", residency: str = "resident") -> HostWaitTrap:
     from meft_triton import detach_meft
 
-    model, step = tiny_training(placement, backend, device)
+    model, step = tiny_training(placement, backend, device, residency)
     trap = HostWaitTrap()
     try:
         for _ in range(WARMUP_STEPS):
@@ -223,14 +223,15 @@ def package_waits(trap: HostWaitTrap, *, kernels: bool) -> list[Wait]:
     return [w for w in trap.counted() if w.site.startswith("kernels/") == kernels]
 
 
-CASES = [pytest.param(p, b, id=f"{p}-{b}") for p in ("gpu", "cpu") for b in ("torch", "triton")]
+CASES = [pytest.param(p, b, "resident", id=f"{p}-{b}") for p in ("gpu", "cpu") for b in ("torch", "triton")]
+CASES.append(pytest.param("cpu", "torch", "per-micro-batch", id="cpu-torch-per-micro-batch"))
 
 
-@pytest.mark.parametrize("placement, backend", CASES)
-def test_at_most_one_host_wait_per_optimizer_step(placement, backend):
+@pytest.mark.parametrize("placement, backend, residency", CASES)
+def test_at_most_one_host_wait_per_optimizer_step(placement, backend, residency):
     """Outside the kernel launchers: at most one trapped call per optimizer step, and that one
     is the global non-finite check; no layer makes any."""
-    trap = run_steps(placement, backend)
+    trap = run_steps(placement, backend, residency=residency)
     print(trap.report())
     waits = package_waits(trap, kernels=False)
     for i in range(COUNTED_STEPS):
