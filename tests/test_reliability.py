@@ -320,6 +320,7 @@ def test_a_layer_update_that_keeps_failing_blocks_the_next_step(seed, monkeypatc
     with pytest.raises(LayerUpdateError, match="layer 1"):
         opt.step()
     assert_bitwise(everything(), before)
+    adapters[0].offload.flush_grads()  # (residency "resident": its device sums go home)
     assert adapters[0].offload.pending_grads  # layer 0's new gradients wait for the next step
     monkeypatch.undo()
     opt.step()  # completes layer 1's first step, then takes the second
@@ -333,7 +334,9 @@ def test_failed_copies_surface_where_their_rows_are_needed(seed, monkeypatch):
     gradient copy at the optimizer step; none writes anything, and the next call works (the slot
     went back to the pool)."""
     engine = FakeCopyEngine(max_delay=0.0, async_compute=False, workers=1)
-    adapters, runtime = cpu_stack(runtime=OffloadRuntime("cpu", torch.float32, D, engine=engine))
+    # per-micro-batch: backward refetches, and each backward's gradient rows go home at once
+    adapters, runtime = cpu_stack(runtime=OffloadRuntime("cpu", torch.float32, D, engine=engine),
+                                  residency="per-micro-batch")
     opt = OffloadedAdamW(adapters, lr=1e-2)
     hidden = torch.randn(6, D)
     expected = [a(hidden) for a in adapters]
@@ -555,7 +558,7 @@ def test_cpu_and_gpu_placements_agree_property(setup):
     cfg, d, lead, seed = setup
     torch.manual_seed(seed)
     on_gpu = MEFTAdapter(d, cfg)
-    on_cpu = MEFTAdapter(d, cfg.replace(placement="cpu"))
+    on_cpu = MEFTAdapter(d, cfg.replace(placement="cpu", residency="per-micro-batch"))  # one backward's rows
     on_cpu.load_state_dict(on_gpu.state_dict())
     rows = assert_placements_agree(on_gpu, on_cpu, torch.randn(*lead, d)).row_ids
     untouched = torch.ones(cfg.num_neurons, dtype=torch.bool)
