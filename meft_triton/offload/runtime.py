@@ -16,7 +16,7 @@ from .engine import CopyEngine
 from .errors import ConcurrentUseError
 from .prefetcher import Prefetcher
 from .sync_engine import SyncCopyEngine
-from .workers import EXIT_TIMEOUT_S
+from .workers import EXIT_TIMEOUT_S, DaemonPool
 
 
 def default_engine(device: torch.device, transfer: str) -> CopyEngine:
@@ -87,6 +87,7 @@ class OffloadRuntime:
         self.auto_budgets: tuple[int, int] | None = None
         self._owner: int | None = None  # the thread of the last call (see ensure_slots)
         self._owner_lock = threading.Lock()
+        self._collector: DaemonPool | None = None  # sums the layers' gradient rows at a step
 
     @contextmanager
     def reusing_rows(self, budget_bytes: int) -> Iterator[RowCache]:
@@ -167,7 +168,17 @@ class OffloadRuntime:
                                      keep_resident=self.keep_rows, owns_engine=False)
         return self.prefetcher
 
+    def collector(self, threads: int) -> DaemonPool:
+        """The worker threads that sum this runtime's layers' gradient rows at the optimizer
+        step (made on first use with ``threads`` threads; they end with the runtime, so detaching
+        the adapters leaves no thread behind whatever holds the optimizer)."""
+        if self._collector is None:
+            self._collector = DaemonPool(threads, "meft-collect")
+        return self._collector
+
     def close(self) -> None:
+        if self._collector is not None:
+            self._collector.close(EXIT_TIMEOUT_S)
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.engine.close()

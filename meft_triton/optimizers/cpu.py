@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import weakref
+from collections import Counter
 from concurrent.futures import wait as wait_futures
 from typing import Any, Sequence
 
 import torch
 
-from ..offload.workers import DaemonPool
 
 from .hyperparameters import check_adamw, check_lr
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, dense_report
@@ -67,7 +66,6 @@ class OffloadedAdamW(torch.optim.AdamW):
         self.sparse = [a.configure_optimizer(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                              nonfinite=nonfinite, name=layer)
                        for a, layer in zip(self.adapters, self.layer_ids)]
-        self._collector: DaemonPool | None = None  # threads that sum the layers' rows (collect_step)
 
     def nonfinite_report(self) -> list[NonFiniteRows]:
         """Non-finite rows among the routers' and low-key projections' ``.grad`` and the layers'
@@ -104,11 +102,12 @@ class OffloadedAdamW(torch.optim.AdamW):
         """Every layer's gradient rows into its accumulator, the layers in parallel on worker
         threads (host-memory bound; each layer sums its own rows in arrival order, so the sums
         are a serial collection's), with one wait for all of them, failed or not."""
-        if self._collector is None:
-            threads = max(1, min(len(self.adapters), os.cpu_count() or 1))
-            self._collector = DaemonPool(threads, "meft-collect")
-            weakref.finalize(self, self._collector.close, 1.0)
-        jobs = [self._collector.submit(adapter.offload.collect_grads) for adapter in self.adapters]
+        sharing = Counter(id(adapter.offload.runtime) for adapter in self.adapters)  # a model's layers share one
+        jobs = []
+        for adapter in self.adapters:
+            runtime = adapter.offload.runtime
+            threads = max(1, min(sharing[id(runtime)], os.cpu_count() or 1))
+            jobs.append(runtime.collector(threads).submit(adapter.offload.collect_grads))
         wait_futures(jobs)
         for job in jobs:
             job.result()  # the first failure (a failed gradient copy) is the step's
