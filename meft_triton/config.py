@@ -72,15 +72,18 @@ class MEFTConfig:
     ("cpu_gather": gather on the CPU + one async copy; "zero_copy": a device kernel reads the
     pinned rows), ``backward_rows`` whether backward fetches them again ("refetch") or keeps
     the forward's rows on the device ("keep"). ``residency`` says how long value and gradient
-    rows stay on the device: "per-micro-batch" (every micro-batch copies its active value rows
-    in, and its gradient rows out in fp32) or "resident" (a value row copied in serves the
-    rest of the optimizer step, forward and backward, until the step changes it; gradient rows
-    are summed on the device and cross once per step in the compute dtype). Under "resident"
-    ``value_budget`` and ``gradient_budget`` are the device bytes, for all layers together,
-    of the resident value rows and the gradient sums ("auto": sized by the planner,
+    rows stay on the device: "resident" (the default: a value row copied in serves the rest of
+    the optimizer step, forward and backward, until the step changes it; gradient rows are
+    summed on the device and cross once per step in the compute dtype) or "per-micro-batch"
+    (every micro-batch copies its active value rows in, and its gradient rows out in fp32; the
+    device holds only the key cache and the copy slots). Under "resident" ``value_budget`` and
+    ``gradient_budget`` are the device bytes, for all layers together, of the resident value
+    rows and the gradient sums ("auto", the default: sized by the planner,
     profiling/plan/auto.py, from the device memory free at the first forward). What does not
     fit is evicted and fetched again (values) or sent home early (gradients); a layer whose
-    share cannot hold one call's rows runs that part per micro-batch.
+    share cannot hold one call's rows runs that part per micro-batch. "per-micro-batch" is the
+    opt-out: it keeps each backward's gradient rows exact in fp32 on their way home (under
+    "resident" an fp16 compute dtype rounds the step's sums) and keeps no device tables.
     """
 
     num_neurons: int = 4096
@@ -96,7 +99,7 @@ class MEFTConfig:
     transfer: str = "cpu_gather"
     backward_rows: str = "refetch"
     low_key_dim: int | None = None
-    residency: str = "per-micro-batch"
+    residency: str = "resident"
     value_budget: int | str = AUTO
     gradient_budget: int | str = AUTO
 
