@@ -4,21 +4,25 @@ Per adapted layer (docs/DESIGN.md, "Placement cpu"): the fp32 master keys and va
 AdamW moments sit in a :class:`~meft_triton.offload.row_store.CPURowStore`; the device keeps the
 router and the optional low-key projection L (normal parameters), a compute-dtype cache of the
 keys ([N, r]: ``low_key_dim`` shrinks it; routing and key scores stay on the device and exact)
-and shares a pool of value-row slots with the other layers through one :class:`OffloadRuntime`. A call runs in two stages so the value-row copy overlaps the
-backbone's FFN:
+and shares a pool of value-row slots with the other layers through one
+:class:`OffloadRuntime`. A call runs in two stages so the value-row copy overlaps the backbone's
+FFN:
 
 ``start_routing``  route, score and select on the device; the unique active ids go to the
                    prefetcher, which starts copying their value rows into a free slot;
 (the FFN runs)
 ``finish_values``  wait for the slot (an event, not a host sync), y = sum a_j V_j from it.
 
-Backward fetches the value rows again (or keeps them, ``backward_rows="keep"``), computes
-dh and d router on the device, and sends the row-sparse key/value gradients to pinned host
-memory. With ``residency="resident"`` (:mod:`.resident`) the value rows instead stay on the
-device for the rest of the optimizer step, and the gradient rows are summed there and sent
-home once per step; :meth:`OffloadedRows.step` hands them to the layer's row-sparse AdamW, which updates
-the CPU master on a worker thread. The layer's next ``start_routing`` waits for that update
-and writes the touched key rows into the device cache first.
+Under ``residency="resident"`` (the default, :mod:`.resident`) the slot carries only the rows
+not yet on the device, into a per-layer value table where a row stays for the rest of the
+optimizer step, forward and backward; backward's key/value gradient rows are summed on the
+device and sent home once per step in the compute dtype. Under ``residency="per-micro-batch"``
+every call reads all its rows from the slot, backward fetches them again (or keeps them,
+``backward_rows="keep"``), and each backward sends its gradient rows home at once in fp32
+(:attr:`OffloadedRows.pending_grads`). Either way dh and d router are computed on the device,
+and :meth:`OffloadedRows.step` hands the rows that reached the host to the layer's row-sparse
+AdamW, which updates the CPU master on a worker thread. The layer's next ``start_routing``
+waits for that update and writes the touched key rows into the device cache first.
 """
 
 from __future__ import annotations
