@@ -494,9 +494,11 @@ def plan(method: str, budget: int, bb: Backbone, args) -> Plan:
 
 
 def meft_config(p: Plan, args, placement: str) -> MEFTConfig:
+    # residency "per-micro-batch": meft_cpu_gpu_bytes accounts its footprint (key cache, slots,
+    # one call's gradient rows); "resident" would add value and gradient tables on the device
     return MEFTConfig(num_neurons=p.size, num_experts=p.num_experts,
                       experts_per_token=min(args.experts_per_token, p.num_experts),
-                      topk=min(args.topk, p.size), placement=placement)
+                      topk=min(args.topk, p.size), placement=placement, residency="per-micro-batch")
 
 
 @torch.no_grad()
