@@ -9,6 +9,7 @@ gradient path are the same as on a GPU; only the waiting is gone.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -44,6 +45,15 @@ class SyncCopyEngine(CopyEngine):
     def _check_open(self) -> None:
         if self.closed:
             raise PrefetcherClosedError("the copy engine is closed")
+
+    def memory_info(self) -> tuple[int, int] | None:
+        """Host RAM, where this engine's slots and residency tables live: (MemAvailable, MemTotal)
+        of /proc/meminfo, None where it cannot be read. Sizes ``"auto"`` budgets on CPU compute."""
+        try:
+            fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
 
     def new_slot(self, index: int, max_rows: int, width: int, dtype: torch.dtype) -> SlotBuffer:
         self._check_open()

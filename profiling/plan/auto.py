@@ -22,8 +22,8 @@ def resident_budgets(*, layers: int, num_neurons: int, hidden: int, key_width: i
     """``(value_budget, gradient_budget)`` in device bytes for all ``layers`` together.
 
     Full need: every row resident in the compute dtype (``es`` bytes), every row's fp32 key and
-    value gradient summed. With ``free_bytes`` None (no device memory to share: CPU compute)
-    the full need; else ``FREE_SHARE`` of it, values first (their table saves the most bytes
+    value gradient summed. With ``free_bytes`` None (the memory left is unknown) the full
+    need; else ``FREE_SHARE`` of it (on CPU compute: of the host's available RAM), values first (their table saves the most bytes
     per byte of budget: each resident row spares a copy per micro-batch, forward and
     backward), then the gradient sums. A layer whose share holds less than one call's rows
     runs that part per micro-batch (meft_triton/offload/resident.py)."""
