@@ -88,11 +88,16 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
             with torch.no_grad():
                 a.keys.copy_(e.store.keys())
                 a.values.copy_(e.store.values())
+    # The two placements sum the same gradient terms in different orders (reference autograd
+    # vs the offloaded stages and the device sums): with cancellation their gradients agree
+    # to ~5e-6 relative (measured, seed 1728456567), and AdamW's normalised update carries that
+    # into parameter changes of lr x O(1) per step; 1e-6 failed ~1 run in 20. A wrong row, a
+    # lost micro-batch or a stale value moves a parameter by ~lr = 1e-2.
     for a, b in zip(on_gpu, on_cpu):
         keys, values = b.master_rows()
-        torch.testing.assert_close(keys, a.keys.detach().cpu(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(values, a.values.detach().cpu(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(b.router.weight, a.router.weight, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(keys, a.keys.detach().cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values, a.values.detach().cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.router.weight, a.router.weight, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.offload.key_cache.tensor.cpu(), keys)
 
 
