@@ -51,6 +51,17 @@ def candidate_scores64(hidden, keys, expert_ids, gate_weights, neurons_per_exper
     return scores, reference.candidate_ids(expert_ids.long().cpu(), neurons_per_expert)
 
 
+def selected_rows(adapter, hidden):
+    """The distinct rows the reference selects for ``hidden`` with ``adapter``'s weights (through
+    its low-key projection, if any): the rows a placement-"cpu" call moves."""
+    cfg = adapter.config
+    flat = adapter.key_input(hidden.reshape(-1, adapter.hidden_size))
+    _, expert_ids, weights = reference.route(flat, adapter.router.weight, cfg.experts_per_token, cfg.gate)
+    _, neuron_ids, _ = reference.sparse_kv_forward(flat, adapter.keys, adapter.values, expert_ids, weights,
+                                                   cfg.neurons_per_expert, cfg.topk)
+    return neuron_ids.unique()
+
+
 def assert_placements_agree(on_gpu, on_cpu, hidden, y_tol: float = 1e-5):
     """Placement "cpu" gives placement "gpu"'s forward (to ``y_tol``), dh, d router and key/value
     gradient rows (1e-5) for ``hidden``. Returns the fp32 gradient rows the backward shipped to

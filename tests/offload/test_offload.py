@@ -6,7 +6,7 @@ import torch
 from meft_triton import MEFTAdapter, MEFTConfig, reference
 from meft_triton import SparseRowAdamW
 from meft_triton.offload import CPURowStore
-from oracle import assert_placements_agree, rel_err, take_grad_rows
+from oracle import assert_placements_agree, rel_err, selected_rows, take_grad_rows
 
 BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
             value_init_std=1.0, router_init_scale=0.3)
@@ -31,13 +31,15 @@ def test_forward_and_router_grads_match_gpu_placement(seed, backend, backward_ro
     assert_placements_agree(on_gpu, on_cpu, torch.randn(4, 7, 12, device=device), y_tol=1e-6)
 
 
-def selected_rows(adapter, hidden):
-    cfg = adapter.config
-    flat = adapter.key_input(hidden.reshape(-1, adapter.hidden_size))
-    _, expert_ids, weights = reference.route(flat, adapter.router.weight, cfg.experts_per_token, cfg.gate)
-    _, neuron_ids, _ = reference.sparse_kv_forward(flat, adapter.keys, adapter.values, expert_ids, weights,
-                                                   cfg.neurons_per_expert, cfg.topk)
-    return neuron_ids.unique()
+def train_micro_batch(on_gpu, on_cpu, expected, shape, device):
+    """One micro-batch on both placements: placement "gpu"'s key/value gradients of the rows it
+    selected go to ``expected`` (the lazy AdamW it follows), placement "cpu" keeps its own."""
+    hidden, target = torch.randn(*shape, device=device), torch.randn(*shape, device=device)
+    rows = selected_rows(on_gpu, hidden)
+    on_gpu.keys.grad = on_gpu.values.grad = None
+    (on_gpu(hidden) - target).square().mean().backward()
+    expected.accumulate(rows.cpu(), on_gpu.keys.grad[rows].float().cpu(), on_gpu.values.grad[rows].float().cpu())
+    (on_cpu(hidden) - target).square().mean().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -55,13 +57,7 @@ def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate, device):
     router_cpu = torch.optim.AdamW(on_cpu.router.parameters(), lr=1e-2)
     for _ in range(3):
         for _ in range(2):
-            hidden, target = torch.randn(3, 5, 12, device=device), torch.randn(3, 5, 12, device=device)
-            rows = selected_rows(on_gpu, hidden)
-            on_gpu.zero_grad()
-            (on_gpu(hidden) - target).square().mean().backward()
-            expected.accumulate(rows.cpu(), on_gpu.keys.grad[rows].float().cpu(),
-                                on_gpu.values.grad[rows].float().cpu())
-            (on_cpu(hidden) - target).square().mean().backward()
+            train_micro_batch(on_gpu, on_cpu, expected, (3, 5, 12), device)
             router_gpu.step()
             router_cpu.step()
             router_gpu.zero_grad()
@@ -322,13 +318,7 @@ def test_low_key_training_with_offloaded_adamw_equals_gpu_placement(seed, gate, 
     start = on_gpu.low_key.weight.detach().clone()
     for _ in range(3):
         for _ in range(2):
-            hidden, target = torch.randn(23, 12, device=device), torch.randn(23, 12, device=device)
-            rows = selected_rows(on_gpu, hidden)
-            on_gpu.keys.grad = on_gpu.values.grad = None
-            (on_gpu(hidden) - target).square().mean().backward()
-            expected.accumulate(rows.cpu(), on_gpu.keys.grad[rows].float().cpu(),
-                                on_gpu.values.grad[rows].float().cpu())
-            (on_cpu(hidden) - target).square().mean().backward()
+            train_micro_batch(on_gpu, on_cpu, expected, (23, 12), device)
         optimizer.step()
         optimizer.zero_grad()
         dense.step()

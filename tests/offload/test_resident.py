@@ -6,8 +6,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fake_copy_engine import FakeCopyEngine
-from meft_triton import MEFTAdapter, MEFTConfig, OffloadedAdamW, SparseRowAdamW, reference
+from meft_triton import MEFTAdapter, MEFTConfig, OffloadedAdamW, SparseRowAdamW
 from meft_triton.offload import CPURowStore, OffloadRuntime
+from oracle import selected_rows
 
 D = 12
 BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
@@ -17,15 +18,6 @@ HYPER = dict(lr=1e-2, weight_decay=0.1, eps=1e-6)
 #: holds one call, so a step's ~40 distinct rows force eviction
 def tight(layers=2):
     return dict(value_budget=layers * 25 * D * 4, gradient_budget=layers * 25 * 2 * D * 4)
-
-
-def selected_rows(adapter, hidden):
-    cfg = adapter.config
-    flat = hidden.reshape(-1, adapter.hidden_size)
-    _, expert_ids, weights = reference.route(flat, adapter.router.weight, cfg.experts_per_token, cfg.gate)
-    _, neuron_ids, _ = reference.sparse_kv_forward(flat, adapter.keys, adapter.values, expert_ids, weights,
-                                                   cfg.neurons_per_expert, cfg.topk)
-    return neuron_ids.unique()
 
 
 def stacks(engine=None, layers=2, device="cpu", **changes):
