@@ -4,6 +4,7 @@ pool (through the prefetcher) and the transfer counters."""
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -174,6 +175,9 @@ class OffloadRuntime:
         the adapters leaves no thread behind whatever holds the optimizer)."""
         if self._collector is None:
             self._collector = DaemonPool(threads, "meft-collect")
+            # a runtime dropped without close() ends its threads too (without waiting: the
+            # finalizer may run inside garbage collection, on any thread)
+            weakref.finalize(self, self._collector.close, 0.0)
         return self._collector
 
     def close(self) -> None:

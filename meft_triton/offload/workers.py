@@ -92,6 +92,8 @@ class DaemonPool:
                 item[0].cancel()
         for _ in self._threads:
             self._queue.put(None)
+        if timeout <= 0:  # e.g. from a finalizer inside garbage collection: never join there
+            return
         deadline = time.monotonic() + timeout
         for t in self._threads:
             if t is not threading.current_thread():

@@ -446,7 +446,8 @@ class SparseRowAdamW:
         acc, hp = self._prepare()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meft-sparse-adamw")
-            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True)
+            # not waiting: the finalizer may run inside garbage collection, on any thread
+            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False)
         fut = self._executor.submit(self._apply, acc, hp)
         self._pending = fut
         return fut

@@ -527,3 +527,41 @@ def test_compute_dtype_rows_are_summed_in_fp32(dtype):
     low.step()
     high.step()
     assert torch.equal(low.store.records, high.store.records)
+
+
+FINALIZER_SCRIPT = r"""
+import gc, threading, torch
+from meft_triton import MEFTAdapter, MEFTConfig, OffloadedAdamW, SparseRowAdamW
+from meft_triton.offload import CPURowStore, OffloadRuntime
+
+gc.disable()
+optimizer = SparseRowAdamW(CPURowStore.from_dense(torch.randn(8, 4), torch.randn(8, 4)), lr=1e-2)
+optimizer.accumulate(torch.arange(3), torch.ones(3, 4), torch.ones(3, 4))
+optimizer.step_async().result()  # its worker thread exists
+optimizer.cycle = optimizer       # dropped, it waits for a garbage collection
+runtime = OffloadRuntime("cpu", torch.float32, 4)
+layer = MEFTAdapter(4, MEFTConfig(num_neurons=8, num_experts=2, experts_per_token=1, topk=2,
+                                  placement="cpu"), runtime=runtime)
+adam = OffloadedAdamW([layer], lr=1e-2)
+layer(torch.randn(3, 4)).sum().backward()
+adam.step()                       # the runtime's gradient-collect threads exist
+del optimizer, runtime, layer, adam
+# A non-daemon thread holds this lock while it starts or is joined, and allocates under it,
+# so a garbage collection can run its finalizers there; one that joined a thread would wait
+# for this very lock forever.
+with threading._shutdown_locks_lock:
+    gc.collect()
+print("collected")
+"""
+
+
+@pytest.mark.skipif(not hasattr(threading, "_shutdown_locks_lock"), reason="CPython <= 3.12 internals")
+def test_finalizers_never_join_threads_inside_garbage_collection():
+    """The dropped optimizer's worker and the dropped runtime's collect threads are told to stop
+    by finalizers that do not wait for them: a finalizer runs wherever garbage collection
+    starts, which may be a thread holding the lock a join needs (this hung a CI run)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FINALIZER_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "collected" in result.stdout, result.stderr[-2000:]
