@@ -39,16 +39,57 @@ _C_SOURCE = r"""
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
     float *p, *m, *v;
-    const float *g;
+    const void *g;
     const int64_t *ids, *gidx;
     int64_t begin, end, rowlen;
     float decay, omb1, omb2, eps, neg_step, gscale;
-    int use_decay, use_scale;
+    int use_decay, use_scale, gkind;
+    float *scratch;  /* one fp32 gradient row, for 16-bit gradients */
 } adam_job;
+
+/* IEEE half -> float, exact for every input (subnormals, infinities, NaN). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: man x 2^-24, normalised */
+            int shift = 0;
+            while (!(man & 0x400u)) { man <<= 1; ++shift; }
+            bits = sign | ((uint32_t)(113 - shift) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Gradient row `row` as fp32: the row itself (gkind 0), or widened into j->scratch
+   (1: bfloat16, 2: float16; both widen exactly). */
+static const float *grad_row(const adam_job *j, int64_t row) {
+    const int64_t L = j->rowlen;
+    if (j->gkind == 0) return (const float *)j->g + row * L;
+    const uint16_t *h = (const uint16_t *)j->g + row * L;
+    float *out = j->scratch;
+    if (j->gkind == 1) {
+        for (int64_t i = 0; i < L; ++i) {
+            uint32_t bits = (uint32_t)h[i] << 16;
+            memcpy(out + i, &bits, sizeof bits);
+        }
+    } else {
+        for (int64_t i = 0; i < L; ++i) out[i] = half_to_float(h[i]);
+    }
+    return out;
+}
 
 /* Same fp32 operations, same order as torch.optim.SparseAdam (plus the decoupled decay and
    the clip scale, each one multiply, when enabled). Compiled with -ffp-contract=off. */
@@ -59,7 +100,7 @@ static void *adam_worker(void *arg) {
         float *restrict p = j->p + j->ids[k] * L;
         float *restrict m = j->m + j->ids[k] * L;
         float *restrict v = j->v + j->ids[k] * L;
-        const float *restrict g = j->g + (j->gidx ? j->gidx[k] : k) * L;
+        const float *restrict g = grad_row(j, j->gidx ? j->gidx[k] : k);
         if (k + 1 < j->end) {
             const int64_t nx = j->ids[k + 1] * L;
             __builtin_prefetch(j->p + nx, 1, 0);
@@ -143,12 +184,19 @@ static void run_jobs(int n, void *(*fn)(void *), void *jobs, size_t size) {
     }
 }
 
-int meft_adamw_rows(float *p, float *m, float *v, const float *g,
+/* gkind: the gradient rows' type (0 float32, 1 bfloat16, 2 float16). Returns 0, or -1 when
+   the scratch rows cannot be allocated (nothing written then). */
+int meft_adamw_rows(float *p, float *m, float *v, const void *g, int gkind,
                     const int64_t *ids, const int64_t *gidx, int64_t n, int64_t rowlen,
                     float decay, float omb1, float omb2, float eps, float neg_step,
                     float gscale, int use_decay, int use_scale, int nthreads) {
     if (n <= 0) return 0;
     nthreads = thread_count(nthreads, n * rowlen, 65536);
+    float *scratch = 0;
+    if (gkind != 0) {
+        scratch = (float *)malloc((size_t)nthreads * (size_t)rowlen * sizeof(float));
+        if (!scratch) return -1;
+    }
     adam_job jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; ++t) {
         adam_job *j = &jobs[t];
@@ -156,8 +204,10 @@ int meft_adamw_rows(float *p, float *m, float *v, const float *g,
         j->begin = n * t / nthreads; j->end = n * (t + 1) / nthreads; j->rowlen = rowlen;
         j->decay = decay; j->omb1 = omb1; j->omb2 = omb2; j->eps = eps; j->neg_step = neg_step;
         j->gscale = gscale; j->use_decay = use_decay; j->use_scale = use_scale;
+        j->gkind = gkind; j->scratch = scratch ? scratch + (size_t)t * (size_t)rowlen : 0;
     }
     run_jobs(nthreads, adam_worker, jobs, sizeof jobs[0]);
+    free(scratch);
     return 0;
 }
 
@@ -344,7 +394,7 @@ def _load() -> _Lib | None:
                 path = _build(cc)
                 handle = _open_private(path)
                 i64, f32, vp, ci = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
-                handle.meft_adamw_rows.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64,
+                handle.meft_adamw_rows.argtypes = [vp, vp, vp, vp, ci, vp, vp, i64, i64,
                                                    f32, f32, f32, f32, f32, f32, ci, ci, ci]
                 handle.meft_adamw_rows.restype = ci
                 handle.meft_gather_rows.argtypes = [vp, i64, vp, i64, vp, i64, i64, ci]
@@ -427,6 +477,10 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+#: the C loop's code for each gradient dtype
+_GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def adamw_rows(
     param: Tensor,
     exp_avg: Tensor,
@@ -446,7 +500,9 @@ def adamw_rows(
 ) -> None:
     """In place, for each k: rows ``r = ids[k]`` of ``param``/``exp_avg``/``exp_avg_sq`` (each
     [R, L] contiguous fp32) get the AdamW update with gradient row ``grad[gidx[k]]`` (or
-    ``grad[k]`` when ``gidx`` is None) times ``grad_scale``:
+    ``grad[k]`` when ``gidx`` is None) times ``grad_scale``. ``grad`` is contiguous fp32, or
+    bfloat16/float16 (the compute-dtype rows as they came home), widened exactly to fp32 as
+    each row is read, so the update reads 2 bytes per gradient element instead of 4:
 
         g = grad * grad_scale                 (skipped when grad_scale == 1)
         m = m + (g - m) * (1 - beta1)
@@ -466,11 +522,13 @@ def adamw_rows(
         lib = _load()
         if lib is None:
             raise RuntimeError(f"C row kernels unavailable: {_lib_error}")
-        lib.handle.meft_adamw_rows(
-            _ptr(param), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(grad), _ptr(ids), _ptr(gidx),
-            n, param.shape[1], decay, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+        status = lib.handle.meft_adamw_rows(
+            _ptr(param), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(grad), _GRAD_KINDS[grad.dtype], _ptr(ids),
+            _ptr(gidx), n, param.shape[1], decay, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
             grad_scale, int(use_decay), int(use_scale), int(num_threads or default_threads()),
         )
+        if status != 0:
+            raise MemoryError(f"adamw_rows: no memory for the widened gradient rows ({param.shape[1]} floats per thread)")
         return
     _adamw_rows_torch(param, exp_avg, exp_avg_sq, grad, ids, gidx, decay, one_minus_beta1,
                       one_minus_beta2, eps, neg_step_size, grad_scale, use_decay, use_scale)
@@ -499,8 +557,10 @@ def _adamw_rows_torch(param, exp_avg, exp_avg_sq, grad, ids, gidx, decay, omb1, 
         gk, pk, mk, vk, tk = g[:k], p[:k], m[:k], v[:k], t[:k]
         if gidx is None:
             gk.copy_(grad[lo:hi])
-        else:
+        elif grad.dtype == gk.dtype:
             torch.index_select(grad, 0, gidx[lo:hi], out=gk)
+        else:  # 16-bit rows widen exactly, as the C loop widens them
+            gk.copy_(grad.index_select(0, gidx[lo:hi]))
         if use_scale:
             gk.mul_(gscale)
         torch.index_select(param, 0, idx, out=pk)

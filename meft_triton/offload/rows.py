@@ -106,7 +106,7 @@ class OffloadedRows:
         pending, self.pending_grads = self.pending_grads, []
         for future in pending:
             grad = future.result()
-            self.optimizer.accumulate(grad.row_ids, *self.store.split(grad.rows))
+            self.optimizer.accumulate_records(grad.row_ids, grad.rows)  # kept as they came: no copy
 
     def discard_grads(self) -> None:
         """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),

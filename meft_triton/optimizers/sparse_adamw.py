@@ -39,6 +39,7 @@ from torch import Tensor
 from ..offload import cpu_rowops
 from ..offload.errors import LayerUpdateError
 from ..offload.row_store import CPURowStore, check_row_ids
+from ..validation import describe
 from .hyperparameters import check_betas, check_lr, check_max_norm, check_nonneg, check_norm_type
 from .nonfinite import NonFiniteRows, act_on, check_nonfinite_mode, nonfinite_rows
 
@@ -67,8 +68,11 @@ class _RowGradAccumulator:
     def __init__(self, store: CPURowStore) -> None:
         self.num_rows, self.split = store.num_rows, store.split
         self.slot_of = torch.full((self.num_rows,), -1, dtype=torch.int64)
-        self.ids = torch.empty(0, dtype=torch.int64)
+        self.ids = torch.empty(self.num_rows, dtype=torch.int64)
         self.buf = torch.empty(0, store.row_width, dtype=torch.float32)
+        # slots 0..count-1 as they arrived, when one batch of distinct rows is all there is
+        # (:meth:`adopt`): read by the update as they are, 16-bit included; ``buf`` otherwise
+        self.adopted: Tensor | None = None
         self.count = 0
         self.scale: float | None = None
         # non-finite gradients seen since the last clear: (part, neuron ids or None)
@@ -80,25 +84,48 @@ class _RowGradAccumulator:
             return
         new_cap = min(self.num_rows, max(need, 2 * cap))
         buf = cpu_rowops.empty_rows((new_cap, self.buf.shape[1]))
-        ids = torch.empty(new_cap, dtype=torch.int64)
-        if self.count:
+        if self.count and self.adopted is None:
             buf[: self.count].copy_(self.buf[: self.count])
-            ids[: self.count].copy_(self.ids[: self.count])
-        self.buf, self.ids = buf, ids
+        self.buf = buf
+
+    def _widen(self) -> None:
+        """The adopted rows into the fp32 sums (before anything adds to or scales them)."""
+        if self.adopted is not None:
+            self._reserve(self.count)
+            self.buf[: self.count].copy_(self.adopted)
+            self.adopted = None
+
+    def rows(self) -> Tensor:
+        """The sums of slots 0..count-1: fp32, or the adopted rows in their own dtype."""
+        return self.adopted if self.adopted is not None else self.buf[: self.count]
 
     def materialize_scale(self) -> None:
         if self.scale is not None:
             if not math.isfinite(self.scale):
                 self.nonfinite.append(("clip_scale", None))
             if self.count:
+                self._widen()
                 self.buf[: self.count].mul_(self.scale)
             self.scale = None
+
+    def adopt(self, ids: Tensor, records: Tensor) -> bool:
+        """Take ``records`` ([U, r + d], contiguous, any gradient dtype) as the sums themselves,
+        without a copy, when nothing is accumulated yet and ``ids`` do not repeat; False (and
+        nothing changed) otherwise."""
+        n = ids.numel()
+        if self.count or not n or not records.is_contiguous() or torch.unique(ids).numel() != n:
+            return False
+        self.slot_of.index_copy_(0, ids, torch.arange(n, dtype=torch.int64))
+        self.ids[:n].copy_(ids)
+        self.adopted, self.count = records, n
+        return True
 
     def add(self, ids: Tensor, key_rows: Tensor | None, value_rows: Tensor | None) -> None:
         n = ids.numel()
         if n == 0:
             return
         self.materialize_scale()
+        self._widen()
         uniq = torch.unique(ids)
         slots = self.slot_of[uniq]
         new = slots < 0
@@ -136,12 +163,17 @@ class _RowGradAccumulator:
         self.materialize_scale()
         if self.count == 0:
             return torch.zeros((), dtype=torch.float32)
-        return torch.linalg.vector_norm(self.buf[: self.count], norm_type)
+        return self.unscaled_norm(norm_type)
+
+    def unscaled_norm(self, norm_type: float) -> Tensor:
+        """Norm of the sums as stored (a pending clip scale not applied), over their fp32 values."""
+        return torch.linalg.vector_norm(self.rows().float(), norm_type)
 
     def clear(self) -> None:
         if self.count:
             self.slot_of.index_fill_(0, self.ids[: self.count], -1)
         self.count = 0
+        self.adopted = None
         self.scale = None
         self.nonfinite = []
 
@@ -256,6 +288,26 @@ class SparseRowAdamW:
         the link under residency "resident"), summed in fp32. Repeated ids sum; sums carry over until
         :meth:`step` or :meth:`zero_grad`. ``None`` for one half means a zero gradient there
         (the neuron still counts as touched). Safe while a :meth:`step_async` is running."""
+        ids = self._checked(row_ids, key_rows, value_rows)
+        self._acc.add(ids, key_rows, value_rows)
+
+    def accumulate_records(self, row_ids: Tensor, records: Tensor) -> None:
+        """Like :meth:`accumulate` with both halves in one ``[U, r + d]`` tensor (the store's
+        record layout: key gradient, then value gradient). The first batch of a step with
+        distinct ids is kept as it is, not copied (its owner must not change it before the
+        step): the update then reads it in its own dtype, 2 bytes per element for bf16/fp16,
+        where a copy into fp32 sums would cost a write of 4 and a read of 4 more."""
+        if not isinstance(records, Tensor) or records.dim() != 2 or records.shape[1] != self.store.row_width:
+            raise ValueError(f"records must be a 2-D tensor [len(row_ids), {self.store.row_width}], "
+                             f"got {describe(records)}")
+        key_rows, value_rows = self.store.split(records)
+        ids = self._checked(row_ids, key_rows, value_rows)
+        self._acc.materialize_scale()  # a clip of nothing: only its non-finite check remains
+        if not self._acc.adopt(ids, records):
+            self._acc.add(ids, key_rows, value_rows)
+
+    def _checked(self, row_ids: Tensor, key_rows: Tensor | None, value_rows: Tensor | None) -> Tensor:
+        """The ids as int64 after every argument check; non-finite rows noted for the step."""
         ids = check_row_ids(row_ids, self.store.num_rows)
         if key_rows is None and value_rows is None:
             raise ValueError("key_rows and value_rows are both None: pass at least one")
@@ -280,7 +332,7 @@ class SparseRowAdamW:
             bad = None if rows is None else nonfinite_rows(rows)
             if bad is not None:
                 self._acc.nonfinite.append((part, ids[bad]))
-        self._acc.add(ids, key_rows, value_rows)
+        return ids
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients (and any pending clip)."""
@@ -295,6 +347,7 @@ class SparseRowAdamW:
         pending clip applied (views, valid until the next accumulate / step / zero_grad): what
         a data-parallel rank sends to its node's master (meft_triton.distributed)."""
         self._acc.materialize_scale()
+        self._acc._widen()
         n = self._acc.count
         return self._acc.ids[:n], self._acc.buf[:n]
 
@@ -387,7 +440,7 @@ class SparseRowAdamW:
             sorted_ids, order = torch.sort(ids)
             scale = acc.scale if acc.scale is not None else 1.0
             if hp["max_grad_norm"] is not None and n:
-                norm = torch.linalg.vector_norm(acc.buf[:n], 2.0)
+                norm = acc.unscaled_norm(2.0)
                 if scale != 1.0:
                     norm = norm * scale
                 scale = float(torch.tensor(scale, dtype=torch.float32) * _clip_coef(norm, hp["max_grad_norm"]))
@@ -400,7 +453,7 @@ class SparseRowAdamW:
                 s = self.store
                 # whole [r + d] records: one pass over each neuron's key and value row
                 cpu_rowops.adamw_rows(
-                    s.records, s.exp_avg, s.exp_avg_sq, acc.buf, sorted_ids, order,
+                    s.records, s.exp_avg, s.exp_avg_sq, acc.rows(), sorted_ids, order,
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
                     eps=hp["eps"], neg_step_size=-step_size, grad_scale=scale,
                     num_threads=self.num_threads,

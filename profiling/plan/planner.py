@@ -90,19 +90,27 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
                 again = dict(placement=placement, policy=policy, backward_rows=backward_rows, transfer=transfer,
                              reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel)
                 return min((evaluate(gpu, backbone, batch, config, profile, shares=o, **again) for o in options),
-                           key=lambda rec: rec["predicted_step_s"])
-            value_share, grad_share = options[0]
+                           key=lambda rec: (rec["predicted_step_s"], rec["pcie_bytes_per_step"]))
+            # the runtime keeps a table only where its share of a layer holds one call's padded
+            # ids; a smaller one runs that part per micro-batch (meft_triton/offload/resident.py)
+            id_bound = min(config.num_neurons, batch.tokens * config.topk)
+            mean_rows = sum(l.per_step for l in profile.layers) / len(profile.layers)
+            value_share, grad_share = (s if s == 1.0 or s * mean_rows >= id_bound else 0.0 for s in options[0])
             record.update(value_budget_bytes=value_share * need_v, grad_budget_bytes=grad_share * need_g)
         gpu_bytes.update(cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons,
                                              key_width=r, topk=config.topk, policy=policy, backward_rows=backward_rows,
                                              value_share=value_share, grad_share=grad_share))
-        ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
-                            topk=config.topk, policy=policy, transfer=transfer)
-        ram = node_ram_bytes(ram, profile, num_neurons=config.num_neurons, row_width=r + d, parallel=parallel)
         traffic = [layer_traffic(layer, policy=policy, hidden=d, key_width=r, es=batch.es,
                                  backward_rows=backward_rows, transfer=transfer,
                                  id_bound=min(config.num_neurons, batch.tokens * config.topk), value_share=value_share,
                                  grad_share=grad_share, num_neurons=config.num_neurons) for layer in profile.layers]
+        ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
+                            topk=config.topk, policy=policy, transfer=transfer)
+        if policy == "resident" and any(sum(t.d2h_mb) for t in traffic):
+            # rows sent home during the step (a gradient budget below the step's rows) stay
+            # pinned until the optimizer step sums them
+            ram["pinned gradient rows (until the step)"] = float(sum(sum(t.d2h_mb) for t in traffic))
+        ram = node_ram_bytes(ram, profile, num_neurons=config.num_neurons, row_width=r + d, parallel=parallel)
         h2d, d2h = sum(t.h2d for t in traffic), sum(t.d2h for t in traffic)
         wire, floor = sum(t.wire for t in traffic), sum(t.floor for t in traffic)
         boundary = boundary_today if policy == "per-micro-batch" else boundary_resident

@@ -26,8 +26,11 @@ compute; what exceeds it is exposed. At the step boundary:
   layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then go to the
   device before its forward, behind the forwards of the layers below it.
 * resident (meft_triton/offload/resident.py): at the optimizer step every layer's summed
-  gradients cross to the host in the compute dtype, are summed into the fp32 accumulators
-  (es + 8 B per element), every layer's AdamW runs, and the key rows go back as above
+  gradients cross to the host in the compute dtype, are checked for non-finite values (es B
+  per element) and kept as they came, every layer's AdamW runs reading them (24 + es B per
+  element: ``SparseRowAdamW.accumulate_records``), and the key rows go back as above; rows
+  that also crossed during the step (a gradient budget below the step's rows) are summed
+  into fp32 accumulators first (es + 8 B per element) and the update reads those (28 B)
   (:func:`boundary_resident`: the runtime's order; a pipeline over layers from each layer's
   last backward would hide more, but the step is all-or-nothing across layers).
 
@@ -145,7 +148,14 @@ def boundary_resident(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingPro
     link = sum(t.boundary_d2h for t in traffic) / gpu.pcie_bytes_per_s
     cpu_bytes = 0.0
     for t, layer in zip(traffic, profile.layers):
-        rows = t.boundary_d2h / ((r + hidden) * es + ID_BYTES)  # the rows sent home, padding included
-        cpu_bytes += rows * (r + hidden) * (es + 2 * FP32)
-        cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
+        record = (r + hidden) * es + ID_BYTES
+        rows = t.boundary_d2h / record  # the rows sent home, padding included
+        if sum(t.d2h_mb):  # several batches per step: summed into the fp32 accumulators
+            rows += sum(t.d2h_mb) / record
+            cpu_bytes += rows * (r + hidden) * (es + 2 * FP32)
+            cpu_bytes += layer.per_step * (r + hidden) * ADAMW_BYTES
+        else:  # one batch: kept as it came, checked for non-finite values, read by the update
+            cpu_bytes += rows * (r + hidden) * es
+            cpu_bytes += layer.per_step * (r + hidden) * (ADAMW_BYTES - FP32 + es)
+        cpu_bytes += layer.per_step * r * (FP32 + es)  # key rows gathered and rounded for the device
     return _keys_back_wait(link + (cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0), traffic, gpu, compute)

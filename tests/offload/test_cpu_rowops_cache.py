@@ -19,7 +19,7 @@ from meft_triton.offload import cpu_rowops
 
 STUB = r"""
 #include <stdint.h>
-int meft_adamw_rows(void *p, void *m, void *v, const void *g, const int64_t *ids,
+int meft_adamw_rows(void *p, void *m, void *v, const void *g, int k, const int64_t *ids,
                     const int64_t *gidx, int64_t n, int64_t rowlen, float a, float b, float c,
                     float d, float e, float f, int u, int w, int t) { return 0; }
 int meft_gather_rows(const char *s, int64_t ss, const int64_t *ids, int64_t n, char *d,

@@ -158,6 +158,8 @@ def test_rows_cross_once_per_step_with_room(seed):
         touched = layer.sparse_step().result()
         assert touched.numel() == seen.numel()
         assert runtime.bytes_to_host - before_out == min(48, 4 * 25) * (width + 8)
+        # one batch of summed rows per step: the update read it as it came (no fp32 copy)
+        assert layer.offload.optimizer._spare.buf.numel() == 0
         layer.master_rows()  # the key rows the step changed go back to the cache (counted)
         with torch.no_grad():
             on_gpu[0].keys.copy_(layer.offload.store.keys())

@@ -12,6 +12,7 @@ import torch
 from meft_triton.offload import LayerUpdateError, cpu_rowops
 from meft_triton import SparseRowAdamW
 from meft_triton.optimizers import clip_grad_norm_
+from meft_triton.optimizers.nonfinite import NonFiniteGradientError
 from meft_triton.offload import CPURowStore
 
 HAS_C = cpu_rowops.backend_name() == "c"
@@ -126,10 +127,12 @@ def test_all_rows_touched_matches_torch_adamw_float64(seed):
 
 
 @pytest.mark.skipif(not HAS_C, reason="no C compiler")
-def test_compiled_loop_equals_torch_fallback(seed):
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_loop_equals_torch_fallback(seed, grad_dtype):
+    """16-bit gradient rows (what residency "resident" brings home) widen exactly in both."""
     n, width, u = 300, 40, 120
     base = [torch.randn(n, width), torch.randn(n, width) * 0.1, torch.rand(n, width) * 0.1]
-    grad = torch.randn(u + 7, width)
+    grad = torch.randn(u + 7, width).to(grad_dtype)
     ids = torch.sort(torch.randperm(n)[:u]).values
     gidx = torch.randperm(u + 7)[:u]
     out = {}
@@ -146,6 +149,28 @@ def test_compiled_loop_equals_torch_fallback(seed):
     untouched[ids] = False
     for t, b in zip(out["c"], base):
         assert torch.equal(t[untouched], b[untouched])
+
+
+@pytest.mark.skipif(not HAS_C, reason="no C compiler")
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_compiled_loop_widens_every_16_bit_gradient_exactly(grad_dtype):
+    """Every finite 16-bit pattern (subnormals, signed zeros, the extremes) as a gradient: the C
+    loop's update equals the one from the fp32 rows torch widens them to, bit for bit."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(grad_dtype)
+    grad16 = patterns[torch.isfinite(patterns.float())]
+    width = 64
+    grad16 = torch.cat([grad16, grad16[: (-grad16.numel()) % width]]).view(-1, width)
+    n = grad16.shape[0]
+    ids = torch.arange(n)
+    out = []
+    for grad in (grad16, grad16.float()):
+        p, m, v = torch.ones(n, width), torch.full((n, width), 0.5), torch.full((n, width), 0.25)
+        cpu_rowops.adamw_rows(p, m, v, grad, ids, None, decay=1.0, one_minus_beta1=0.1,
+                              one_minus_beta2=0.001, eps=1e-8, neg_step_size=-1e-2, grad_scale=1.0,
+                              num_threads=2, backend="c")
+        out.append((p, m, v))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- accumulation
@@ -565,3 +590,54 @@ def test_finalizers_never_join_threads_inside_garbage_collection():
 
     result = subprocess.run([sys.executable, "-c", FINALIZER_SCRIPT], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "collected" in result.stdout, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------- records kept as sent
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_records_kept_as_sent_step_like_copied_sums(seed, backend, dtype, clip):
+    """accumulate_records keeps a step's first batch of distinct rows as it came (no fp32 copy)
+    and the update reads it in its dtype: parameters and moments equal, bit for bit, those of
+    accumulate(), which copies the rows into fp32 sums; a second batch, a clip of several
+    layers and a step that follows all behave as with copied sums."""
+    n, d, r, u = 61, 10, 7, 23
+    first, second = random_store(n, d, r=r), None
+    second = CPURowStore.from_dense(first.keys().clone(), first.values().clone())
+    kept = SparseRowAdamW(first, lr=1e-2, weight_decay=0.1, max_grad_norm=clip, backend=backend)
+    copied = SparseRowAdamW(second, lr=1e-2, weight_decay=0.1, max_grad_norm=clip, backend=backend)
+    try:
+        for batches in (1, 2, 1):
+            for _ in range(batches):
+                ids = torch.randperm(n)[:u]
+                records = torch.randn(u, r + d).to(dtype)
+                kept.accumulate_records(ids, records)
+                copied.accumulate(ids, *second.split(records))
+            if batches == 1:
+                assert kept._acc.buf.numel() == 0, "the first batch was copied into fp32 sums"
+            clip_grad_norm_([kept], 1.0)
+            clip_grad_norm_([copied], 1.0)
+            kept.step()
+            copied.step()
+            for x, y in zip(snapshot(first), snapshot(second)):
+                assert torch.equal(x, y)
+    finally:
+        kept.close()
+        copied.close()
+
+
+def test_records_checked_like_accumulate():
+    store = random_store(20, 6, r=4)
+    opt = SparseRowAdamW(store, lr=1e-2)
+    with pytest.raises(ValueError, match=r"records must be a 2-D tensor \[len\(row_ids\), 10\]"):
+        opt.accumulate_records(torch.arange(3), torch.zeros(3, 9))
+    with pytest.raises(ValueError, match="key_rows must have shape"):
+        opt.accumulate_records(torch.arange(3), torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="row_ids"):
+        opt.accumulate_records(torch.tensor([0, 20, 1]), torch.zeros(3, 10))
+    assert opt.pending_rows == 0
+    bad = torch.zeros(3, 10, dtype=torch.bfloat16)
+    bad[1, 5] = float("inf")  # a value half
+    opt.accumulate_records(torch.tensor([4, 7, 9]), bad)
+    with pytest.raises(NonFiniteGradientError, match="values"):
+        opt.step()

@@ -18,14 +18,14 @@ TINY_MODEL = {"hidden_size": D, "num_hidden_layers": LAYERS, "intermediate_size"
               "num_attention_heads": 2}
 
 
-def run_library(backward_rows, residency="per-micro-batch", tokens=TOKENS):
+def run_library(backward_rows, residency="per-micro-batch", tokens=TOKENS, **changes):
     """A few micro-batches and one optimizer step of placement "cpu" on CPU (bf16 rows, so the
     compute dtype and fp32 differ on the wire); returns the runtime and the distinct rows each
     layer's calls touched per micro-batch, and the rows each layer's update touched."""
     torch.manual_seed(0)
     runtime = OffloadRuntime("cpu", torch.bfloat16, D, keep_rows=backward_rows == "keep")
     cfg = MEFTConfig(**CFG, placement="cpu", backend="torch", backward_rows=backward_rows, residency=residency,
-                     key_init_std=1.0, value_init_std=1.0, router_init_scale=0.3)
+                     key_init_std=1.0, value_init_std=1.0, router_init_scale=0.3, **changes)
     adapters = [MEFTAdapter(D, cfg, dtype=torch.bfloat16, runtime=runtime) for _ in range(LAYERS)]
     for a in adapters:
         a.configure_optimizer(lr=1e-2)
@@ -52,7 +52,7 @@ def profile_json(tickets):
         for per_mb in tickets]}
 
 
-def planned(tmp_path, capsys, tickets, backward_rows, tokens=TOKENS):
+def planned(tmp_path, capsys, tickets, backward_rows, tokens=TOKENS, extra=()):
     """The planner's --json records for the routing the library saw."""
     (tmp_path / "config.json").write_text(json.dumps(TINY_MODEL))
     (tmp_path / "routing.json").write_text(json.dumps(profile_json(tickets)))
@@ -60,7 +60,7 @@ def planned(tmp_path, capsys, tickets, backward_rows, tokens=TOKENS):
             "--micro-batches", str(MICRO_BATCHES), "--routing", str(tmp_path / "routing.json"),
             "--backward-rows", backward_rows, "--transfer", "cpu_gather", "--json"]
     argv += [a for k, v in CFG.items() for a in ("--" + k.replace("_", "-"), str(v))]
-    assert main(argv) == 0
+    assert main([*argv, *extra]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -92,6 +92,20 @@ def test_resident_bytes_equal_the_runtime_counters(tmp_path, capsys, backward_ro
     assert resident["pcie_bytes_per_step"] == runtime.bytes_to_device + runtime.bytes_to_host
     assert resident["pcie_bytes_per_step"] < 0.5 * min(
         r["pcie_bytes_per_step"] for r in records if r["policy"] == "per-micro-batch")
+
+
+def test_a_gradient_budget_below_one_call_is_planned_as_the_runtime_runs_it(tmp_path, capsys):
+    """A gradient budget holding half of each layer's rows while a call's padded ids are N long:
+    the runtime keeps no gradient sums (each backward's rows go home), and the planner plans
+    that, not half a table: its bytes equal the counters."""
+    tokens = CFG["num_neurons"] // CFG["topk"] + 1
+    budget = LAYERS * (CFG["num_neurons"] // 2) * 2 * D * 4
+    runtime, tickets, _ = run_library("refetch", "resident", tokens, gradient_budget=budget)
+    records = planned(tmp_path, capsys, tickets, "refetch", tokens, extra=["--grad-budget-gb", str(budget / 2**30)])
+    [resident] = [r for r in records if r["placement"] == "cpu" and r["policy"] == "resident"]
+    assert resident["grad_budget_bytes"] == 0
+    assert resident["d2h_bytes_per_step"] == runtime.bytes_to_host
+    assert resident["h2d_bytes_per_step"] == runtime.bytes_to_device
 
 
 def test_resident_at_full_budget_moves_each_row_once_each_way():
@@ -153,9 +167,17 @@ def test_uniform_profile_matches_design_presets():
 
 
 def test_paper_setting_on_the_consumer_card(capsys):
+    """Uniform routing: placement "gpu" is over on GPU memory; placement "cpu" fits the GPU only
+    with each backward's gradient rows sent home (the fp32 sums do not fit beside the resident
+    values), and those rows wait pinned until the step: over the preset's 128 GiB host. A host
+    that holds them gets a plan."""
     assert main(["--model", "paper-7b", "--gpu", "rtx-4090"]) == 0
     out = capsys.readouterr().out
     assert "| gpu | none | – | – | no |" in out  # fp32 keys, values and AdamW state do not fit in 24 GB
+    assert "| cpu | resident | refetch | cpu_gather | no |" in out and "nothing fits" in out
+    assert "| CPU: pinned gradient rows (until the step) | – | 529.1 | 264.6 |" in out
+    assert main(["--model", "paper-7b", "--gpu", "rtx-4090", "--host-ram-gb", "512"]) == 0
+    out = capsys.readouterr().out
     line = out.strip().splitlines()[-1]
     assert line.startswith("MEFTConfig(")
     config = eval(line.split("  #")[0], {"MEFTConfig": MEFTConfig})  # noqa: S307 - our own output
