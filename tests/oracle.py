@@ -105,3 +105,17 @@ def adapter_tensors(adapters) -> list[torch.Tensor]:
     """Every trained tensor of some adapters: router, keys, values (placement "cpu": the master
     rows, after any in-flight update)."""
     return [t for a in adapters for t in (a.router.weight, *a.master_rows())]
+
+
+def record_sent_grads(monkeypatch, offloaded) -> list:
+    """Every gradient copy home that ``offloaded`` (an ``OffloadedRows``) starts from now on,
+    in order, as Futures of ``GradRows``; they are still summed into its optimizer as usual."""
+    sent = []
+    real = offloaded.grads_sent
+
+    def recording(future):
+        sent.append(future)
+        real(future)
+
+    monkeypatch.setattr(offloaded, "grads_sent", recording)
+    return sent

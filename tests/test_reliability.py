@@ -321,7 +321,7 @@ def test_a_layer_update_that_keeps_failing_blocks_the_next_step(seed, monkeypatc
         opt.step()
     assert_bitwise(everything(), before)
     adapters[0].offload.flush_grads()  # (residency "resident": its device sums go home)
-    assert adapters[0].offload.pending_grads  # layer 0's new gradients wait for the next step
+    assert adapters[0].offload.summing  # layer 0's new gradients, summed for the next step
     monkeypatch.undo()
     opt.step()  # completes layer 1's first step, then takes the second
     state_of(adapters)

@@ -302,7 +302,7 @@ class ResidentLayer:
     def _send(self, ids: Tensor, rows: Tensor) -> None:
         runtime = self.rows.runtime
         runtime.bytes_to_host += rows.numel() * rows.element_size() + ids.numel() * 8
-        self.rows.pending_grads.append(runtime.prefetcher.offload_grads(self.rows.layer, ids, rows, padded=True))
+        self.rows.grads_sent(runtime.prefetcher.offload_grads(self.rows.layer, ids, rows, padded=True))
 
     def clear_grads(self) -> None:
         if self.grads is not None:

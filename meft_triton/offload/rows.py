@@ -65,6 +65,12 @@ class RoutedTokens:
     resident_as_of: tuple[ResidentValues, int] | None = None  # the tables and their forgets then
 
 
+def _sum_rows(optimizer: Any, future: Future) -> None:
+    """One copy's gradient rows into ``optimizer`` (the first of a step kept as they came)."""
+    grad = future.result()
+    optimizer.accumulate_records(grad.row_ids, grad.rows)
+
+
 class OffloadedRows:
     """The CPU side of one adapter under placement "cpu": store, device key cache, optimizer."""
 
@@ -75,7 +81,11 @@ class OffloadedRows:
         self.key_cache = KeyCache(runtime, self.store.keys())
         self.layer = runtime.register(self)
         self.optimizer: Any = None  # the row-sparse AdamW over ``store`` (use_optimizer)
+        # gradient copies home not yet given to an optimizer (none configured when they started)
         self.pending_grads: list[Future] = []
+        # the others: each summed into the optimizer on its worker thread once it lands, in the
+        # order sent, so their pinned host rows are freed during the step, not held until it
+        self.summing: list[Future] = []
         self.pending_step: Future | None = None
         self.residency = ResidentLayer(self)  # residency "resident": tables built at the first call
 
@@ -89,11 +99,32 @@ class OffloadedRows:
         self.residency.flush()
 
     # -- training state ---------------------------------------------------------------------
+    def grads_sent(self, future: Future) -> None:
+        """A copy of gradient rows home has started (a Future of ``GradRows``): with an optimizer,
+        sum it into its accumulator on the optimizer's worker thread once it lands (the host
+        work of the step's micro-batches overlaps the device's); else keep it for
+        :meth:`collect_grads`."""
+        if self.optimizer is None:
+            self.pending_grads.append(future)
+        else:
+            self.summing.append(self.optimizer.run_in_order(_sum_rows, self.optimizer, future))
+
+    def _wait_summing(self) -> None:
+        """Wait for every background sum; raise the first failure (a failed copy) after all."""
+        summing, self.summing = self.summing, []
+        wait_futures(summing)
+        for job in summing:
+            job.result()
+
     def use_optimizer(self, optimizer: Any) -> None:
         """Train this layer's rows with ``optimizer`` (a ``SparseRowAdamW`` over :attr:`store`),
         replacing (and closing) the previous one once its update finished."""
         self.wait_for_update()
+        self._wait_summing()
         if self.optimizer is not None:
+            if self.optimizer.pending_rows:  # rows summed during this step: the new one steps them
+                ids, records = self.optimizer.accumulated()
+                optimizer.accumulate_records(ids.clone(), records.clone())
             self.optimizer.close()
         self.optimizer = optimizer
 
@@ -103,10 +134,10 @@ class OffloadedRows:
             raise RuntimeError("placement='cpu' trains keys and values with a row-sparse AdamW: call "
                                "adapter.configure_optimizer(lr=...) before the first step")
         self.flush_grads()
+        self._wait_summing()
         pending, self.pending_grads = self.pending_grads, []
         for future in pending:
-            grad = future.result()
-            self.optimizer.accumulate_records(grad.row_ids, grad.rows)  # kept as they came: no copy
+            _sum_rows(self.optimizer, future)
 
     def discard_grads(self) -> None:
         """Drop this layer's gradient rows not yet stepped (in flight to the host or collected),
@@ -114,6 +145,8 @@ class OffloadedRows:
         self.residency.clear_grads()
         pending, self.pending_grads = self.pending_grads, []
         wait_futures(pending)  # their copies land before the pinned buffers are forgotten
+        summing, self.summing = self.summing, []
+        wait_futures(summing)  # (a failed one added nothing)
         if self.optimizer is not None:
             self.optimizer.zero_grad()
 
@@ -313,5 +346,5 @@ class _OffloadedValues(torch.autograd.Function):
             rows.residency.ship(row_ids, grad_rows)
         else:
             runtime.bytes_to_host += grad_rows.numel() * grad_rows.element_size() + row_ids.numel() * 8
-            rows.pending_grads.append(runtime.prefetcher.offload_grads(rows.layer, row_ids, grad_rows, padded=True))
+            rows.grads_sent(runtime.prefetcher.offload_grads(rows.layer, row_ids, grad_rows, padded=True))
         return grad_hidden, grad_router.to(router_weight.dtype), None, None, None

@@ -162,7 +162,7 @@ class OffloadRuntime:
                     "micro-batch, or create the runtime with bigger slots")
             # Gradient rows still on their way to the host were started by the old prefetcher,
             # whose close() would cancel them (losing a micro-batch's gradients): let them land.
-            wait_futures([f for layer in self.layers for f in layer.pending_grads])
+            wait_futures([f for layer in self.layers for f in (*layer.pending_grads, *layer.summing)])
             self.prefetcher.close()
         self.prefetcher = Prefetcher(self.engine, self._host_values, max_rows=max_rows,
                                      num_slots=self.num_slots, width=self.hidden_size, dtype=self.dtype,

@@ -31,7 +31,7 @@ import math
 import os
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -497,13 +497,23 @@ class SparseRowAdamW:
             skipped.set_result(torch.empty(0, dtype=torch.int64))
             return skipped
         acc, hp = self._prepare()
+        fut = self._worker().submit(self._apply, acc, hp)
+        self._pending = fut
+        return fut
+
+    def run_in_order(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on this optimizer's worker thread, after every step and job given to
+        it before (e.g. summing gradient rows into :meth:`accumulate` as they come home, while
+        the device computes). The caller waits for such jobs before :meth:`step`,
+        :meth:`step_async` or :meth:`zero_grad`: they add to the gradients of the next step."""
+        return self._worker().submit(fn, *args)
+
+    def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meft-sparse-adamw")
             # not waiting: the finalizer may run inside garbage collection, on any thread
             self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False)
-        fut = self._executor.submit(self._apply, acc, hp)
-        self._pending = fut
-        return fut
+        return self._executor
 
     def close(self) -> None:
         """Wait for the in-flight step (raising its error) and stop the worker thread."""

@@ -101,8 +101,10 @@ def cpu_ram_bytes(backbone: Backbone, batch: Batch, profile: RoutingProfile, *, 
     out = {"masters + AdamW moments (fp32)": float(L * num_neurons * (r + d) * 12),
            "gradient accumulators": float(2 * acc * (r + d) * FP32)}
     if policy == "per-micro-batch":
-        rows = L * profile.micro_batches() * slot_rows(num_neurons, batch.tokens, topk)  # padded, as sent
-        out["pinned gradient rows (until the step)"] = float(rows * ((r + d) * FP32 + ID_BYTES))
+        # each backward's rows are summed as they land (offload/rows.py grads_sent): one
+        # micro-batch's landing while the one before is summed
+        rows = L * min(2, profile.micro_batches()) * slot_rows(num_neurons, batch.tokens, topk)  # padded, as sent
+        out["pinned gradient rows (in flight)"] = float(rows * ((r + d) * FP32 + ID_BYTES))
     else:
         out["pinned gradient staging"] = float(sum(l.per_step for l in profile.layers) * ((r + d) * es + ID_BYTES))
     if transfer == "zero_copy" and es < FP32:  # the zero-copy kernel reads it, under either policy

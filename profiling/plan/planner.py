@@ -13,8 +13,8 @@ from .data_parallel import Parallel, gradient_bytes, node_ram_bytes
 from .inputs import GPU, Backbone, Batch
 from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, gpu_placement_bytes
 from .routing import RoutingProfile
-from .timing import boundary_resident, boundary_today, compute_time, in_step_exposed
-from .traffic import POLICIES, layer_traffic
+from .timing import boundary_resident, boundary_today, compute_time, in_step_cpu_exposed, in_step_exposed
+from .traffic import FP32, POLICIES, layer_traffic
 
 GiB = 2.0 ** 30
 NO_POLICY = "none"  # placement "gpu": nothing to keep resident
@@ -107,9 +107,10 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
                             topk=config.topk, policy=policy, transfer=transfer)
         if policy == "resident" and any(sum(t.d2h_mb) for t in traffic):
-            # rows sent home during the step (a gradient budget below the step's rows) stay
-            # pinned until the optimizer step sums them
-            ram["pinned gradient rows (until the step)"] = float(sum(sum(t.d2h_mb) for t in traffic))
+            # rows sent home during the step (a gradient budget below the step's rows), summed
+            # as they land: one micro-batch's landing while the one before is summed
+            ram["pinned gradient rows (in flight)"] = float(2 * max(sum(t.d2h_mb[m] for t in traffic)
+                                                                     for m in range(len(traffic[0].d2h_mb))))
         ram = node_ram_bytes(ram, profile, num_neurons=config.num_neurons, row_width=r + d, parallel=parallel)
         h2d, d2h = sum(t.h2d for t in traffic), sum(t.d2h for t in traffic)
         wire, floor = sum(t.wire for t in traffic), sum(t.floor for t in traffic)
@@ -118,7 +119,9 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         with_cpu = boundary(gpu, traffic, profile, compute, **args)
         link_only = boundary(gpu, traffic, profile, compute, include_cpu=False, **args)
         exposed_pcie = in_step_exposed(gpu, traffic, compute) + link_only
-        exposed_cpu = max(0.0, with_cpu - link_only)
+        exposed_cpu = max(0.0, with_cpu - link_only) + in_step_cpu_exposed(gpu, traffic, compute, **args,
+                                                                            wire_es=FP32 if policy == "per-micro-batch"
+                                                                            else batch.es)
     adapter = sum(v for k, v in gpu_bytes.items() if k not in ("backbone", "activations"))
     total = sum(gpu_bytes.values())
     compute_s = compute.step_s(batch.micro_batches)

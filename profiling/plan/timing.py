@@ -19,18 +19,20 @@ PCIe: the link is full duplex, so a stretch of transfers takes max(host->device,
 device->host) bytes / bandwidth. Transfers during a micro-batch hide behind that micro-batch's
 compute; what exceeds it is exposed. At the step boundary:
 
-* per-micro-batch (the code today): ``OffloadedAdamW.step`` sums every micro-batch's gradient
-  rows into the accumulators, the layers in parallel (12 B per element: read the row, read and
-  write the sum), then all layers' AdamW run at once on worker threads sharing the host's
-  bandwidth, so layer 0, which the next forward needs first, finishes with the rest; each
-  layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then go to the
-  device before its forward, behind the forwards of the layers below it.
+* per-micro-batch: each backward's gradient rows are summed into the layer's accumulator on
+  its optimizer's worker thread as they land (12 B per element: read the row, read and write
+  the sum), during the step: what exceeds a micro-batch's compute and transfers is exposed
+  (:func:`in_step_cpu_exposed`). At the step all layers' AdamW run at once on worker threads
+  sharing the host's bandwidth, so layer 0, which the next forward needs first, finishes with
+  the rest; each layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then
+  go to the device before its forward, behind the forwards of the layers below it.
 * resident (meft_triton/offload/resident.py): at the optimizer step every layer's summed
   gradients cross to the host in the compute dtype, are checked for non-finite values (es B
   per element) and kept as they came, every layer's AdamW runs reading them (24 + es B per
-  element: ``SparseRowAdamW.accumulate_records``), and the key rows go back as above; rows
-  that also crossed during the step (a gradient budget below the step's rows) are summed
-  into fp32 accumulators first (es + 8 B per element) and the update reads those (28 B)
+  element: ``SparseRowAdamW.accumulate_records``), and the key rows go back as above; where
+  rows also crossed during the step (a gradient budget below the step's rows), those were
+  summed as they landed (as under per-micro-batch), the boundary's rows join them in the fp32
+  accumulators (es + 8 B per element) and the update reads those (28 B)
   (:func:`boundary_resident`: the runtime's order; a pipeline over layers from each layer's
   last backward would hide more, but the step is all-or-nothing across layers).
 
@@ -50,7 +52,6 @@ from .traffic import FP32, ID_BYTES, LayerTraffic
 FORWARD_STAGES = ("router_topk", "key_scores", "select_topk", "values")
 BACKWARD_STAGES = ("score_grads", "dx", "dK_dV", "dG")
 ADAMW_BYTES = 28          # fp32 AdamW per element: read p, g, m, v; write p, m, v
-ACCUMULATE_BYTES = 12     # fp32 gradient row into an fp32 sum: read it, read and write the sum
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,22 @@ def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute) -> 
     return exposed
 
 
+def in_step_cpu_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute, *, hidden: int, key_width: int,
+                        es: int, wire_es: int) -> float:
+    """Per micro-batch: host time summing the gradient rows that came home (each layer's on its
+    optimizer's worker thread, sharing the host's bandwidth; ``wire_es`` bytes per element on
+    the wire), beyond what the micro-batch's compute and transfers already take."""
+    per_mb = compute.forward_s + compute.backward_s
+    record = (key_width + hidden) * wire_es + ID_BYTES
+    exposed = 0.0
+    for m in range(len(traffic[0].d2h_mb)):
+        rows = sum(t.d2h_mb[m] for t in traffic) / record
+        cpu = rows * (key_width + hidden) * (wire_es + 2 * FP32) / gpu.host_bytes_per_s
+        link = max(sum(t.wire_h2d_mb[m] for t in traffic), sum(t.d2h_mb[m] for t in traffic)) / gpu.pcie_bytes_per_s
+        exposed += max(0.0, cpu - max(per_mb, link))
+    return exposed
+
+
 def _keys_back_wait(start: float, traffic: list[LayerTraffic], gpu: GPU, compute: Compute) -> float:
     """From ``start`` seconds after the step's last backward, each layer's changed key rows
     cross to the device before its next forward, behind the forwards of the layers below it:
@@ -129,9 +146,7 @@ def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfil
     """Seconds the next step's forwards wait, per-micro-batch policy (see the module docstring)."""
     r = key_width
     cpu_bytes = 0.0
-    for t, layer in zip(traffic, profile.layers):
-        rows = sum(t.d2h_mb) / ((r + hidden) * FP32 + ID_BYTES)  # the rows that crossed, padding included
-        cpu_bytes += rows * (r + hidden) * ACCUMULATE_BYTES
+    for layer in profile.layers:  # (the rows were summed as they landed: in_step_cpu_exposed)
         cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
     return _keys_back_wait(cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0, traffic, gpu, compute)
 
@@ -150,8 +165,7 @@ def boundary_resident(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingPro
     for t, layer in zip(traffic, profile.layers):
         record = (r + hidden) * es + ID_BYTES
         rows = t.boundary_d2h / record  # the rows sent home, padding included
-        if sum(t.d2h_mb):  # several batches per step: summed into the fp32 accumulators
-            rows += sum(t.d2h_mb) / record
+        if sum(t.d2h_mb):  # rows came home during the step too (summed as they landed): these join them
             cpu_bytes += rows * (r + hidden) * (es + 2 * FP32)
             cpu_bytes += layer.per_step * (r + hidden) * ADAMW_BYTES
         else:  # one batch: kept as it came, checked for non-finite values, read by the update

@@ -6,7 +6,7 @@ import torch
 from meft_triton import MEFTAdapter, MEFTConfig, reference
 from meft_triton import SparseRowAdamW
 from meft_triton.offload import CPURowStore
-from oracle import assert_placements_agree, rel_err, selected_rows, take_grad_rows
+from oracle import assert_placements_agree, record_sent_grads, rel_err, selected_rows, take_grad_rows
 
 BASE = dict(num_neurons=48, num_experts=6, experts_per_token=2, topk=5, key_init_std=1.0,
             value_init_std=1.0, router_init_scale=0.3)
@@ -103,8 +103,9 @@ def test_key_rows_an_update_touched_go_back_through_the_copy_engine(seed, monkey
         return real_copy_in(slot, host_rows, ids, **kw)
 
     monkeypatch.setattr(runtime.engine, "copy_in", counting_copy_in)
+    sent = record_sent_grads(monkeypatch, on_cpu.offload)
     on_cpu(torch.randn(9, 12)).square().sum().backward()
-    touched = on_cpu.offload.pending_grads[0].result().row_ids.sort().values
+    touched = sent[0].result().row_ids.sort().values
     on_cpu.sparse_step()
     copied.clear()
     before = runtime.bytes_to_device
@@ -347,3 +348,83 @@ def test_low_key_state_dict_round_trip_and_mismatch(seed):
     assert torch.equal(copy(hidden), on_cpu(hidden))
     with pytest.raises(RuntimeError, match="size mismatch for keys"):
         MEFTAdapter(12, on_cpu.config.replace(low_key_dim=4)).load_state_dict(state)
+
+
+def spy_on_summing(monkeypatch, optimizer):
+    """Wraps ``optimizer.accumulate_records``: the threads it ran on, a weak reference to each
+    batch of host rows and a copy of it (ids, rows)."""
+    import threading
+    import weakref
+
+    seen = dict(threads=set(), buffers=[], copies=[])
+    real = optimizer.accumulate_records
+
+    def spying(row_ids, records):
+        seen["threads"].add(threading.current_thread().name)
+        seen["buffers"].append(weakref.ref(records))
+        seen["copies"].append((row_ids.clone(), records.clone()))
+        real(row_ids, records)
+
+    monkeypatch.setattr(optimizer, "accumulate_records", spying)
+    return seen
+
+
+@pytest.mark.parametrize("residency", ["per-micro-batch", "resident"])
+def test_gradient_rows_are_summed_as_they_land_and_freed(seed, monkeypatch, residency):
+    """Each backward's gradient rows (residency "per-micro-batch", or "resident" with a gradient
+    budget below one call) are summed into the optimizer on its worker thread as they land, not
+    at the step: their host buffers are freed during the step, and the step equals one fed the
+    same rows at once."""
+    changes = dict(residency=residency, **({} if residency == "per-micro-batch" else dict(gradient_budget=1)))
+    on_gpu, on_cpu = pair(**changes)
+    on_cpu.configure_optimizer(lr=1e-2)
+    seen = spy_on_summing(monkeypatch, on_cpu.offload.optimizer)
+    initial = [t.clone() for t in on_cpu.master_rows()]
+    sink = SparseRowAdamW(CPURowStore(48, 12), lr=1e-2)
+    for _ in range(3):
+        train_micro_batch(on_gpu, on_cpu, sink, (4, 12), "cpu")
+    assert on_cpu.offload.pending_grads == [] and len(on_cpu.offload.summing) == 3
+    on_cpu.offload.collect_grads()
+    assert len(seen["buffers"]) == 3 and all(name.startswith("meft-sparse-adamw") for name in seen["threads"])
+    assert all(ref() is None for ref in seen["buffers"]), "a micro-batch's host rows outlived its summing"
+    on_cpu.sparse_step().result()
+    expected = SparseRowAdamW(CPURowStore.from_dense(*initial), lr=1e-2)
+    for row_ids, records in seen["copies"]:
+        expected.accumulate_records(row_ids, records)
+    expected.step()
+    keys, values = on_cpu.master_rows()
+    assert torch.equal(keys, expected.store.keys()) and torch.equal(values, expected.store.values())
+
+
+def test_zero_grad_drops_rows_summed_during_the_step(seed, monkeypatch):
+    """backward, zero_grad, backward, step: the update sees the second micro-batch only, though
+    the first one's rows were already summed in the background."""
+    on_gpu, on_cpu = pair(residency="per-micro-batch")
+    on_cpu.configure_optimizer(lr=1e-2)
+    seen = spy_on_summing(monkeypatch, on_cpu.offload.optimizer)
+    initial = [t.clone() for t in on_cpu.master_rows()]
+    sink = SparseRowAdamW(CPURowStore(48, 12), lr=1e-2)
+    train_micro_batch(on_gpu, on_cpu, sink, (4, 12), "cpu")
+    on_cpu.offload.discard_grads()
+    assert len(seen["copies"]) == 1
+    train_micro_batch(on_gpu, on_cpu, sink, (4, 12), "cpu")
+    on_cpu.sparse_step().result()
+    expected = SparseRowAdamW(CPURowStore.from_dense(*initial), lr=1e-2)
+    expected.accumulate_records(*seen["copies"][1])
+    expected.step()
+    keys, values = on_cpu.master_rows()
+    assert torch.equal(keys, expected.store.keys()) and torch.equal(values, expected.store.values())
+
+
+def test_a_new_optimizer_steps_the_rows_summed_before_it(seed):
+    """configure_optimizer between backward and step: the rows the old optimizer summed in the
+    background go to the new one (as rows waiting for the step always did)."""
+    on_gpu, on_cpu = pair(residency="per-micro-batch")
+    on_cpu.configure_optimizer(lr=1e-2)
+    train_micro_batch(on_gpu, on_cpu, SparseRowAdamW(CPURowStore(48, 12)), (4, 12), "cpu")
+    on_cpu.offload.collect_grads()
+    ids, records = (t.clone() for t in on_cpu.offload.optimizer.accumulated())
+    new = on_cpu.configure_optimizer(lr=1e-2)
+    assert new.pending_rows == ids.numel() > 0
+    got_ids, got = new.accumulated()
+    assert torch.equal(got_ids, ids) and torch.equal(got, records)
