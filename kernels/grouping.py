@@ -9,6 +9,8 @@ size, so building it never synchronizes with the device.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def expert_segments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,3 +58,16 @@ def surplus_neurons(expert_ids: torch.Tensor, neurons_per_expert: int, num_exper
     unchosen = torch.sort(chosen, dim=1, stable=True).indices[:, :-(-count // neurons_per_expert)]
     picks = torch.arange(count, device=expert_ids.device)
     return unchosen[:, picks // neurons_per_expert] * neurons_per_expert + picks % neurons_per_expert
+
+
+@triton.jit
+def block_pairs(block, order_ptr, block_expert_ptr, start, end, experts_per_token: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """In a kernel, for block ``block`` of :func:`expert_blocks`' table (``start < end`` read by
+    the caller, which returns first on an empty block): its expert, and its pairs' mask,
+    indices and tokens ([BLOCK_M], int64)."""
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    slots = start + tl.arange(0, BLOCK_M)
+    pair_ok = slots < end
+    pair = tl.load(order_ptr + slots, mask=pair_ok, other=0).to(tl.int64)
+    return expert, pair_ok, pair, pair // experts_per_token

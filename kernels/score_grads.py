@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouping import expert_blocks
+from .grouping import block_pairs, expert_blocks
 from .launch_config import launch_config
 from .validation import pow2_block
 
@@ -78,11 +78,8 @@ def _score_grads_kernel(
     end = tl.load(block_end_ptr + block)
     if start >= end:
         return
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    slots = start + tl.arange(0, BLOCK_M)
-    pair_ok = slots < end
-    pair = tl.load(order_ptr + slots, mask=pair_ok, other=0).to(tl.int64)
-    token = pair // experts_per_token
+    expert, pair_ok, pair, token = block_pairs(block, order_ptr, block_expert_ptr, start, end, experts_per_token,
+                                               BLOCK_M)
     weight = tl.load(gate_weights_ptr + pair, mask=pair_ok, other=0.0)
     grad_w = tl.zeros([BLOCK_M], tl.float32)
     for s0 in range(0, neurons_per_expert, BLOCK_S):

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouping import expert_blocks, surplus_neurons
+from .grouping import block_pairs, expert_blocks, surplus_neurons
 from .row_gather_sum import row_gather_sum
 from .validation import (FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_ids_in_range,
                          check_int_arg, check_same_dtype, check_shape, check_tensor,
@@ -51,11 +51,8 @@ def _key_scores_kernel(
     end = tl.load(block_end_ptr + block)
     if start >= end:
         return
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    slots = start + tl.arange(0, BLOCK_M)
-    pair_ok = slots < end
-    pair = tl.load(order_ptr + slots, mask=pair_ok, other=0).to(tl.int64)
-    token = pair // experts_per_token
+    expert, pair_ok, pair, token = block_pairs(block, order_ptr, block_expert_ptr, start, end, experts_per_token,
+                                               BLOCK_M)
     offs_s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = offs_s < neurons_per_expert
     neuron = expert * neurons_per_expert + offs_s

@@ -106,49 +106,16 @@ static void *adam_worker(void *arg) {
             __builtin_prefetch(j->v + nx, 1, 0);
         }
         const float omb1 = j->omb1, omb2 = j->omb2, eps = j->eps, ns = j->neg_step;
-        if (j->use_scale) {
-            const float s = j->gscale;
-            if (j->use_decay) {
-                const float dc = j->decay;
-                for (int64_t i = 0; i < L; ++i) {
-                    const float gi = g[i] * s;
-                    const float mo = m[i], vo = v[i];
-                    const float mn = mo + (gi - mo) * omb1;
-                    const float vn = vo + (gi * gi - vo) * omb2;
-                    m[i] = mn; v[i] = vn;
-                    p[i] = p[i] * dc + ns * (mn / (sqrtf(vn) + eps));
-                }
-            } else {
-                for (int64_t i = 0; i < L; ++i) {
-                    const float gi = g[i] * s;
-                    const float mo = m[i], vo = v[i];
-                    const float mn = mo + (gi - mo) * omb1;
-                    const float vn = vo + (gi * gi - vo) * omb2;
-                    m[i] = mn; v[i] = vn;
-                    p[i] = p[i] + ns * (mn / (sqrtf(vn) + eps));
-                }
-            }
-        } else {
-            if (j->use_decay) {
-                const float dc = j->decay;
-                for (int64_t i = 0; i < L; ++i) {
-                    const float gi = g[i];
-                    const float mo = m[i], vo = v[i];
-                    const float mn = mo + (gi - mo) * omb1;
-                    const float vn = vo + (gi * gi - vo) * omb2;
-                    m[i] = mn; v[i] = vn;
-                    p[i] = p[i] * dc + ns * (mn / (sqrtf(vn) + eps));
-                }
-            } else {
-                for (int64_t i = 0; i < L; ++i) {
-                    const float gi = g[i];
-                    const float mo = m[i], vo = v[i];
-                    const float mn = mo + (gi - mo) * omb1;
-                    const float vn = vo + (gi * gi - vo) * omb2;
-                    m[i] = mn; v[i] = vn;
-                    p[i] = p[i] + ns * (mn / (sqrtf(vn) + eps));
-                }
-            }
+        /* x * 1.0f is x exactly, so the disabled scale and decay change nothing (and cost two
+           multiplies in a loop bound by memory) */
+        const float s = j->use_scale ? j->gscale : 1.0f, dc = j->use_decay ? j->decay : 1.0f;
+        for (int64_t i = 0; i < L; ++i) {
+            const float gi = g[i] * s;
+            const float mo = m[i], vo = v[i];
+            const float mn = mo + (gi - mo) * omb1;
+            const float vn = vo + (gi * gi - vo) * omb2;
+            m[i] = mn; v[i] = vn;
+            p[i] = p[i] * dc + ns * (mn / (sqrtf(vn) + eps));
         }
     }
     return 0;

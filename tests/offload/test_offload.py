@@ -42,6 +42,22 @@ def train_micro_batch(on_gpu, on_cpu, expected, shape, device):
     (on_cpu(hidden) - target).square().mean().backward()
 
 
+def follow(on_gpu, expected):
+    """Placement "gpu"'s keys and values take the rows of the lazy AdamW it follows."""
+    with torch.no_grad():
+        on_gpu.keys.copy_(expected.store.keys())
+        on_gpu.values.copy_(expected.store.values())
+
+
+def assert_followed(on_gpu, on_cpu, expected):
+    """Placement "cpu"'s master rows and router equal placement "gpu"'s (1e-6); returns the rows."""
+    keys, values = on_cpu.master_rows()
+    torch.testing.assert_close(keys, expected.store.keys(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
+    return keys, values
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gate", ["logit", "softmax"])
 def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate, device):
@@ -64,13 +80,8 @@ def test_training_equals_gpu_placement_with_lazy_adamw(seed, gate, device):
             router_cpu.zero_grad()
         expected.step()
         on_cpu.sparse_step()
-        with torch.no_grad():  # the GPU placement's parameters follow its lazy AdamW
-            on_gpu.keys.copy_(expected.store.keys())
-            on_gpu.values.copy_(expected.store.values())
-    keys, values = on_cpu.master_rows()
-    torch.testing.assert_close(keys, expected.store.keys(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
+        follow(on_gpu, expected)
+    keys, values = assert_followed(on_gpu, on_cpu, expected)
     assert not torch.equal(values, torch.zeros_like(values))
     torch.testing.assert_close(on_cpu.offload.key_cache.tensor.cpu(), keys)
 
@@ -325,13 +336,8 @@ def test_low_key_training_with_offloaded_adamw_equals_gpu_placement(seed, gate, 
         dense.step()
         dense.zero_grad()
         expected.step()
-        with torch.no_grad():  # the GPU placement's keys and values follow its lazy AdamW
-            on_gpu.keys.copy_(expected.store.keys())
-            on_gpu.values.copy_(expected.store.values())
-    keys, values = on_cpu.master_rows()
-    torch.testing.assert_close(keys, expected.store.keys(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(values, expected.store.values(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(on_cpu.router.weight, on_gpu.router.weight, rtol=1e-6, atol=1e-6)
+        follow(on_gpu, expected)
+    keys, values = assert_followed(on_gpu, on_cpu, expected)
     torch.testing.assert_close(on_cpu.low_key.weight, on_gpu.low_key.weight, rtol=1e-6, atol=1e-6)
     assert (on_cpu.low_key.weight - start).abs().max() > 1e-3, "L was not trained"
     torch.testing.assert_close(on_cpu.offload.key_cache.tensor.cpu(), keys)
