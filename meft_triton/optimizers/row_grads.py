@@ -44,7 +44,7 @@ class RowGradSums:
             buf[: self.count].copy_(self.buf[: self.count])
         self.buf = buf
 
-    def _widen(self) -> None:
+    def widen(self) -> None:
         """The adopted rows into the fp32 sums (before anything adds to or scales them)."""
         if self.adopted is not None:
             self._reserve(self.count)
@@ -60,7 +60,7 @@ class RowGradSums:
             if not math.isfinite(self.scale):
                 self.nonfinite.append(("clip_scale", None))
             if self.count:
-                self._widen()
+                self.widen()
                 self.buf[: self.count].mul_(self.scale)
             self.scale = None
 
@@ -81,7 +81,7 @@ class RowGradSums:
         if n == 0:
             return
         self.materialize_scale()
-        self._widen()
+        self.widen()
         uniq = torch.unique(ids)
         slots = self.slot_of[uniq]
         new = slots < 0

@@ -226,7 +226,7 @@ class SparseRowAdamW:
         pending clip applied (views, valid until the next accumulate / step / zero_grad): what
         a data-parallel rank sends to its node's master (meft_triton.distributed)."""
         self._acc.materialize_scale()
-        self._acc._widen()
+        self._acc.widen()
         n = self._acc.count
         return self._acc.ids[:n], self._acc.buf[:n]
 

@@ -77,6 +77,7 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         exposed_pcie = exposed_cpu = 0.0
     else:
         value_share = grad_share = 1.0
+        id_bound = min(config.num_neurons, batch.tokens * config.topk)  # a call's padded ids
         if policy == "resident":
             base = cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
                                        topk=config.topk,
@@ -93,7 +94,6 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
                            key=lambda rec: (rec["predicted_step_s"], rec["pcie_bytes_per_step"]))
             # the runtime keeps a table only where its share of a layer holds one call's padded
             # ids; a smaller one runs that part per micro-batch (meft_triton/offload/resident.py)
-            id_bound = min(config.num_neurons, batch.tokens * config.topk)
             mean_rows = sum(l.per_step for l in profile.layers) / len(profile.layers)
             value_share, grad_share = (s if s == 1.0 or s * mean_rows >= id_bound else 0.0 for s in options[0])
             record.update(value_budget_bytes=value_share * need_v, grad_budget_bytes=grad_share * need_g)
@@ -102,7 +102,7 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
                                              value_share=value_share, grad_share=grad_share))
         traffic = [layer_traffic(layer, policy=policy, hidden=d, key_width=r, es=batch.es,
                                  backward_rows=backward_rows, transfer=transfer,
-                                 id_bound=min(config.num_neurons, batch.tokens * config.topk), value_share=value_share,
+                                 id_bound=id_bound, value_share=value_share,
                                  grad_share=grad_share, num_neurons=config.num_neurons) for layer in profile.layers]
         ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
                             topk=config.topk, policy=policy, transfer=transfer)
@@ -119,9 +119,9 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         with_cpu = boundary(gpu, traffic, profile, compute, **args)
         link_only = boundary(gpu, traffic, profile, compute, include_cpu=False, **args)
         exposed_pcie = in_step_exposed(gpu, traffic, compute) + link_only
-        exposed_cpu = max(0.0, with_cpu - link_only) + in_step_cpu_exposed(gpu, traffic, compute, **args,
-                                                                            wire_es=FP32 if policy == "per-micro-batch"
-                                                                            else batch.es)
+        wire_es = FP32 if policy == "per-micro-batch" else batch.es  # the gradient rows' dtype on the link
+        exposed_cpu = max(0.0, with_cpu - link_only) + in_step_cpu_exposed(gpu, traffic, compute, hidden=d,
+                                                                            key_width=r, wire_es=wire_es)
     adapter = sum(v for k, v in gpu_bytes.items() if k not in ("backbone", "activations"))
     total = sum(gpu_bytes.values())
     compute_s = compute.step_s(batch.micro_batches)

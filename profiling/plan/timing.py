@@ -102,19 +102,21 @@ def compute_time(gpu: GPU, backbone: Backbone, batch: Batch, profile: RoutingPro
     return Compute(pass_s + fwd, pass_s + bwd + recompute, per_step)
 
 
+def _link_s(gpu: GPU, traffic: list[LayerTraffic], m: int) -> float:
+    """Micro-batch ``m``'s transfers on the full-duplex link, every layer's."""
+    h2d = sum(t.wire_h2d_mb[m] for t in traffic)
+    d2h = sum(t.d2h_mb[m] for t in traffic)
+    return max(h2d, d2h) / gpu.pcie_bytes_per_s
+
+
 def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute) -> float:
     """Per micro-batch: transfers beyond its compute (both directions at once)."""
     per_mb = compute.forward_s + compute.backward_s
-    exposed = 0.0
-    for m in range(len(traffic[0].h2d_mb)):
-        h2d = sum(t.wire_h2d_mb[m] for t in traffic)
-        d2h = sum(t.d2h_mb[m] for t in traffic)
-        exposed += max(0.0, max(h2d, d2h) / gpu.pcie_bytes_per_s - per_mb)
-    return exposed
+    return sum(max(0.0, _link_s(gpu, traffic, m) - per_mb) for m in range(len(traffic[0].h2d_mb)))
 
 
 def in_step_cpu_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute, *, hidden: int, key_width: int,
-                        es: int, wire_es: int) -> float:
+                        wire_es: int) -> float:
     """Per micro-batch: host time summing the gradient rows that came home (each layer's on its
     optimizer's worker thread, sharing the host's bandwidth; ``wire_es`` bytes per element on
     the wire), beyond what the micro-batch's compute and transfers already take."""
@@ -124,8 +126,7 @@ def in_step_cpu_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute,
     for m in range(len(traffic[0].d2h_mb)):
         rows = sum(t.d2h_mb[m] for t in traffic) / record
         cpu = rows * (key_width + hidden) * (wire_es + 2 * FP32) / gpu.host_bytes_per_s
-        link = max(sum(t.wire_h2d_mb[m] for t in traffic), sum(t.d2h_mb[m] for t in traffic)) / gpu.pcie_bytes_per_s
-        exposed += max(0.0, cpu - max(per_mb, link))
+        exposed += max(0.0, cpu - max(per_mb, _link_s(gpu, traffic, m)))
     return exposed
 
 
