@@ -42,8 +42,9 @@ def _expert_grads_kernel(
     stride_xt, stride_xd, stride_yt, stride_yd, stride_ko, stride_vo, stride_go,
     HAS_ROUTER: tl.constexpr, ROW_MAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROWS: tl.constexpr = True,
 ):
+    # ROWS False: dG alone (the factored backward leaves dK, dV to key_value_rows)
     if ROW_MAP:
         # only experts owning a picked row have rows to write; the list's padding is E
         expert = tl.load(row_experts_ptr + tl.program_id(0)).to(tl.int64)
@@ -78,14 +79,15 @@ def _expert_grads_kernel(
         if do_key:
             x = tl.load(x_ptr + token[:, None] * stride_xt + dims[None, :] * stride_xd,
                         mask=pair_ok[:, None] & key_ok[None, :], other=0.0)
-            dr = tl.load(grad_raw_ptr + coef_at, mask=coef_ok, other=0.0)
-            acc_k = tl.dot(dr, x, acc_k, input_precision=DOT_PRECISION)
+            if ROWS:
+                dr = tl.load(grad_raw_ptr + coef_at, mask=coef_ok, other=0.0)
+                acc_k = tl.dot(dr, x, acc_k, input_precision=DOT_PRECISION)
             if HAS_ROUTER:
                 if do_router:
                     dw = tl.load(grad_w_ptr + pair, mask=pair_ok, other=0.0)
                     dw = tl.where(g_row[:, None] == 0, dw[None, :], 0.0).to(x.dtype)
                     acc_g = tl.dot(dw, x, acc_g, input_precision=DOT_PRECISION)
-        if do_value:
+        if ROWS and do_value:
             dy = tl.load(dy_ptr + token[:, None] * stride_yt + dims[None, :] * stride_yd,
                          mask=pair_ok[:, None] & value_ok[None, :], other=0.0)
             act = tl.load(act_ptr + coef_at, mask=coef_ok, other=0.0)
@@ -99,10 +101,10 @@ def _expert_grads_kernel(
     else:
         row = neuron
         row_ok = s_ok
-    if do_key:
+    if ROWS and do_key:
         tl.store(key_out_ptr + row[:, None] * stride_ko + dims[None, :],
                  acc_k.to(key_out_ptr.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
-    if do_value:
+    if ROWS and do_value:
         tl.store(value_out_ptr + row[:, None] * stride_vo + dims[None, :],
                  acc_v.to(value_out_ptr.dtype.element_ty), mask=row_ok[:, None] & value_ok[None, :])
     if HAS_ROUTER:
@@ -187,20 +189,29 @@ def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, exper
     ``grad_w`` [T * P] fp32 are contiguous; ``order``/``offsets`` come from
     grouping.expert_segments. Outputs are [N, width] (``rows`` None) or the rows of
     ``rows`` = ``picked_rows(...)`` [len(rows.row_ids), width], padding rows zero, with unit
-    stride along the width. With ``rows``, only experts owning a picked row run, so
-    ``router_out`` must come zeroed: an expert none of whose neurons was picked has dw = 0 at
-    every pair.
+    stride along the width (views of one wider buffer work). With ``rows``, only experts
+    owning a picked row run, so ``router_out`` must come zeroed: an expert none of whose
+    neurons was picked has dw = 0 at every pair. ``key_out`` and ``value_out`` None (and the
+    tables None): dG alone, over every expert.
     """
     num_experts = offsets.numel() - 1
     key_width, value_width = x.shape[1], dy.shape[1]
+    with_rows = key_out is not None
+    if not with_rows and (router_out is None or rows is not None):
+        raise ValueError("expert_grads without key/value outputs computes dG alone: pass router_out, not rows")
+    width = max(key_width, value_width) if with_rows else key_width
     cfg = launch_config("expert_grads", x.device, x.dtype,
-                        pairs_per_expert=grad_w.numel() / num_experts,
-                        neurons_per_expert=neurons_per_expert, width=max(key_width, value_width))
+                        pairs_per_expert=x.shape[0] * experts_per_token / num_experts,
+                        neurons_per_expert=neurons_per_expert, width=width)
     row_pos, row_experts = (rows.row_pos, rows.row_experts) if rows is not None else (offsets, offsets)
     grid = (num_experts if rows is None else row_experts.numel(),
-            triton.cdiv(neurons_per_expert, cfg["BLOCK_S"]),
-            triton.cdiv(max(key_width, value_width), cfg["BLOCK_D"]))
+            triton.cdiv(neurons_per_expert, cfg["BLOCK_S"]) if with_rows else 1,
+            triton.cdiv(width, cfg["BLOCK_D"]))
     has_router = router_out is not None
+    key_out = key_out if with_rows else router_out
+    value_out = value_out if with_rows else router_out
+    grad_raw_table = grad_raw_table if with_rows else x
+    act_table = act_table if with_rows else x
     _expert_grads_kernel[grid](
         key_out, value_out, router_out if has_router else key_out,
         grad_raw_table, act_table, grad_w, x, dy, order, offsets, row_pos, row_experts,
@@ -209,7 +220,7 @@ def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, exper
         key_out.stride(0), value_out.stride(0), router_out.stride(0) if has_router else 0,
         HAS_ROUTER=has_router, ROW_MAP=rows is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
-        DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision, ROWS=with_rows, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if rows is not None and key_out.shape[0]:
         grid = (min(triton.cdiv(key_out.shape[0], 16), PADDING_PROGRAMS),)

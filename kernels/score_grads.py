@@ -122,7 +122,10 @@ def _score_grads_kernel(
     tl.store(grad_w_ptr + pair, grad_w, mask=pair_ok)
 
 
-def _pick_table(table, picks, neuron_ids, expert_ids, neurons_per_expert, gather):
+def fill_pick_table(table, picks, neuron_ids, expert_ids, neurons_per_expert, gather):
+    """Scatter ``picks`` [T, K] into the [T * P, S] ``table`` at each pick's place (``gather``
+    False; entries of no pick are left as they are), or gather them back (True). Internal
+    launcher: contiguous inputs (also what key_value_rows builds its tables with)."""
     num_tokens, experts_per_token = expert_ids.shape
     # one warp per token: a [BLOCK_K, P] owner tile of 64 x 8 is 16 elements per thread
     _pick_table_kernel[(num_tokens,)](
@@ -146,7 +149,7 @@ def score_grads(grad_y, x, keys, values, value_ids, expert_ids, gate_weights, ne
     device = x.device
     table_shape = (num_tokens * experts_per_token, neurons_per_expert)
     pick_table = torch.zeros(table_shape, dtype=torch.float32, device=device)
-    _pick_table(pick_table, activations, neuron_ids, expert_ids, neurons_per_expert, gather=False)
+    fill_pick_table(pick_table, activations, neuron_ids, expert_ids, neurons_per_expert, gather=False)
     if value_ids is None:
         value_pos = neuron_ids  # unused
     else:
@@ -172,5 +175,5 @@ def score_grads(grad_y, x, keys, values, value_ids, expert_ids, gate_weights, ne
         DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     grad_raw = torch.empty(neuron_ids.shape, dtype=torch.float32, device=device)
-    _pick_table(grad_raw_table, grad_raw, neuron_ids, expert_ids, neurons_per_expert, gather=True)
+    fill_pick_table(grad_raw_table, grad_raw, neuron_ids, expert_ids, neurons_per_expert, gather=True)
     return grad_raw, grad_w, grad_raw_table, act_table

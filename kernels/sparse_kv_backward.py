@@ -110,7 +110,10 @@ class SparseKVGrads(NamedTuple):
     them, with zero rows, up to R (the layout of the offload's slot ids). Sum rows into a table
     with ``index_add_`` (the padding adds nothing), or keep the rows before the first repeat.
     Without parameter gradients (``param_grads=False``) only ``hidden`` is set, the rest is
-    None."""
+    None. Factored (``factored=True``): ``hidden``, ``router_weight`` and ``pick_grads``
+    [T, K] fp32, the score gradient of each pick (dr_j, with the gate weight), which with
+    the call's activations, x and dy are the factors of its dK and dV
+    (:func:`~meft_triton.kernels.key_value_rows`); the key/value fields are None."""
 
     hidden: torch.Tensor
     router_weight: Optional[torch.Tensor]
@@ -119,12 +122,13 @@ class SparseKVGrads(NamedTuple):
     value_rows: Optional[torch.Tensor]
     keys: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
+    pick_grads: Optional[torch.Tensor] = None
 
 
 def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, gate_weights,
                        neuron_ids, activations, gate: str = "logit", dense: bool = True,
                        check_ids: bool = True, value_ids=None, param_grads: bool = True,
-                       gate_lse=None) -> SparseKVGrads:
+                       gate_lse=None, factored: bool = False) -> SparseKVGrads:
     """Backward of the MEFT adapter for saved selections.
 
     ``expert_ids`` [T, P], ``gate_weights`` [T, P] fp32, ``neuron_ids`` [T, K] and
@@ -149,6 +153,11 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
 
     ``param_grads=False`` computes only dx (a frozen layer still passes the gradient on):
     the per-expert GEMMs for dK, dV and dG and the softmax gate's dG GEMM are skipped.
+
+    ``factored=True`` leaves dK and dV as factors (SparseKVGrads): the per-expert GEMMs then
+    compute the "logit" gate's dG alone. Many calls' factors make one launch of
+    :func:`~meft_triton.kernels.key_value_rows` (placement "cpu" sums a whole optimizer
+    step's gradient rows that way, without a [N, r + d] table on the device).
     """
     check_tensor("grad_y", grad_y, 2, FLOAT_DTYPES)
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
@@ -166,6 +175,8 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
                   neuron_ids=neuron_ids, activations=activations)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if factored and dense:
+        raise ValueError("factored=True returns the key/value gradients as factors: pass dense=False")
     num_tokens, key_width = hidden.shape
     value_width = values.shape[1]
     num_experts = router_weight.shape[0]
@@ -227,6 +238,15 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
         return SparseKVGrads(grad_hidden, None, None, None, None, None, None)
 
     order, offsets = expert_segments(expert_ids, num_experts)
+    if factored:
+        grad_router = None
+        if gate == "logit":
+            grad_router = torch.empty(num_experts, key_width, dtype=router_weight.dtype, device=device)
+            expert_grads(None, None, grad_w, hidden, grad_y, order, offsets, experts_per_token,
+                         neurons_per_expert, None, None, grad_router, None, dot_precision(hidden.dtype))
+        else:
+            grad_router = (grad_logits.T @ hidden).to(router_weight.dtype)
+        return SparseKVGrads(grad_hidden, grad_router, None, None, None, None, None, grad_raw)
     grad_router = rows = None
     if gate == "logit":
         # row-sparse outputs run only the experts owning a picked row; the rest have dG = 0

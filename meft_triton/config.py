@@ -15,6 +15,7 @@ PLACEMENTS = ("gpu", "cpu")
 TRANSFERS = ("cpu_gather", "zero_copy")
 BACKWARD_ROWS = ("refetch", "keep")
 RESIDENCIES = ("per-micro-batch", "resident")
+GRADIENT_FORMS = ("rows", "factors")
 AUTO = "auto"
 
 
@@ -84,6 +85,16 @@ class MEFTConfig:
     share cannot hold one call's rows runs that part per micro-batch. "per-micro-batch" is the
     opt-out: it keeps each backward's gradient rows exact in fp32 on their way home (under
     "resident" an fp16 compute dtype rounds the step's sums) and keeps no device tables.
+
+    ``gradient_form`` (residency "resident"): what ``gradient_budget`` holds on the device
+    between a step's backwards. "rows": fp32 sums of the gradient rows, (r + d) x 4 bytes per
+    row the step touches. "factors": each backward's factors of its key/value gradients, its
+    x and dy and per-pick coefficients, (r + d) x es + 16 K_top + 8 P bytes per token, turned
+    into rows by one grouped GEMM over all the held tokens when the budget is full and at the
+    step. A micro-batch of T tokens touches U ~ N (1 - exp(-T K_top / N)) rows, so factors
+    take far fewer bytes whenever T < U (both MEFT presets): a budget too small for the sums
+    holds many micro-batches' factors, and rows cross PCIe a few times per step instead of
+    every micro-batch. ``python -m profiling.plan`` compares both.
     """
 
     num_neurons: int = 4096
@@ -102,6 +113,7 @@ class MEFTConfig:
     residency: str = "resident"
     value_budget: int | str = AUTO
     gradient_budget: int | str = AUTO
+    gradient_form: str = "rows"
 
     def __post_init__(self) -> None:
         check_int("num_neurons", self.num_neurons)
@@ -132,6 +144,7 @@ class MEFTConfig:
         if self.low_key_dim is not None:
             check_int("low_key_dim", self.low_key_dim)
         check_choice("residency", self.residency, RESIDENCIES)
+        check_choice("gradient_form", self.gradient_form, GRADIENT_FORMS)
         for name in ("value_budget", "gradient_budget"):
             value = getattr(self, name)
             if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -68,13 +68,24 @@ class TritonStages:
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
-                 activations, local_ids, gate, gate_lse=None, param_grads=True):
+                 activations, local_ids, gate, gate_lse=None, param_grads=True, factored=False):
         from meft_triton.kernels import sparse_kv_backward
 
         grads = sparse_kv_backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights,
                                    neuron_ids, activations, gate, dense=False, check_ids=False,
-                                   value_ids=local_ids, param_grads=param_grads, gate_lse=gate_lse)
+                                   value_ids=local_ids, param_grads=param_grads, gate_lse=gate_lse,
+                                   factored=factored)
+        if factored:
+            return grads.hidden, grads.router_weight, grads.pick_grads
         return grads.hidden, grads.router_weight, grads.row_ids, grads.key_rows, grads.value_rows
+
+    @staticmethod
+    def key_value_rows(hidden, grad_y, expert_ids, neuron_ids, pick_grads, activations, num_rows, num_experts,
+                       out_dtype):
+        from meft_triton.kernels import key_value_rows
+
+        return tuple(key_value_rows(hidden, grad_y, expert_ids, neuron_ids, pick_grads, activations, num_rows,
+                                    num_experts, out_dtype, check_ids=False))
 
 
 class TorchStages:
@@ -101,7 +112,8 @@ class TorchStages:
 
     @staticmethod
     def backward(grad_y, hidden, router_weight, keys, rows, expert_ids, gate_weights, neuron_ids,
-                 activations, local_ids, gate, gate_lse=None, param_grads=True):
+                 activations, local_ids, gate, gate_lse=None, param_grads=True, factored=False):
+        """``factored``: (dh, dG, dr per pick) instead of the gradient rows (key_value_rows)."""
         active, _ = unique_ids(neuron_ids, keys.shape[0])  # the forward's slot order
         num_experts = router_weight.shape[0]
         neurons_per_expert = keys.shape[0] // num_experts
@@ -114,12 +126,28 @@ class TorchStages:
             match = (owner[:, :, None] == expert_ids.long()[:, None, :]).to(weights.dtype)
             # gather_rows: the key/value gradient rows of one neuron are summed in a fixed order
             picked_keys = reference.gather_rows(key_rows, local_ids)
-            scores = (match * weights[:, None, :]).sum(-1) * torch.einsum("td,tkd->tk", h, picked_keys)
+            raw = torch.einsum("td,tkd->tk", h, picked_keys)
+            scores = (match * weights[:, None, :]).sum(-1) * raw
             y = torch.einsum("tk,tkd->td", torch.relu(scores), reference.gather_rows(value_rows, local_ids))
             if not param_grads:
                 return torch.autograd.grad(y, h, grad_y)[0], None, None, None, None
+            if factored:  # d raw = dr: the factor dK_j = sum dr x_t takes (key_value_rows)
+                dh, dg, draw = torch.autograd.grad(y, (h, g, raw), grad_y)
+                return dh, dg, draw.float()
             dh, dg, dk, dv = torch.autograd.grad(y, (h, g, key_rows, value_rows), grad_y)
         return dh, dg, active, dk.float(), dv.float()
+
+    @staticmethod
+    def key_value_rows(hidden, grad_y, expert_ids, neuron_ids, pick_grads, activations, num_rows, num_experts,
+                       out_dtype):
+        """(row ids, rows [R, r + d]) as :func:`meft_triton.kernels.key_value_rows` returns them."""
+        active, local = unique_ids(neuron_ids, num_rows)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.zeros(active.numel(), hidden.shape[1] + grad_y.shape[1], dtype=acc, device=hidden.device)
+        terms = torch.cat([pick_grads[:, :, None] * hidden[:, None, :].to(acc),
+                           activations[:, :, None] * grad_y[:, None, :].to(acc)], dim=2)
+        out.index_add_(0, local.reshape(-1), terms.reshape(-1, out.shape[1]))
+        return active, out.to(out_dtype)
 
 
 def stages_for(hidden: Tensor, backend: str):

@@ -20,6 +20,14 @@ runs on the device, so the training thread never reads device data to decide wha
   compute dtype, padded by repeats of the last valid id with zero rows (the padding the copy
   engines and ``offload_grads(padded=True)`` drop), and clears the sums.
 
+* :class:`GradientFactors` (``MEFTConfig(gradient_form="factors")``): instead of sums, each
+  backward's factors of its key/value gradients (its x, dy, expert ids, picks, their score
+  gradients and activations: T (r + d) numbers where its rows take U (r + d), and one
+  micro-batch of T tokens touches U >> T rows), appended to per-layer arenas of a capacity in
+  tokens. When the next backward would not fit, or at the step, one launch of
+  :func:`~meft_triton.kernels.key_value_rows` over all the held tokens computes their rows
+  (the bound min(N, tokens x K_top), padded the same way) in the compute dtype, which go home.
+
 A call whose rows are all on the device still hands the engine one row (the padded-ids
 contract has no empty list); that row lands in the trash row and is counted.
 """
@@ -200,6 +208,59 @@ class GradientSums:
         self.bound = 0
 
 
+class GradientFactors:
+    """One layer's key/value gradient factors held across the micro-batches of a step (module
+    docstring), in arenas of ``capacity`` tokens created at the first :meth:`add`."""
+
+    def __init__(self, num_rows: int, num_experts: int, capacity: int) -> None:
+        self.num_rows, self.num_experts, self.capacity = num_rows, num_experts, capacity
+        self.tokens = 0  # tokens held (host-known)
+        self.arenas: list[Tensor] | None = None
+        self.stages = None  # the backend that computes the rows (the calls')
+
+    @staticmethod
+    def token_bytes(*, key_width: int, hidden: int, experts_per_token: int, topk: int, es: int) -> int:
+        """Device bytes per held token: x and dy in the compute dtype, int64 expert and neuron
+        ids, fp32 score gradient and activation per pick."""
+        return (key_width + hidden) * es + experts_per_token * 8 + topk * (8 + 4 + 4)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.arenas is None else sum(t.numel() * t.element_size() for t in self.arenas)
+
+    def room_for(self, num_tokens: int) -> bool:
+        return self.tokens + num_tokens <= self.capacity
+
+    def add(self, stages, hidden: Tensor, grad_y: Tensor, expert_ids: Tensor, neuron_ids: Tensor,
+            pick_grads: Tensor, activations: Tensor) -> None:
+        """Append one backward's factors (check :meth:`room_for` first)."""
+        parts = (hidden, grad_y, expert_ids.long(), neuron_ids.long(), pick_grads, activations)
+        n = hidden.shape[0]
+        if not self.room_for(n):
+            raise RuntimeError(f"{n} tokens of gradient factors could overflow ({self.tokens} of {self.capacity}): "
+                               "flush first")
+        if self.arenas is None:
+            self.arenas = [torch.empty(self.capacity, *p.shape[1:], dtype=p.dtype, device=p.device) for p in parts]
+        for arena, part in zip(self.arenas, parts):
+            arena[self.tokens:self.tokens + n].copy_(part)
+        self.tokens += n
+        self.stages = stages
+
+    def take(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The held tokens' key/value gradient rows ``(ids, rows)`` in ``dtype`` (fresh tensors,
+        padded like :meth:`GradientSums.take`'s), and clear; None when nothing was added."""
+        if self.tokens == 0:
+            return None
+        with torch.no_grad():
+            held = [arena[:self.tokens] for arena in self.arenas]
+            ids, rows = self.stages.key_value_rows(*held, self.num_rows, self.num_experts, dtype)
+        self.clear()
+        return ids, rows
+
+    def clear(self) -> None:
+        self.tokens = 0
+
+
 class ResidentLayer:
     """Residency "resident" for one layer (``rows``, an :class:`~.rows.OffloadedRows`): its two
     tables, sized from ``MEFTConfig.value_budget`` / ``gradient_budget`` (split evenly over the
@@ -207,13 +268,16 @@ class ResidentLayer:
 
     A budget whose share holds less than one call's padded ids runs that part per micro-batch:
     no value table (the call's rows go through a slot as under "per-micro-batch"), or no
-    gradient sums (each backward's rows go home at once, in the compute dtype).
+    gradient sums (each backward's rows go home at once, in the compute dtype). Under
+    ``gradient_form="factors"`` the gradient budget holds :class:`GradientFactors` instead of
+    sums; a backward with more tokens than its share holds sends its rows home at once.
     """
 
     def __init__(self, rows) -> None:
         self.rows = rows
         self.values: ResidentValues | None = None
         self.grads: GradientSums | None = None
+        self.factors: GradientFactors | None = None
         self.id_bound = 0  # the padded ids the tables were sized for
 
     def _budgets(self, es: int) -> tuple[int, int]:
@@ -246,7 +310,15 @@ class ResidentLayer:
         device = self.rows.key_cache.tensor.device
         self.values = (ResidentValues(store.num_rows, store.hidden_size, value_rows, runtime.dtype, device)
                        if value_rows >= id_bound else None)
-        self.grads = GradientSums(store.num_rows, store.row_width, grad_rows, device) if grad_rows >= id_bound else None
+        cfg = self.rows.adapter.config
+        self.grads = self.factors = None
+        if cfg.gradient_form == "factors":
+            token_bytes = GradientFactors.token_bytes(key_width=store.key_size, hidden=store.hidden_size,
+                                                      experts_per_token=cfg.experts_per_token, topk=cfg.topk, es=es)
+            tokens = grad_budget // (layers * token_bytes)
+            self.factors = GradientFactors(store.num_rows, cfg.num_experts, tokens) if tokens else None
+        elif grad_rows >= id_bound:
+            self.grads = GradientSums(store.num_rows, store.row_width, grad_rows, device)
         self.id_bound = id_bound
 
     def fetch(self, active: Tensor, phase: str):
@@ -282,6 +354,17 @@ class ResidentLayer:
         if values is self.values:
             values.drop(fill[0])
 
+    def holds_factors(self, num_tokens: int) -> bool:
+        """Whether a backward of ``num_tokens`` tokens keeps its gradient as factors."""
+        return self.factors is not None and num_tokens <= self.factors.capacity
+
+    def keep_factors(self, stages, *factors: Tensor) -> None:
+        """One backward's gradient factors (:meth:`GradientFactors.add`'s), the held ones sent
+        home as rows first if they would not fit."""
+        if not self.factors.room_for(factors[0].shape[0]):
+            self.flush()
+        self.factors.add(stages, *factors)
+
     def ship(self, row_ids: Tensor, grad_rows: Tensor) -> None:
         """One backward's gradient rows (padded ascending ids): summed on the device (the sums
         sent home first if they could overflow), or home at once without gradient sums."""
@@ -295,7 +378,8 @@ class ResidentLayer:
     def flush(self) -> None:
         """Start sending the summed gradient rows home in the compute dtype (nothing to do when
         no backward ran since the last flush)."""
-        taken = None if self.grads is None else self.grads.take(self.rows.runtime.dtype)
+        held = self.factors if self.factors is not None else self.grads
+        taken = None if held is None else held.take(self.rows.runtime.dtype)
         if taken is not None:
             self._send(*taken)
 
@@ -305,8 +389,9 @@ class ResidentLayer:
         self.rows.grads_sent(runtime.prefetcher.offload_grads(self.rows.layer, ids, rows, padded=True))
 
     def clear_grads(self) -> None:
-        if self.grads is not None:
-            self.grads.clear()
+        for held in (self.grads, self.factors):
+            if held is not None:
+                held.clear()
 
     def forget(self, row_ids: Tensor | None) -> None:
         """The master rows ``row_ids`` (None: all) changed: their device copies are stale."""

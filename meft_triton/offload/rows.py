@@ -16,7 +16,8 @@ FFN:
 Under ``residency="resident"`` (the default, :mod:`.resident`) the slot carries only the rows
 not yet on the device, into a per-layer value table where a row stays for the rest of the
 optimizer step, forward and backward; backward's key/value gradient rows are summed on the
-device and sent home once per step in the compute dtype. Under ``residency="per-micro-batch"``
+device (or, ``gradient_form="factors"``, kept as factors and turned into rows when the budget
+is full and at the step) and sent home in the compute dtype. Under ``residency="per-micro-batch"``
 every call reads all its rows from the slot, backward fetches them again (or keeps them,
 ``backward_rows="keep"``), and each backward sends its gradient rows home at once in fp32
 (:attr:`OffloadedRows.pending_grads`). Either way dh and d router are computed on the device,
@@ -314,19 +315,22 @@ class _OffloadedValues(torch.autograd.Function):
         trained = router_weight.requires_grad
         stages = stages_for(hidden, cfg.backend)
 
+        grad_y = grad_y.to(hidden.dtype).contiguous()
+        # residency "resident" with gradient_form "factors": dK, dV stay factors until the flush
+        factored = trained and rows.is_resident and rows.residency.holds_factors(hidden.shape[0])
+
         def backward_stage(slot: Tensor):
             return stages.backward(
-                grad_y.to(hidden.dtype).contiguous(), hidden, router_weight.to(hidden.dtype), rows.key_cache.tensor,
+                grad_y, hidden, router_weight.to(hidden.dtype), rows.key_cache.tensor,
                 slot, routed.expert_ids, routed.gate_weights, routed.neuron_ids, routed.activations,
-                routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained)
+                routed.local_ids, cfg.gate, routed.gate_lse, param_grads=trained, factored=factored)
 
         resident = routed.fill is not None and rows.residency.values is not None
         if resident:  # the forward's rows, fetched again unless surely still there
             tables, forgets = routed.resident_as_of
             if tables is not rows.residency.values or not tables.still_holds(forgets):
                 rows.residency.land(*rows.residency.fetch(routed.active, "backward"))
-            grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(
-                rows.residency.values.gather(routed.active))
+            grads = backward_stage(rows.residency.values.gather(routed.active))
         else:
             prefetcher = runtime.prefetcher
             # The forward's own ids: a second forward (or a checkpoint's recompute) before this
@@ -336,11 +340,17 @@ class _OffloadedValues(torch.autograd.Function):
             slot = prefetcher.acquire(ticket)
             runtime.bytes_to_device += ticket.copied_bytes(slot)
             try:
-                grad_hidden, grad_router, row_ids, key_rows, value_rows = backward_stage(slot)
+                grads = backward_stage(slot)
             finally:
                 prefetcher.release(ticket)
+        grad_hidden, grad_router = grads[:2]
         if not trained:
             return grad_hidden, None, None, None, None
+        if factored:
+            rows.residency.keep_factors(stages, hidden, grad_y, routed.expert_ids, routed.neuron_ids, grads[2],
+                                        routed.activations)
+            return grad_hidden, grad_router.to(router_weight.dtype), None, None, None
+        row_ids, key_rows, value_rows = grads[2:]
         grad_rows = torch.cat([key_rows, value_rows], dim=1)
         if rows.is_resident:
             rows.residency.ship(row_ids, grad_rows)

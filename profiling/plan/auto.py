@@ -26,7 +26,9 @@ def resident_budgets(*, layers: int, num_neurons: int, hidden: int, key_width: i
     need; else ``FREE_SHARE`` of it (on CPU compute: of the host's available RAM), values first (their table saves the most bytes
     per byte of budget: each resident row spares a copy per micro-batch, forward and
     backward), then the gradient sums. A layer whose share holds less than one call's rows
-    runs that part per micro-batch (meft_triton/offload/resident.py)."""
+    runs that part per micro-batch (meft_triton/offload/resident.py). Under
+    ``gradient_form="factors"`` the same gradient bytes hold factors instead of sums (the
+    micro-batches per step are unknown here; the planner sizes them exactly)."""
     for name, value in (("layers", layers), ("num_neurons", num_neurons), ("hidden", hidden),
                         ("key_width", key_width), ("es", es)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

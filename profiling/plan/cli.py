@@ -8,7 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from meft_triton import MEFTConfig
-from meft_triton.config import BACKWARD_ROWS, TRANSFERS
+from meft_triton.config import BACKWARD_ROWS, GRADIENT_FORMS, TRANSFERS
 
 from .data_parallel import Parallel
 from .inputs import DTYPE_BYTES, Batch, load_gpu, resolve_model
@@ -17,7 +17,7 @@ from .routing import load_profile, uniform_profile
 
 GPUS = ("rtx-4090", "a100-80gb", "h100-sxm", "h100-pcie", "h200")
 MEFT_FIELDS = ("num_neurons", "num_experts", "experts_per_token", "topk", "low_key_dim",
-               "backward_rows", "transfer")
+               "backward_rows", "transfer", "gradient_form")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
         m.add_argument("--" + name.replace("_", "-"), type=int)
     m.add_argument("--backward-rows", choices=BACKWARD_ROWS, help="default: both are planned")
     m.add_argument("--transfer", choices=TRANSFERS, help="default: both are planned")
+    m.add_argument("--gradient-form", choices=GRADIENT_FORMS, help="resident policy; default: both are planned")
     g = p.add_argument_group("GPU and host overrides")
     g.add_argument("--memory-gb", type=float, help="GPU memory, GiB")
     g.add_argument("--hbm-gbs", type=float, help="HBM bandwidth, GB/s")
@@ -116,14 +117,15 @@ def _fmt_gib(x: float) -> str:
 
 
 def summary_table(records: list[dict[str, Any]]) -> str:
-    head = ("| placement | policy | backward_rows | transfer | fits | adapter GPU GiB | total GPU GiB | "
+    head = ("| placement | policy | gradients | backward_rows | transfer | fits | adapter GPU GiB | total GPU GiB | "
             "CPU RAM GiB | PCIe GB/step | × floor | compute s | exposed PCIe s | exposed CPU s | "
             "predicted s | × compute |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         ratio = "–" if r["pcie_over_floor"] is None else f"{r['pcie_over_floor']:.2f}"
         rows.append(
-            f"| {r['placement']} | {r['policy']} | {r['backward_rows'] if r['placement'] == 'cpu' else '–'} | "
+            f"| {r['placement']} | {r['policy']} | {r['gradient_form'] if r['policy'] == 'resident' else '–'} | "
+            f"{r['backward_rows'] if r['placement'] == 'cpu' else '–'} | "
             f"{r['transfer'] if r['placement'] == 'cpu' else '–'} | {'yes' if r['fits'] else 'no'} | "
             f"{_fmt_gib(r['adapter_gpu_bytes'])} | {_fmt_gib(r['total_gpu_bytes'])} | "
             f"{_fmt_gib(r['cpu_ram_total_bytes'])} | {r['pcie_bytes_per_step'] / 1e9:.1f} | {ratio} | "
@@ -147,10 +149,11 @@ def data_parallel_table(records: list[dict[str, Any]]) -> str:
 
 
 def components_table(records: list[dict[str, Any]]) -> str:
-    """GPU and CPU bytes by component, for the fastest variant of each (placement, policy)."""
-    groups: dict[tuple[str, str], dict] = {}
+    """GPU and CPU bytes by component, for the fastest variant of each (placement, policy,
+    gradient form)."""
+    groups: dict[tuple[str, str, str], dict] = {}
     for r in records:
-        key = (r["placement"], r["policy"])
+        key = (r["placement"], r["policy"], r["gradient_form"])
         if key not in groups or r["predicted_step_s"] < groups[key]["predicted_step_s"]:
             groups[key] = r
     cols = list(groups.values())
@@ -161,6 +164,7 @@ def components_table(records: list[dict[str, Any]]) -> str:
     for r in cols:
         ram_names += [k for k in r["cpu_ram_bytes"] if k not in ram_names]
     head = "| GiB | " + " | ".join(f"{r['placement']}, {r['policy']}" + (
+        f" {r['gradient_form']}" if r["policy"] == "resident" else "") + (
         f" ({r['backward_rows']}, {r['transfer']})" if r["placement"] == "cpu" else "") for r in cols) + " |"
     lines = [head, "|---|" + "---|" * len(cols)]
     for n in names:
@@ -197,7 +201,8 @@ def report(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
     if chosen is None:
         out.append(why_nothing_fits(records))
     else:
-        out.append(f"fastest that fits: placement {chosen['placement']!r}, policy {chosen['policy']!r}, "
+        form = f", gradient_form {chosen['gradient_form']!r}" if chosen["policy"] == "resident" else ""
+        out.append(f"fastest that fits: placement {chosen['placement']!r}, policy {chosen['policy']!r}{form}, "
                    f"predicted {chosen['predicted_step_s']:.3f} s per step "
                    f"({chosen['predicted_step_s'] / chosen['compute_s']:.2f}x its GPU compute)")
         out.append(chosen["meft_config"])

@@ -18,10 +18,14 @@ element size es; U: rows a micro-batch touches, V: rows the step touches):
   rows, the host-known bound of a call's active ids) and the key write-back's 2 staging slots; under "keep" every layer's
   forward rows until its backward; the gradient rows of one layer's backward (fp32 dK, dV and
   their concatenation); under "resident" the resident value rows and the fp32 gradient sums,
-  within their budgets.
+  within their budgets; with gradient_form "factors" instead of the sums and the backward's
+  rows, the factors of F micro-batches per layer (resident.py ``GradientFactors.token_bytes``
+  per token) and one layer's flush: its rows in the compute dtype and the two coefficient
+  tables key_value_rows builds (F T P S es each).
 * CPU RAM (placement "cpu"): fp32 masters and two AdamW moments (N (r + d) x 12 B per layer);
-  two gradient accumulators per layer (one fills while the other steps), each grown like
-  SparseRowAdamW's (at least double, capped at N); per-micro-batch: every micro-batch's fp32
+  where gradient rows come home during the step, two gradient accumulators per layer (one
+  fills while the other steps), each grown like SparseRowAdamW's (at least double, capped at
+  N; a step's single batch of rows is read as it came, without them); per-micro-batch: every micro-batch's fp32
   gradient rows held pinned until the step; resident: one compute-dtype staging copy of the
   summed gradients, and with zero_copy (16-bit compute dtype) the shadow of the values it reads.
 """
@@ -74,32 +78,56 @@ def gpu_placement_bytes(backbone: Backbone, batch: Batch, num_neurons: int, key_
             "compute-dtype copies saved for backward": float(rows * batch.es)}
 
 
+def factor_token_bytes(*, key_width: int, hidden: int, experts_per_token: int, topk: int, es: int) -> int:
+    """Device bytes of one token's gradient factors (the runtime's own formula)."""
+    from meft_triton.offload.resident import GradientFactors
+
+    return GradientFactors.token_bytes(key_width=key_width, hidden=hidden, experts_per_token=experts_per_token,
+                                       topk=topk, es=es)
+
+
 def cpu_placement_bytes(backbone: Backbone, batch: Batch, profile: RoutingProfile, *, num_neurons: int,
                         key_width: int, topk: int, policy: str, backward_rows: str, value_share: float = 1.0,
-                        grad_share: float = 1.0) -> dict:
+                        grad_share: float = 1.0, factor_period: int | None = None, num_experts: int = 1,
+                        experts_per_token: int = 1) -> dict:
+    """``factor_period``: gradient_form "factors" holding that many micro-batches per layer
+    (None: the rows form; ``grad_share`` is then the sums' share)."""
     d, r, es, L = backbone.hidden_size, key_width, batch.es, backbone.layers
     max_v = max(layer.per_step for layer in profile.layers)
+    bound = slot_rows(num_neurons, batch.tokens, topk)
     out = {
         "key cache": float(L * num_neurons * r * es),
-        "value slots": float(2 * slot_rows(num_neurons, batch.tokens, topk) * d * es + 2 * min(max_v, WRITE_BACK_CHUNK_ROWS) * r * es),
-        "gradient rows (one backward)": float(2 * slot_rows(num_neurons, batch.tokens, topk) * (r + d) * FP32),
+        "value slots": float(2 * bound * d * es + 2 * min(max_v, WRITE_BACK_CHUNK_ROWS) * r * es),
     }
+    if factor_period is None:
+        out["gradient rows (one backward)"] = float(2 * bound * (r + d) * FP32)
+    else:
+        held = factor_period * batch.tokens
+        tables = 2 * held * experts_per_token * (num_neurons // num_experts) * es
+        out["gradient rows (one flush)"] = float(min(num_neurons, factor_period * bound) * (r + d) * es + tables)
     if backward_rows == "keep":
         kept = sum(max(layer.per_micro_batch) for layer in profile.layers) * d * es
         # resident rows serve the backward; only evicted ones would be kept
         out["kept forward rows"] = float(kept if policy == "per-micro-batch" else (1 - value_share) * kept)
     if policy == "resident":
         out["resident value rows"] = float(value_share * sum(l.per_step for l in profile.layers) * d * es)
-        out["gradient sums (fp32)"] = float(grad_share * sum(l.per_step for l in profile.layers) * (r + d) * FP32)
+        if factor_period is None:
+            out["gradient sums (fp32)"] = float(grad_share * sum(l.per_step for l in profile.layers) * (r + d) * FP32)
+        else:
+            out["gradient factors"] = float(L * factor_period * batch.tokens * factor_token_bytes(
+                key_width=r, hidden=d, experts_per_token=experts_per_token, topk=topk, es=es))
     return out
 
 
 def cpu_ram_bytes(backbone: Backbone, batch: Batch, profile: RoutingProfile, *, num_neurons: int,
-                  key_width: int, topk: int, policy: str, transfer: str) -> dict:
+                  key_width: int, topk: int, policy: str, transfer: str, in_step_sends: bool = True) -> dict:
+    """``in_step_sends``: gradient rows come home during the step, not only at it (the fp32
+    accumulators exist only then: a step's single batch is read as it came)."""
     d, r, es, L = backbone.hidden_size, key_width, batch.es, backbone.layers
-    acc = sum(accumulator_rows(l.cumulative, num_neurons) for l in profile.layers)
-    out = {"masters + AdamW moments (fp32)": float(L * num_neurons * (r + d) * 12),
-           "gradient accumulators": float(2 * acc * (r + d) * FP32)}
+    out = {"masters + AdamW moments (fp32)": float(L * num_neurons * (r + d) * 12)}
+    if in_step_sends or policy == "per-micro-batch":
+        acc = sum(accumulator_rows(l.cumulative, num_neurons) for l in profile.layers)
+        out["gradient accumulators"] = float(2 * acc * (r + d) * FP32)
     if policy == "per-micro-batch":
         # each backward's rows are summed as they land (offload/rows.py grads_sent): one
         # micro-batch's landing while the one before is summed

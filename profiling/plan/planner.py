@@ -1,4 +1,4 @@
-"""One record per candidate (placement, residency policy, backward_rows, transfer): GPU and CPU
+"""One record per candidate (placement, residency policy, gradient form, backward_rows, transfer): GPU and CPU
 bytes by component, PCIe bytes per step against their floor, and the predicted step time; for a
 data-parallel run also the CPU RAM of a node and the gradient bytes a rank sends (data_parallel)."""
 
@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from meft_triton import MEFTConfig
+from meft_triton.config import GRADIENT_FORMS
 
 from .data_parallel import Parallel, gradient_bytes, node_ram_bytes
 from .inputs import GPU, Backbone, Batch
-from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, gpu_placement_bytes
+from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, factor_token_bytes, gpu_placement_bytes
 from .routing import RoutingProfile
 from .timing import boundary_resident, boundary_today, compute_time, in_step_cpu_exposed, in_step_exposed
 from .traffic import FP32, POLICIES, layer_traffic
@@ -28,11 +29,13 @@ class Budgets:
     grads: float | None = None
 
 
-def _candidates(config: MEFTConfig, fixed: set[str]) -> list[tuple[str, str, str, str]]:
+def _candidates(config: MEFTConfig, fixed: set[str]) -> list[tuple[str, str, str, str, str]]:
     rows = ("refetch", "keep") if "backward_rows" not in fixed else (config.backward_rows,)
     transfers = ("cpu_gather", "zero_copy") if "transfer" not in fixed else (config.transfer,)
-    out = [("gpu", NO_POLICY, config.backward_rows, config.transfer)]
-    out += [("cpu", p, b, t) for p in POLICIES for b in rows for t in transfers]
+    forms = GRADIENT_FORMS if "gradient_form" not in fixed else (config.gradient_form,)
+    out = [("gpu", NO_POLICY, "rows", config.backward_rows, config.transfer)]
+    for p in POLICIES:  # the gradient form is the resident policy's
+        out += [("cpu", p, f, b, t) for f in (forms if p == "resident" else ("rows",)) for b in rows for t in transfers]
     return out
 
 
@@ -55,9 +58,10 @@ def _share_options(free: float, need_v: float, need_g: float, budgets: Budgets) 
 def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile: RoutingProfile, *,
              placement: str, policy: str, backward_rows: str, transfer: str, reserve_bytes: float,
              budgets: Budgets = Budgets(), shares: tuple[float, float] | None = None,
-             parallel: Parallel = Parallel()) -> dict[str, Any]:
+             parallel: Parallel = Parallel(), gradient_form: str = "rows") -> dict[str, Any]:
     """One candidate's record. ``shares``: the resident budgets as shares of the step's need
-    (None: from ``budgets``, the fastest split when "auto" cannot hold everything).
+    (None: from ``budgets``, the fastest split when "auto" cannot hold everything); under
+    ``gradient_form="factors"`` the gradient budget's need is every micro-batch's factors.
     ``parallel``: the data-parallel layout; CPU RAM is then per node (``cpu_ram_*``, against
     the host's RAM) and ``grad_bytes_sent_per_rank`` counts the gradient exchange."""
     d = backbone.hidden_size
@@ -70,14 +74,18 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
     ram: dict[str, float] = {}
     compute = compute_time(gpu, backbone, batch, profile, placement=placement, **shape)
     record: dict[str, Any] = dict(placement=placement, policy=policy, backward_rows=backward_rows,
-                                  transfer=transfer)
+                                  transfer=transfer, gradient_form=gradient_form)
     if placement == "gpu":
         gpu_bytes.update(gpu_placement_bytes(backbone, batch, config.num_neurons, r))
         h2d = d2h = wire = floor = 0.0
         exposed_pcie = exposed_cpu = 0.0
     else:
         value_share = grad_share = 1.0
+        factor_period = None  # gradient_form "factors": the micro-batches a layer's budget holds
         id_bound = min(config.num_neurons, batch.tokens * config.topk)  # a call's padded ids
+        M, L = batch.micro_batches, backbone.layers
+        token_bytes = factor_token_bytes(key_width=r, hidden=d, experts_per_token=config.experts_per_token,
+                                         topk=config.topk, es=batch.es)
         if policy == "resident":
             base = cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
                                        topk=config.topk,
@@ -86,26 +94,39 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
             free = usable - sum(gpu_bytes.values()) - sum(base.values())
             need_v = sum(l.per_step for l in profile.layers) * d * batch.es
             need_g = sum(l.per_step for l in profile.layers) * (r + d) * 4
+            if gradient_form == "factors":
+                need_g = L * M * batch.tokens * token_bytes
             options = [shares] if shares is not None else _share_options(free, need_v, need_g, budgets)
             if len(options) > 1:
                 again = dict(placement=placement, policy=policy, backward_rows=backward_rows, transfer=transfer,
-                             reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel)
+                             reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel,
+                             gradient_form=gradient_form)
                 return min((evaluate(gpu, backbone, batch, config, profile, shares=o, **again) for o in options),
                            key=lambda rec: (rec["predicted_step_s"], rec["pcie_bytes_per_step"]))
             # the runtime keeps a table only where its share of a layer holds one call's padded
             # ids; a smaller one runs that part per micro-batch (meft_triton/offload/resident.py)
             mean_rows = sum(l.per_step for l in profile.layers) / len(profile.layers)
             value_share, grad_share = (s if s == 1.0 or s * mean_rows >= id_bound else 0.0 for s in options[0])
+            if gradient_form == "factors":  # whole micro-batches; none held: each backward's rows at once
+                factor_period = min(M, int(options[0][1] * M + 1e-9))
+                grad_share = factor_period / M
+                factor_period = factor_period or None
             record.update(value_budget_bytes=value_share * need_v, grad_budget_bytes=grad_share * need_g)
+        sums_share = 0.0 if gradient_form == "factors" else grad_share
         gpu_bytes.update(cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons,
                                              key_width=r, topk=config.topk, policy=policy, backward_rows=backward_rows,
-                                             value_share=value_share, grad_share=grad_share))
+                                             value_share=value_share, grad_share=sums_share,
+                                             factor_period=factor_period, num_experts=config.num_experts,
+                                             experts_per_token=config.experts_per_token))
         traffic = [layer_traffic(layer, policy=policy, hidden=d, key_width=r, es=batch.es,
                                  backward_rows=backward_rows, transfer=transfer,
                                  id_bound=id_bound, value_share=value_share,
-                                 grad_share=grad_share, num_neurons=config.num_neurons) for layer in profile.layers]
+                                 grad_share=sums_share, num_neurons=config.num_neurons,
+                                 factor_period=factor_period) for layer in profile.layers]
         ram = cpu_ram_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
-                            topk=config.topk, policy=policy, transfer=transfer)
+                            topk=config.topk, policy=policy, transfer=transfer,
+                            # (a data-parallel leader sums the other ranks' rows into them)
+                            in_step_sends=any(sum(t.d2h_mb) for t in traffic) or parallel.world_size > 1)
         if policy == "resident" and any(sum(t.d2h_mb) for t in traffic):
             # rows sent home during the step (a gradient budget below the step's rows), summed
             # as they land: one micro-batch's landing while the one before is summed
@@ -156,13 +177,15 @@ def config_line(cfg: MEFTConfig, record: dict) -> str:
         budgets = {}
         if record["policy"] == "resident":
             budgets = dict(value_budget=max(1, int(record["value_budget_bytes"])),
-                           gradient_budget=max(1, int(record["grad_budget_bytes"])))
+                           gradient_budget=max(1, int(record["grad_budget_bytes"])),
+                           gradient_form=record["gradient_form"])
         cfg = cfg.replace(residency=record["policy"], **budgets)
     defaults = MEFTConfig()
     fields = {k: v for k, v in cfg.to_dict().items() if v != getattr(defaults, k) or k == "placement"}
     if cfg.placement == "gpu":
         fields = {k: v for k, v in fields.items()
-                  if k not in ("transfer", "backward_rows", "residency", "value_budget", "gradient_budget")}
+                  if k not in ("transfer", "backward_rows", "residency", "value_budget", "gradient_budget",
+                               "gradient_form")}
     return "MEFTConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
@@ -178,8 +201,8 @@ def plan(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, profile
     if len(profile.layers) != backbone.layers:
         raise ValueError(f"the routing profile has {len(profile.layers)} layers, the model {backbone.layers}")
     return [evaluate(gpu, backbone, batch, config, profile, placement=p, policy=pol, backward_rows=b,
-                     transfer=t, reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel)
-            for p, pol, b, t in _candidates(config, set(fixed))]
+                     transfer=t, reserve_bytes=reserve_bytes, budgets=budgets, parallel=parallel, gradient_form=f)
+            for p, pol, f, b, t in _candidates(config, set(fixed))]
 
 
 def best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -192,6 +215,7 @@ def why_nothing_fits(records: list[dict[str, Any]]) -> str:
     """For the candidate closest to fitting: what is over, by how much, and its largest parts."""
     closest = min(records, key=lambda r: r["gpu_over_bytes"] + r["cpu_ram_over_bytes"])
     lines = [f"nothing fits; closest: placement {closest['placement']!r}, policy {closest['policy']!r}, "
+             f"gradient_form {closest['gradient_form']!r}, "
              f"backward_rows {closest['backward_rows']!r}, transfer {closest['transfer']!r}"]
     for over, parts, limit, what in (
             (closest["gpu_over_bytes"], closest["gpu_bytes"], closest["usable_gpu_bytes"], "GPU memory"),

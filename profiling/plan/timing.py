@@ -117,17 +117,20 @@ def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute) -> 
 
 def in_step_cpu_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute, *, hidden: int, key_width: int,
                         wire_es: int) -> float:
-    """Per micro-batch: host time summing the gradient rows that came home (each layer's on its
+    """Host time summing the gradient rows that came home during the step (each layer's on its
     optimizer's worker thread, sharing the host's bandwidth; ``wire_es`` bytes per element on
-    the wire), beyond what the micro-batch's compute and transfers already take."""
+    the wire) that is still queued when the step's last micro-batch ends: the summing runs
+    beside the device, each micro-batch lasting its compute or its transfers, whichever is
+    longer, and the optimizer step waits for what is left (rows sent every micro-batch: each
+    one's excess; a few large sends: drained between them)."""
     per_mb = compute.forward_s + compute.backward_s
     record = (key_width + hidden) * wire_es + ID_BYTES
-    exposed = 0.0
+    backlog = 0.0
     for m in range(len(traffic[0].d2h_mb)):
         rows = sum(t.d2h_mb[m] for t in traffic) / record
         cpu = rows * (key_width + hidden) * (wire_es + 2 * FP32) / gpu.host_bytes_per_s
-        exposed += max(0.0, cpu - max(per_mb, _link_s(gpu, traffic, m)))
-    return exposed
+        backlog = max(0.0, backlog + cpu - max(per_mb, _link_s(gpu, traffic, m)))
+    return backlog
 
 
 def _keys_back_wait(start: float, traffic: list[LayerTraffic], gpu: GPU, compute: Compute) -> float:

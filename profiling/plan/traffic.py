@@ -27,6 +27,12 @@ exactly as its runtime counts with budgets that hold every row:
   and B = N; else an estimate, max(B, V));
 * the key write-back as today.
 
+``resident`` with ``gradient_form="factors"`` (resident.py ``GradientFactors``): a layer's gradient
+budget holds the factors of ``factor_period`` micro-batches (F >= 1); the next backward first
+sends the held ones' rows home, min(N, F x B) of them (their host-known bound), and the step
+sends the rest's, min(N, (M - F floor((M - 1) / F)) x B): with room for the whole step, that
+is the rows form's single send.
+
 With budgets smaller than what the step needs, a share 1 - f of the rows is assumed evicted:
 those are fetched again by every call that uses them, forward and backward, and that share
 of the gradient rows crosses after every micro-batch. This interpolates linearly between the
@@ -80,11 +86,13 @@ class LayerTraffic:
 
 def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width: int, es: int,
                   backward_rows: str, transfer: str, id_bound: int, value_share: float = 1.0,
-                  grad_share: float = 1.0, num_neurons: int | None = None) -> LayerTraffic:
+                  grad_share: float = 1.0, num_neurons: int | None = None,
+                  factor_period: int | None = None) -> LayerTraffic:
     """Bytes of one layer. ``id_bound``: min(N, T x K_top), the length of a call's padded ids.
     ``value_share`` / ``grad_share`` (resident only): the share of the step's rows the value
     and gradient budgets hold (1: all). ``num_neurons``: N (resident: bounds the gradient rows
-    sent home)."""
+    sent home). ``factor_period`` (resident, gradient_form "factors"): the micro-batches whose
+    factors the gradient budget holds (>= 1; ``grad_share`` is then unused)."""
     d, r, v = hidden, key_width, routing.per_step
     refetch = backward_rows == "refetch"
     floor = 2.0 * v * (r + d) * es
@@ -108,8 +116,16 @@ def layer_traffic(routing: LayerRouting, *, policy: str, hidden: int, key_width:
         backward = 0.0 if not evicted_v else id_bound if zero_copy else max(1.0, evicted_v * u)
         h2d.append((forward + backward) * d * es)
     grad_row = (r + d) * es + ID_BYTES
-    d2h = tuple(evicted_g * id_bound * grad_row for _ in routing.per_micro_batch)
     micro_batches = len(routing.per_micro_batch)
+    if factor_period is not None:
+        if factor_period < 1 or num_neurons is None:
+            raise ValueError(f"factor_period must be >= 1 with num_neurons given, got {factor_period}")
+        flush = float(min(num_neurons, factor_period * id_bound) * grad_row)
+        d2h = tuple(flush if m and m % factor_period == 0 else 0.0 for m in range(micro_batches))
+        held = micro_batches - factor_period * ((micro_batches - 1) // factor_period)
+        return LayerTraffic(h2d_mb=tuple(h2d), d2h_mb=d2h, wire_h2d_mb=tuple(h2d), boundary_h2d=keys_back,
+                            boundary_d2h=float(min(num_neurons, held * id_bound) * grad_row), floor=floor)
+    d2h = tuple(evicted_g * id_bound * grad_row for _ in routing.per_micro_batch)
     if num_neurons is not None:
         sent = min(num_neurons, micro_batches * id_bound)
     else:

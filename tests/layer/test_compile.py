@@ -68,6 +68,7 @@ ADAPTER_CASES = [
     pytest.param("gpu", {"low_key_dim": 5, "gate": "softmax"}, id="gpu-low_key-softmax"),
     pytest.param("cpu", {}, id="cpu"),
     pytest.param("cpu", {"low_key_dim": 5, "gate": "softmax"}, id="cpu-low_key-softmax"),
+    pytest.param("cpu", {"gradient_form": "factors"}, id="cpu-factors"),
     pytest.param("cpu", {"residency": "per-micro-batch"}, id="cpu-per-micro-batch"),
     pytest.param("cpu", {"residency": "per-micro-batch", "backward_rows": "keep"}, id="cpu-per-micro-batch-keep"),
     # the kernels (Triton's interpreter without a GPU) inside the opaque ops

@@ -93,41 +93,51 @@ def train_and_compare(on_gpu, on_cpu, *, steps, micro_batches, checkpointing=Fal
         torch.testing.assert_close(b.offload.key_cache.tensor.cpu(), keys)
 
 
+FORMS = ["rows", "factors"]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("micro_batches", [1, 4])
 @pytest.mark.parametrize("budgets", ["auto", "tight"])
-def test_training_equals_gpu_placement(seed, micro_batches, budgets, device):
-    """On CUDA: the copy engine's streams and the Triton kernels (backend "auto")."""
+@pytest.mark.parametrize("gradient_form", FORMS)
+def test_training_equals_gpu_placement(seed, micro_batches, budgets, device, gradient_form):
+    """On CUDA: the copy engine's streams and the Triton kernels (backend "auto"). Tight
+    budgets under "factors" hold two micro-batches' factors: rows go home mid-step too."""
     changes = tight() if budgets == "tight" else {}
-    on_gpu, on_cpu, runtime = stacks(device=device, **changes, **({"backend": "auto"} if device == "cuda" else {}))
+    on_gpu, on_cpu, runtime = stacks(device=device, gradient_form=gradient_form, **changes,
+                                     **({"backend": "auto"} if device == "cuda" else {}))
     train_and_compare(on_gpu, on_cpu, steps=3, micro_batches=micro_batches)
     capacity = on_cpu[0].offload.residency.values.capacity
     assert capacity == (25 if budgets == "tight" else 48)
     runtime.close()
 
 
-def test_kernel_backend(seed):
-    """The Triton stages read the resident rows (values) and their gathered view (backward)."""
-    on_gpu, on_cpu, runtime = stacks(backend="triton", **tight())
+@pytest.mark.parametrize("gradient_form", FORMS)
+def test_kernel_backend(seed, gradient_form):
+    """The Triton stages read the resident rows (values) and their gathered view (backward);
+    under "factors" key_value_rows computes the held tokens' rows."""
+    on_gpu, on_cpu, runtime = stacks(backend="triton", gradient_form=gradient_form, **tight())
     train_and_compare(on_gpu, on_cpu, steps=2, micro_batches=2)
     runtime.close()
 
 
-def test_gradient_checkpointing_and_frozen_layers(seed):
+@pytest.mark.parametrize("gradient_form", FORMS)
+def test_gradient_checkpointing_and_frozen_layers(seed, gradient_form):
     """Checkpointed layers (a recompute fetches nothing new) and IST's pattern: a layer left
     out of a step computes dh only, sends no gradient rows, and its optimizer state stays."""
-    on_gpu, on_cpu, runtime = stacks(layers=3, **tight(3))
+    on_gpu, on_cpu, runtime = stacks(layers=3, gradient_form=gradient_form, **tight(3))
     train_and_compare(on_gpu, on_cpu, steps=4, micro_batches=3, checkpointing=True,
                       frozen=lambda step: {step % 3})
     runtime.close()
 
 
 @pytest.mark.parametrize("engine_seed", [0, 1, 2])
-def test_randomized_fake_engine_schedules(seed, engine_seed):
+@pytest.mark.parametrize("gradient_form", FORMS)
+def test_randomized_fake_engine_schedules(seed, engine_seed, gradient_form):
     """Copies that land late and out of order (the fake engine checks every slot read against
     the copy it waited for), with eviction."""
     engine = FakeCopyEngine(seed=engine_seed, async_compute=False, chunk_rows=3)
-    on_gpu, on_cpu, runtime = stacks(engine=engine, **tight())
+    on_gpu, on_cpu, runtime = stacks(engine=engine, gradient_form=gradient_form, **tight())
     train_and_compare(on_gpu, on_cpu, steps=2, micro_batches=3, tokens=3 + engine_seed)
     engine.check()
     assert engine.violations == []
@@ -326,3 +336,38 @@ def test_zero_grad_drops_summed_gradient_rows(seed):
     assert torch.equal(again[0], once[0]) and torch.equal(again[1], once[1])
     optimizer.zero_grad()
     runtime.close()
+
+
+@pytest.mark.parametrize("tokens_held", [10, 20, 4])
+def test_factors_send_rows_when_the_budget_is_full_and_at_the_step(seed, tokens_held):
+    """gradient_form "factors": a budget of ``tokens_held`` tokens per layer holds that many
+    tokens of factors (4 micro-batches of 5 per step); the held tokens' rows (their bound,
+    min(N, tokens x K_top)) go home when the next backward would not fit and at the step.
+    Below one call's tokens each backward sends its rows at once (the bound of one call)."""
+    token_bytes = (2 * D) * 4 + BASE["experts_per_token"] * 8 + BASE["topk"] * 16
+    on_gpu, on_cpu, runtime = stacks(layers=1, gradient_form="factors", gradient_budget=tokens_held * token_bytes)
+    layer = on_cpu[0]
+    layer.configure_optimizer(**HYPER)
+    row = 2 * D * 4 + 8
+    sent = []
+    for _ in range(4):
+        before = runtime.bytes_to_host
+        layer(torch.randn(5, D)).square().sum().backward()
+        sent.append(runtime.bytes_to_host - before)
+    assert layer.offload.residency.factors.capacity == tokens_held
+    before = runtime.bytes_to_host
+    layer.sparse_step().result()
+    at_step = runtime.bytes_to_host - before
+    per_flush = min(48, tokens_held * 5) * row
+    if tokens_held == 10:  # two calls per flush: the third backward flushes the first two
+        assert sent == [0, 0, per_flush, 0] and at_step == per_flush
+    elif tokens_held == 20:
+        assert sent == [0, 0, 0, 0] and at_step == per_flush
+    else:
+        assert sent == [25 * row] * 4 and at_step == 0
+    runtime.close()
+
+
+def test_bad_gradient_form_is_named():
+    with pytest.raises(ValueError, match="gradient_form must be one of"):
+        MEFTConfig(gradient_form="sums")

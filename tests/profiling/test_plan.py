@@ -78,15 +78,17 @@ def test_per_micro_batch_bytes_equal_the_runtime_counters(tmp_path, capsys, back
     assert today["pcie_bytes_per_step"] == runtime.bytes_to_device + runtime.bytes_to_host
 
 
+@pytest.mark.parametrize("gradient_form", ["rows", "factors"])
 @pytest.mark.parametrize("backward_rows", ["refetch", "keep"])
-def test_resident_bytes_equal_the_runtime_counters(tmp_path, capsys, backward_rows):
+def test_resident_bytes_equal_the_runtime_counters(tmp_path, capsys, backward_rows, gradient_form):
     """The same with residency "resident" (T x K_top >= N: a call's padded ids are N long, the
-    bound of the gradient rows sent home once per step)."""
+    bound of the gradient rows sent home once per step), either gradient form."""
     tokens = CFG["num_neurons"] // CFG["topk"] + 1
-    runtime, tickets, touched = run_library(backward_rows, "resident", tokens)
+    runtime, tickets, touched = run_library(backward_rows, "resident", tokens, gradient_form=gradient_form)
     assert [torch.unique(torch.cat(per_mb)).numel() for per_mb in tickets] == [t.numel() for t in touched]
-    records = planned(tmp_path, capsys, tickets, backward_rows, tokens)
+    records = planned(tmp_path, capsys, tickets, backward_rows, tokens, extra=["--gradient-form", gradient_form])
     [resident] = [r for r in records if r["placement"] == "cpu" and r["policy"] == "resident"]
+    assert resident["gradient_form"] == gradient_form
     assert resident["h2d_bytes_per_step"] == runtime.bytes_to_device
     assert resident["d2h_bytes_per_step"] == runtime.bytes_to_host
     assert resident["pcie_bytes_per_step"] == runtime.bytes_to_device + runtime.bytes_to_host
@@ -101,11 +103,30 @@ def test_a_gradient_budget_below_one_call_is_planned_as_the_runtime_runs_it(tmp_
     tokens = CFG["num_neurons"] // CFG["topk"] + 1
     budget = LAYERS * (CFG["num_neurons"] // 2) * 2 * D * 4
     runtime, tickets, _ = run_library("refetch", "resident", tokens, gradient_budget=budget)
-    records = planned(tmp_path, capsys, tickets, "refetch", tokens, extra=["--grad-budget-gb", str(budget / 2**30)])
+    records = planned(tmp_path, capsys, tickets, "refetch", tokens,
+                      extra=["--grad-budget-gb", str(budget / 2**30), "--gradient-form", "rows"])
     [resident] = [r for r in records if r["placement"] == "cpu" and r["policy"] == "resident"]
     assert resident["grad_budget_bytes"] == 0
     assert resident["d2h_bytes_per_step"] == runtime.bytes_to_host
     assert resident["h2d_bytes_per_step"] == runtime.bytes_to_device
+
+
+def test_factor_flushes_are_planned_as_the_runtime_runs_them(tmp_path, capsys):
+    """gradient_form "factors" with a budget holding two of the three micro-batches' factors:
+    the third backward sends the first two's rows (their bound, min(N, 2 T K_top)), the step
+    the third's (min(N, T K_top)); the planner's bytes equal the counters."""
+    token_bytes = 2 * D * 2 + CFG["experts_per_token"] * 8 + CFG["topk"] * 16  # bf16 x and dy, ids, coefficients
+    budget = LAYERS * 2 * TOKENS * token_bytes
+    runtime, tickets, _ = run_library("refetch", "resident", gradient_form="factors", gradient_budget=budget)
+    records = planned(tmp_path, capsys, tickets, "refetch",
+                      extra=["--gradient-form", "factors", "--grad-budget-gb", str(budget / 2**30)])
+    [resident] = [r for r in records if r["placement"] == "cpu" and r["policy"] == "resident"]
+    row = 2 * D * 2 + 8
+    bound = min(CFG["num_neurons"], TOKENS * CFG["topk"])
+    assert resident["d2h_bytes_per_step"] == LAYERS * (min(CFG["num_neurons"], 2 * bound) + bound) * row
+    assert resident["d2h_bytes_per_step"] == runtime.bytes_to_host
+    assert resident["h2d_bytes_per_step"] == runtime.bytes_to_device
+    assert "gradient accumulators" in resident["cpu_ram_bytes"]  # rows came home during the step
 
 
 def test_resident_at_full_budget_moves_each_row_once_each_way():
@@ -115,8 +136,13 @@ def test_resident_at_full_budget_moves_each_row_once_each_way():
     profile = profile_from_dict({"layers": [{"per_micro_batch": [20, 30, 25], "per_step": 40}] * 32},
                                 layers=32, num_neurons=48, micro_batches=MICRO_BATCHES)
     records = plan(load_gpu("h200"), backbone, batch, config, profile)
-    by = {(r["placement"], r["policy"], r["backward_rows"], r["transfer"]): r for r in records}
+    by = {(r["placement"], r["policy"], r["backward_rows"], r["transfer"]): r for r in records
+          if r["gradient_form"] == "rows"}
     resident = by[("cpu", "resident", "refetch", "cpu_gather")]
+    factors = next(r for r in records if r["gradient_form"] == "factors" and r["backward_rows"] == "refetch"
+                   and r["transfer"] == "cpu_gather")
+    # every micro-batch's factors fit: the same single send at the step, the same bytes
+    assert factors["pcie_bytes_per_step"] == resident["pcie_bytes_per_step"]
     d, rows = backbone.hidden_size, 32 * 40
     assert resident["pcie_floor_bytes_per_step"] == 2 * rows * (d + d) * 2
     # + int64 ids; the gradient sums go home padded to their host-known bound, min(N, M x T K_top)
@@ -146,7 +172,8 @@ def test_a_resident_budget_below_the_need_costs_bytes():
     full = plan(load_gpu("h200"), backbone, batch, config, profile, fixed={"backward_rows", "transfer"})
     small = plan(load_gpu("h200", {"memory_bytes": 22 * 2**30}), backbone, batch, config, profile,
                  fixed={"backward_rows", "transfer"})
-    full_r, small_r = (next(r for r in rs if r["policy"] == "resident") for rs in (full, small))
+    full_r, small_r = (next(r for r in rs if r["policy"] == "resident" and r["gradient_form"] == "rows")
+                       for rs in (full, small))
     # over the floor: the ids, and one row per call that finds every row resident (0.2 %)
     assert full_r["pcie_bytes_per_step"] < 1.005 * full_r["pcie_floor_bytes_per_step"]
     assert small_r["grad_budget_bytes"] < full_r["grad_budget_bytes"]
@@ -167,18 +194,21 @@ def test_uniform_profile_matches_design_presets():
 
 
 def test_paper_setting_on_the_consumer_card(capsys):
-    """Uniform routing: placement "gpu" is over on GPU memory; placement "cpu" fits, with each
-    backward's gradient rows sent home (the fp32 sums do not fit beside the resident values)
-    and summed as they land, so only two micro-batches' rows are pinned at a time."""
+    """Uniform routing: placement "gpu" is over on GPU memory; placement "cpu" fits. The fp32
+    gradient sums do not fit beside the resident values, so under gradient_form "rows" every
+    backward's rows go home (summed as they land: two micro-batches' rows pinned at a time);
+    the factors of a third of the step's micro-batches do fit, so under "factors" rows go home
+    three times per step, and that is the fastest."""
     assert main(["--model", "paper-7b", "--gpu", "rtx-4090"]) == 0
     out = capsys.readouterr().out
-    assert "| gpu | none | – | – | no |" in out  # fp32 keys, values and AdamW state do not fit in 24 GB
-    assert "| cpu | resident | refetch | cpu_gather | yes |" in out
-    assert "| CPU: pinned gradient rows (in flight) | – | 16.5 | 8.3 |" in out
+    assert "| gpu | none | – | – | – | no |" in out  # fp32 keys, values and AdamW state do not fit in 24 GB
+    assert "| cpu | resident | rows | refetch | cpu_gather | yes |" in out
+    assert "| cpu | resident | factors | refetch | cpu_gather | yes |" in out
+    assert "| CPU: pinned gradient rows (in flight) | – | 16.5 | 8.3 | 8.3 |" in out
     line = out.strip().splitlines()[-1]
     assert line.startswith("MEFTConfig(")
     config = eval(line.split("  #")[0], {"MEFTConfig": MEFTConfig})  # noqa: S307 - our own output
-    assert config.placement == "cpu" and config.num_neurons == 8464
+    assert config.placement == "cpu" and config.num_neurons == 8464 and config.gradient_form == "factors"
 
 
 def test_nothing_fits_names_the_component_over(capsys):

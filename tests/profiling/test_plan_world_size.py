@@ -21,7 +21,7 @@ def tiny_plan(per_step, parallel=None, **kw):
     layer = {"per_micro_batch": [min(per_step, 35)] * 2, "per_step": per_step}
     profile = profile_from_dict({"layers": [layer] * LAYERS}, layers=LAYERS, num_neurons=N, micro_batches=2)
     extra = {} if parallel is None else {"parallel": parallel}
-    records = plan(load_gpu("h200"), backbone, Batch(7, 2), config, profile, fixed={"backward_rows", "transfer"},
+    records = plan(load_gpu("h200"), backbone, Batch(7, 2), config, profile, fixed={"backward_rows", "transfer", "gradient_form"},
                    **extra, **kw)
     return {(r["placement"], r["policy"]): r for r in records}
 
@@ -47,7 +47,11 @@ def test_a_node_holds_one_master_and_each_rank_its_own_buffers():
     # two nodes of two: each node holds its own master
     two_nodes = tiny_plan(40, Parallel(4, 2))[("cpu", "resident")]["cpu_ram_bytes"]
     assert two_nodes["masters + AdamW moments (fp32)"] == LAYERS * N * 2 * D * 12
-    assert two_nodes["gradient accumulators"] == 2 * one[("cpu", "resident")]["cpu_ram_bytes"]["gradient accumulators"]
+    # one process reads its step's single batch of rows as it came; a leader sums its ranks'
+    # rows into the accumulators (as many as per-micro-batch's, per rank of the node)
+    assert "gradient accumulators" not in one[("cpu", "resident")]["cpu_ram_bytes"]
+    per_rank = one[("cpu", "per-micro-batch")]["cpu_ram_bytes"]["gradient accumulators"]
+    assert two_nodes["gradient accumulators"] == 2 * per_rank
 
 
 def test_placement_gpu_sends_rows_below_the_break_even_and_dense_above():
