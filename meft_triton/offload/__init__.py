@@ -16,7 +16,7 @@ from .errors import (ConcurrentUseError, CopyCancelledError, CopyFailedError, Co
                      LayerUpdateError, PrefetchError, PrefetcherClosedError, SlotAllocationError, SlotsExhaustedError)
 from .gather import GATHER_STRATEGIES, cpu_gather, zero_copy_gather
 from .prefetcher import GradRows, Prefetcher, Ticket
-from .resident import GradientSums, ResidentValues
+from .resident import GradientFactors, GradientSums, ResidentValues
 from .row_store import CPURowStore
 from .rows import OffloadedRows, RoutedTokens
 from .runtime import OffloadRuntime, RowCache
@@ -24,7 +24,7 @@ from .sync_engine import SyncCopyEngine
 
 __all__ = [
     "CPURowStore", "ConcurrentUseError", "CopyCancelledError", "CopyEngine", "CopyFailedError", "CopyHandle", "CopyTimeoutError",
-    "CudaCopyEngine", "EngineWorkerError", "Fence", "GATHER_STRATEGIES", "GradRows", "GradientSums", "LayerUpdateError",
+    "CudaCopyEngine", "EngineWorkerError", "Fence", "GATHER_STRATEGIES", "GradRows", "GradientFactors", "GradientSums", "LayerUpdateError",
     "OffloadRuntime",
     "OffloadedRows", "PrefetchError", "Prefetcher", "PrefetcherClosedError", "ResidentValues",
     "RoutedTokens", "RowCache",
