@@ -14,7 +14,7 @@ from .data_parallel import Parallel, gradient_bytes, node_ram_bytes
 from .inputs import GPU, Backbone, Batch
 from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, factor_token_bytes, gpu_placement_bytes
 from .routing import RoutingProfile
-from .timing import boundary_resident, boundary_today, compute_time, in_step_cpu_exposed, in_step_exposed
+from .timing import boundary_resident, boundary_today, compute_time, in_step_exposed
 from .traffic import FP32, POLICIES, layer_traffic
 
 GiB = 2.0 ** 30
@@ -139,10 +139,10 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         args = dict(hidden=d, key_width=r, es=batch.es)
         with_cpu = boundary(gpu, traffic, profile, compute, **args)
         link_only = boundary(gpu, traffic, profile, compute, include_cpu=False, **args)
-        exposed_pcie = in_step_exposed(gpu, traffic, compute) + link_only
         wire_es = FP32 if policy == "per-micro-batch" else batch.es  # the gradient rows' dtype on the link
-        exposed_cpu = max(0.0, with_cpu - link_only) + in_step_cpu_exposed(gpu, traffic, compute, hidden=d,
-                                                                            key_width=r, wire_es=wire_es)
+        in_step_pcie, in_step_cpu = in_step_exposed(gpu, traffic, compute, hidden=d, key_width=r, wire_es=wire_es)
+        exposed_pcie = in_step_pcie + link_only
+        exposed_cpu = max(0.0, with_cpu - link_only) + in_step_cpu
     adapter = sum(v for k, v in gpu_bytes.items() if k not in ("backbone", "activations"))
     total = sum(gpu_bytes.values())
     compute_s = compute.step_s(batch.micro_batches)

@@ -16,13 +16,14 @@ GPU compute (lower bounds: every term is a floor at the preset's peak rates):
 * the routers' AdamW, once per step.
 
 PCIe: the link is full duplex, so a stretch of transfers takes max(host->device,
-device->host) bytes / bandwidth. Transfers during a micro-batch hide behind that micro-batch's
-compute; what exceeds it is exposed. At the step boundary:
+device->host) bytes / bandwidth. A micro-batch's value rows hide behind its own compute;
+gradient rows sent home during the step queue on their own copy stream and hide behind the
+micro-batches that follow (:func:`in_step_exposed`). At the step boundary:
 
 * per-micro-batch: each backward's gradient rows are summed into the layer's accumulator on
   its optimizer's worker thread as they land (12 B per element: read the row, read and write
-  the sum), during the step: what exceeds a micro-batch's compute and transfers is exposed
-  (:func:`in_step_cpu_exposed`). At the step all layers' AdamW run at once on worker threads
+  the sum), during the step: what is still queued after the last micro-batch is exposed
+  (:func:`in_step_exposed`). At the step all layers' AdamW run at once on worker threads
   sharing the host's bandwidth, so layer 0, which the next forward needs first, finishes with
   the rest; each layer's key rows (gathered and rounded on the CPU: 4 + es B per element) then
   go to the device before its forward, behind the forwards of the layers below it.
@@ -102,35 +103,38 @@ def compute_time(gpu: GPU, backbone: Backbone, batch: Batch, profile: RoutingPro
     return Compute(pass_s + fwd, pass_s + bwd + recompute, per_step)
 
 
-def _link_s(gpu: GPU, traffic: list[LayerTraffic], m: int) -> float:
-    """Micro-batch ``m``'s transfers on the full-duplex link, every layer's."""
-    h2d = sum(t.wire_h2d_mb[m] for t in traffic)
-    d2h = sum(t.d2h_mb[m] for t in traffic)
-    return max(h2d, d2h) / gpu.pcie_bytes_per_s
+def _duration_s(gpu: GPU, traffic: list[LayerTraffic], compute: Compute, m: int) -> float:
+    """Micro-batch ``m`` lasts its compute, or its value rows' host->device copies if longer
+    (its compute reads them)."""
+    h2d = sum(t.wire_h2d_mb[m] for t in traffic) / gpu.pcie_bytes_per_s
+    return max(compute.forward_s + compute.backward_s, h2d)
 
 
-def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute) -> float:
-    """Per micro-batch: transfers beyond its compute (both directions at once)."""
-    per_mb = compute.forward_s + compute.backward_s
-    return sum(max(0.0, _link_s(gpu, traffic, m) - per_mb) for m in range(len(traffic[0].h2d_mb)))
-
-
-def in_step_cpu_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute, *, hidden: int, key_width: int,
-                        wire_es: int) -> float:
-    """Host time summing the gradient rows that came home during the step (each layer's on its
-    optimizer's worker thread, sharing the host's bandwidth; ``wire_es`` bytes per element on
-    the wire) that is still queued when the step's last micro-batch ends: the summing runs
-    beside the device, each micro-batch lasting its compute or its transfers, whichever is
-    longer, and the optimizer step waits for what is left (rows sent every micro-batch: each
-    one's excess; a few large sends: drained between them)."""
+def in_step_exposed(gpu: GPU, traffic: list[LayerTraffic], compute: Compute, *, hidden: int, key_width: int,
+                    wire_es: int) -> tuple[float, float]:
+    """``(PCIe, CPU)`` seconds of the step's in-step transfers and host work beyond its
+    compute, as a pipeline. Host->device: a micro-batch's value rows are read by its own
+    compute, so what exceeds it is exposed (and lengthens the micro-batch). Device->host: a
+    micro-batch's gradient rows (if any) leave when its backward ends, on their own copy stream
+    (the link is full duplex), behind the rows sent before; as they land each layer's optimizer
+    thread sums them (``wire_es`` bytes per element on the wire: read it, read and write the
+    fp32 sum; the layers share the host's bandwidth), behind the sums before. Nothing reads
+    either until the step, so what is exposed is what is still queued when the last
+    micro-batch ends: rows sent every micro-batch expose each one's excess over the slowest
+    of the three; a few large sends drain between them."""
     per_mb = compute.forward_s + compute.backward_s
     record = (key_width + hidden) * wire_es + ID_BYTES
-    backlog = 0.0
-    for m in range(len(traffic[0].d2h_mb)):
-        rows = sum(t.d2h_mb[m] for t in traffic) / record
-        cpu = rows * (key_width + hidden) * (wire_es + 2 * FP32) / gpu.host_bytes_per_s
-        backlog = max(0.0, backlog + cpu - max(per_mb, _link_s(gpu, traffic, m)))
-    return backlog
+    exposed_h2d = now = link = host = 0.0
+    for m in range(len(traffic[0].h2d_mb)):
+        duration = _duration_s(gpu, traffic, compute, m)
+        exposed_h2d += duration - per_mb
+        now += duration
+        d2h = sum(t.d2h_mb[m] for t in traffic)
+        if d2h:
+            link = max(link, now) + d2h / gpu.pcie_bytes_per_s
+            elements = d2h / record * (key_width + hidden)
+            host = max(host, link) + elements * (wire_es + 2 * FP32) / gpu.host_bytes_per_s
+    return exposed_h2d + max(0.0, link - now), max(0.0, host - max(now, link))
 
 
 def _keys_back_wait(start: float, traffic: list[LayerTraffic], gpu: GPU, compute: Compute) -> float:
@@ -150,7 +154,7 @@ def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfil
     """Seconds the next step's forwards wait, per-micro-batch policy (see the module docstring)."""
     r = key_width
     cpu_bytes = 0.0
-    for layer in profile.layers:  # (the rows were summed as they landed: in_step_cpu_exposed)
+    for layer in profile.layers:  # (the rows were summed as they landed: in_step_exposed)
         cpu_bytes += layer.per_step * ((r + hidden) * ADAMW_BYTES + r * (FP32 + es))
     return _keys_back_wait(cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0, traffic, gpu, compute)
 
