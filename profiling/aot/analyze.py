@@ -84,9 +84,10 @@ def compile_case(target_name: str, dtype: str, shape_name: str, workloads=None) 
     shape = SHAPES[shape_name]
     torch_dtype = DTYPES[dtype]
     inputs = make_inputs(shape, torch_dtype)
-    ctx = context(shape, inputs, torch_dtype)
+    base_ctx = context(shape, inputs, torch_dtype)
     records = []
     for workload, call in run_workloads(shape, inputs, workloads):
+        ctx = context(shape, inputs, torch_dtype, workload) if workload == "factored_rows" else base_ctx
         launches: list[Launch] = []
         t0 = time.perf_counter()
         try:

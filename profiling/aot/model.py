@@ -104,6 +104,15 @@ def floor_dk_dv_dg(c):
     return tuple(a + b for a, b in zip(floor_dk_dv(c), floor_dg(c)))
 
 
+def floor_flush_dk_dv(c):
+    # key_value_rows' GEMMs over a flush's T held tokens: reads x and dy [T, d] and the two
+    # coefficient tables [T*P, S] in the compute dtype, the pair order [T*P] int64, offsets
+    # [E+1] and the row map [N] int32; writes dK and dV rows [U, d] in the compute dtype.
+    # FLOPs: the picks' rank-1 terms (the tables' zeros are the kernel's extra work)
+    return (2 * c["T"] * c["d"] * c["es"] + 2 * c["T"] * c["P"] * c["S"] * c["es"] + c["T"] * c["P"] * 8
+            + (c["E"] + 1) * 8 + c["N"] * 4 + 2 * c["U"] * c["d"] * c["es"]), 4 * c["T"] * c["K"] * c["d"], 0
+
+
 def floor_zero_padding(c):
     # reads the distinct count; writes zero key and value rows [R - U, d] fp32 past the U
     # distinct ones, R = min(N, T*K) (the row-sparse form's host-known length)
@@ -240,11 +249,16 @@ STAGES = {
     "dK_dV": StageModel(floor_dk_dv, loops_segment_sum, True),
     "dG": StageModel(floor_dg, loops_segment_sum, True),
     "dK_dV_dG": StageModel(floor_dk_dv_dg, loops_expert_grads, True),
+    "flush_dK_dV": StageModel(floor_flush_dk_dv, loops_expert_grads, True),
+    "factored_dG": StageModel(floor_dg, loops_expert_grads, True),  # expert_grads' dG-alone launch
     "zero_padding": StageModel(floor_zero_padding, loops_zero_padding, False),
     "softmax_gate_grad": StageModel(floor_softmax_gate_grad, loops_softmax_gate_grad, True),
     "smt_block_grad": StageModel(floor_smt_block_grad, loops_smt_block_grad, True),
     "zero_copy_gather": StageModel(floor_zero_copy_gather, loops_zero_copy_gather, False),
 }
+# gradient_form "factors" (workloads.py): the backward's own stages under their own labels
+STAGES.update({f"factored_{name}": STAGES[name] for name in ("pick_scatter", "pick_gather", "score_grads", "dx")})
+STAGES.update({f"flush_{name}": STAGES[name] for name in ("pick_scatter", "zero_padding")})
 
 
 # ----------------------------------------------------------------------------- time model

@@ -27,6 +27,7 @@ class Shape:
     T: int          # tokens per micro-batch
     smt_block: int  # SMT block side
     smt_blocks: int  # SMT blocks in the launch (one [d, d] matrix)
+    flush: int      # micro-batches of gradient factors one key_value_rows launch turns into rows
 
     @property
     def S(self) -> int:
@@ -36,11 +37,14 @@ class Shape:
         return dict(asdict(self), S=self.S)
 
 
-#: docs/DESIGN.md, "Semantics"'s presets, and a small odd shape (nothing a power of two).
+#: docs/DESIGN.md, "Semantics"'s presets, and a small odd shape (nothing a power of two). The
+#: flushes: what the planner's fastest plan holds (paper-7b on the 24 GB card: 25 micro-batches;
+#: scale-7b on an H100: the whole step's 8).
 SHAPES = {
-    "paper-7b": Shape("paper-7b", d=4096, N=8464, E=368, P=8, K=64, T=256, smt_block=256, smt_blocks=16),
-    "scale-7b": Shape("scale-7b", d=4096, N=65536, E=1024, P=8, K=64, T=4096, smt_block=256, smt_blocks=16),
-    "odd": Shape("odd", d=97, N=23 * 7, E=7, P=3, K=5, T=23, smt_block=16, smt_blocks=3),
+    "paper-7b": Shape("paper-7b", d=4096, N=8464, E=368, P=8, K=64, T=256, smt_block=256, smt_blocks=16, flush=25),
+    "scale-7b": Shape("scale-7b", d=4096, N=65536, E=1024, P=8, K=64, T=4096, smt_block=256, smt_blocks=16,
+                      flush=8),
+    "odd": Shape("odd", d=97, N=23 * 7, E=7, P=3, K=5, T=23, smt_block=16, smt_blocks=3, flush=3),
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,12 +61,20 @@ STAGE_LABELS = {
                  "_row_gather_dot_kernel": ["dx"],
                  "_expert_grads_kernel": ["dK_dV_dG"], "_zero_padding_kernel": ["zero_padding"],
                  "_softmax_gate_grad_kernel": ["softmax_gate_grad"]},
+    # gradient_form "factors": the backward without its dK/dV GEMMs (dG alone), then a flush, the
+    # rows of the held tokens in one launch (kernels/factored_grads.py); labels of their own, so
+    # the per-stage tables keep the backward's, and outside the adapter step's total
+    "factored_backward": {"_pick_table_kernel": ["factored_pick_scatter", "factored_pick_gather"],
+                          "_score_grads_kernel": ["factored_score_grads"], "_row_gather_sum_kernel": ["factored_dx"],
+                          "_row_gather_dot_kernel": ["factored_dx"], "_expert_grads_kernel": ["factored_dG"]},
+    "factored_rows": {"_pick_table_kernel": ["flush_pick_scatter", "flush_pick_scatter"],
+                      "_expert_grads_kernel": ["flush_dK_dV"], "_zero_padding_kernel": ["flush_zero_padding"]},
     "smt": {"_smt_block_grad_kernel": ["smt_block_grad"]},
     "zero_copy": {"_zero_copy_gather_kernel": ["zero_copy_gather"]},
 }
 
 
-KERNEL_MODULES = ("expert_grads", "router_topk", "row_gather_sum", "score_grads", "smt_block_grad",
+KERNEL_MODULES = ("expert_grads", "factored_grads", "router_topk", "row_gather_sum", "score_grads", "smt_block_grad",
                   "sparse_kv_backward", "sparse_kv_forward", "validation", "zero_copy_gather")
 
 
@@ -71,13 +83,25 @@ def kernel_modules():
     return [importlib.import_module(f"meft_triton.kernels.{name}") for name in KERNEL_MODULES]
 
 
+def _routing(T: int, shape: Shape, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids [T, P] and neuron ids [T, K] (int32) of uniformly routed tokens."""
+    E, P, K, S = shape.E, shape.P, shape.K, shape.S
+    expert_ids = torch.rand(T, E, generator=g).topk(P, dim=1).indices.to(torch.int32)
+    cand = torch.rand(T, P * S, generator=g).topk(min(K, P * S), dim=1).indices
+    return expert_ids, (expert_ids.gather(1, cand // S).long() * S + cand % S).to(torch.int32)
+
+
 def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     T, d, N, E, P, K, S = shape.T, shape.d, shape.N, shape.E, shape.P, shape.K, shape.S
-    expert_ids = torch.rand(T, E, generator=g).topk(P, dim=1).indices.to(torch.int32)
-    cand = torch.rand(T, P * S, generator=g).topk(min(K, P * S), dim=1).indices
-    neuron_ids = (expert_ids.gather(1, cand // S).long() * S + cand % S).to(torch.int32)
+    expert_ids, neuron_ids = _routing(T, shape, g)
+    held = T * shape.flush
+    flush_experts, flush_neurons = _routing(held, shape, g)
     inputs = dict(
+        flush=dict(hidden=torch.empty(held, d, dtype=dtype), grad_y=torch.empty(held, d, dtype=dtype),
+                   expert_ids=flush_experts, neuron_ids=flush_neurons,
+                   pick_grads=torch.empty(held, flush_neurons.shape[1]),
+                   activations=torch.empty(held, flush_neurons.shape[1])),
         hidden=torch.empty(T, d, dtype=dtype), grad_y=torch.empty(T, d, dtype=dtype),
         router=torch.empty(E, d, dtype=dtype), keys=torch.empty(N, d, dtype=dtype),
         values=torch.empty(N, d, dtype=dtype), expert_ids=expert_ids,
@@ -94,8 +118,14 @@ def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0) -> dict:
     return inputs
 
 
-def context(shape: Shape, inputs: dict, dtype: torch.dtype) -> dict:
-    """What the floors need besides the shape: distinct rows and experts this routing uses."""
+def context(shape: Shape, inputs: dict, dtype: torch.dtype, workload: str | None = None) -> dict:
+    """What the floors need besides the shape: distinct rows and experts this routing uses
+    (``workload`` "factored_rows": those of the flush's held tokens, T of them)."""
+    if workload == "factored_rows":
+        flush = inputs["flush"]
+        return dict(shape.as_dict(), T=shape.T * shape.flush, es=torch.finfo(dtype).bits // 8,
+                    U=int(torch.unique(flush["neuron_ids"].long()).numel()),
+                    Ue=int(torch.unique(flush["expert_ids"]).numel()))
     r0, r1, c0, c1 = inputs["smt"]
     return dict(shape.as_dict(), es=torch.finfo(dtype).bits // 8,
                 U=int(inputs["unique_rows"].numel()),
@@ -107,7 +137,8 @@ def context(shape: Shape, inputs: dict, dtype: torch.dtype) -> dict:
 
 def run_workloads(shape: Shape, inputs: dict, names=None):
     """Call each launcher once; yields the workload name before each call."""
-    from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_select, sparse_kv_values
+    from meft_triton.kernels import (key_value_rows, router_topk, sparse_kv_backward, sparse_kv_select,
+                                     sparse_kv_values)
     from meft_triton.kernels.smt_block_grad import smt_block_grad
     from meft_triton.kernels.zero_copy_gather import zero_copy_gather_rows
 
@@ -122,6 +153,13 @@ def run_workloads(shape: Shape, inputs: dict, names=None):
             x["grad_y"], x["hidden"], x["router"], x["keys"], x["values"], x["expert_ids"],
             x["gate_weights"], x["neuron_ids"], x["activations"], gate="logit", dense=False,
             check_ids=False),
+        "factored_backward": lambda: sparse_kv_backward(
+            x["grad_y"], x["hidden"], x["router"], x["keys"], x["values"], x["expert_ids"],
+            x["gate_weights"], x["neuron_ids"], x["activations"], gate="logit", dense=False,
+            check_ids=False, factored=True),
+        "factored_rows": lambda: key_value_rows(
+            *(x["flush"][k] for k in ("hidden", "grad_y", "expert_ids", "neuron_ids", "pick_grads", "activations")),
+            shape.N, shape.E, out_dtype=x["hidden"].dtype, check_ids=False),
         "smt": lambda: smt_block_grad(x["grad_y"], x["hidden"], *x["smt"], shape.smt_block,
                                       check_blocks=False),
         "zero_copy": lambda: zero_copy_gather_rows(

@@ -72,10 +72,10 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
     usable = gpu.memory_bytes - reserve_bytes
     gpu_bytes = common_gpu_bytes(backbone, batch, config.num_experts, r, config.topk)
     ram: dict[str, float] = {}
-    compute = compute_time(gpu, backbone, batch, profile, placement=placement, **shape)
     record: dict[str, Any] = dict(placement=placement, policy=policy, backward_rows=backward_rows,
                                   transfer=transfer, gradient_form=gradient_form)
     if placement == "gpu":
+        compute = compute_time(gpu, backbone, batch, profile, placement=placement, **shape)
         gpu_bytes.update(gpu_placement_bytes(backbone, batch, config.num_neurons, r))
         h2d = d2h = wire = floor = 0.0
         exposed_pcie = exposed_cpu = 0.0
@@ -112,6 +112,8 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
                 grad_share = factor_period / M
                 factor_period = factor_period or None
             record.update(value_budget_bytes=value_share * need_v, grad_budget_bytes=grad_share * need_g)
+        compute = compute_time(gpu, backbone, batch, profile, placement=placement, factor_period=factor_period,
+                               **shape)
         sums_share = 0.0 if gradient_form == "factors" else grad_share
         gpu_bytes.update(cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons,
                                              key_width=r, topk=config.topk, policy=policy, backward_rows=backward_rows,

@@ -8,7 +8,8 @@ GPU compute (lower bounds: every term is a floor at the preset's peak rates):
   out (it needs the sequence length);
 * adapter stages: profiling.aot's floor per stage, max(HBM bytes / bandwidth, FLOPs / rate),
   forward (router, key scores, top-K, values) and backward (score grads, dx, dK/dV, dG), at
-  the layer's mean rows per micro-batch and the expected distinct experts of uniform routing;
+  the layer's mean rows per micro-batch and the expected distinct experts of uniform routing
+  (gradient_form "factors": dK/dV once per flush of the held tokens, see :func:`compute_time`);
 * placement "gpu" also streams the adapter's fp32 parameters through HBM: the per-call cast to
   the compute dtype (4 + es B per element), the dense gradient it returns and its accumulation
   into the fp32 ``.grad`` (2 es + 8 B), and once per step the dense AdamW (28 B per element:
@@ -66,9 +67,11 @@ class Compute:
 
 
 def adapter_stage_s(gpu: GPU, batch: Batch, *, hidden: int, num_neurons: int, num_experts: int,
-                    experts_per_token: int, topk: int, rows: float, stages: tuple[str, ...]) -> float:
-    """One layer's stages at ``rows`` distinct rows, by profiling.aot's floors."""
-    E, P, T = num_experts, experts_per_token, batch.tokens
+                    experts_per_token: int, topk: int, rows: float, stages: tuple[str, ...],
+                    tokens: int | None = None) -> float:
+    """One layer's stages at ``rows`` distinct rows of ``tokens`` (default: a micro-batch's), by
+    profiling.aot's floors."""
+    E, P, T = num_experts, experts_per_token, batch.tokens if tokens is None else tokens
     used_experts = E * -math.expm1(-T * P / E)
     ctx = dict(T=T, d=hidden, N=num_neurons, E=E, P=P, K=topk, S=num_neurons // E, U=rows,
                Ue=used_experts, es=batch.es)
@@ -82,17 +85,29 @@ def adapter_stage_s(gpu: GPU, batch: Batch, *, hidden: int, num_neurons: int, nu
 
 def compute_time(gpu: GPU, backbone: Backbone, batch: Batch, profile: RoutingProfile, *, placement: str,
                  num_neurons: int, num_experts: int, experts_per_token: int, topk: int,
-                 key_width: int) -> Compute:
+                 key_width: int, factor_period: int | None = None) -> Compute:
+    """``factor_period`` (gradient_form "factors"): each backward runs dG alone, and every
+    ``factor_period`` micro-batches (and at the step) one launch computes the held tokens'
+    dK/dV rows in the compute dtype (profiling.aot's ``flush_dK_dV`` floor, at the rows
+    those micro-batches touch); spread over the step's micro-batches here."""
     es, d, L = batch.es, backbone.hidden_size, backbone.layers
     rate = gpu.flops_per_s["tf32_tensor" if batch.dtype == "fp32" else f"{batch.dtype}_tensor"]
     pass_s = 2.0 * backbone.params * batch.tokens / rate
     shape = dict(hidden=d, num_neurons=num_neurons, num_experts=num_experts,
                  experts_per_token=experts_per_token, topk=topk)
+    M = batch.micro_batches
     fwd = bwd = 0.0
     for layer in profile.layers:
         mean_rows = sum(layer.per_micro_batch) / len(layer.per_micro_batch)
         fwd += adapter_stage_s(gpu, batch, rows=mean_rows, stages=FORWARD_STAGES, **shape)
-        bwd += adapter_stage_s(gpu, batch, rows=mean_rows, stages=BACKWARD_STAGES, **shape)
+        if factor_period is None:
+            bwd += adapter_stage_s(gpu, batch, rows=mean_rows, stages=BACKWARD_STAGES, **shape)
+            continue
+        bwd += adapter_stage_s(gpu, batch, rows=mean_rows, stages=("score_grads", "dx", "dG"), **shape)
+        held = M - factor_period * ((M - 1) // factor_period)
+        for size in [factor_period] * ((M - 1) // factor_period) + [held]:
+            bwd += adapter_stage_s(gpu, batch, rows=layer.cumulative[size - 1], stages=("flush_dK_dV",),
+                                   tokens=size * batch.tokens, **shape) / M
     recompute = (pass_s + fwd) if batch.checkpointing else 0.0
     per_step = L * num_experts * key_width * ADAMW_BYTES / gpu.hbm_bytes_per_s
     if placement == "gpu":
