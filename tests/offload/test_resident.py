@@ -198,16 +198,21 @@ def test_bad_residency_settings_are_named():
         MEFTConfig(residency="always")
 
 
-def test_no_host_wait_on_the_training_thread(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient_form", FORMS)
+def test_no_host_wait_on_the_training_thread(monkeypatch, gradient_form, backend):
     """The residency bookkeeping runs on the device: steady-state steps make no trapped call
-    outside the one global non-finite check (tests/test_host_waits.py's trap and model)."""
+    outside the one global non-finite check (tests/test_host_waits.py's trap and model), the
+    kernel launchers (key_value_rows included, under "factors") none at all."""
     import test_host_waits as host_waits
 
-    monkeypatch.setattr(host_waits, "BASE", host_waits.BASE.replace(residency="resident"))
-    trap = host_waits.run_steps("cpu", "torch")
+    monkeypatch.setattr(host_waits, "BASE", host_waits.BASE.replace(residency="resident",
+                                                                    gradient_form=gradient_form))
+    trap = host_waits.run_steps("cpu", backend)
     waits = host_waits.package_waits(trap, kernels=False)
     assert all(w.site.startswith("meft_triton/optimizers/nonfinite.py") for w in waits), trap.report()
     assert len(waits) <= host_waits.COUNTED_STEPS, trap.report()
+    assert host_waits.package_waits(trap, kernels=True) == [], trap.report()
 
 
 def test_zero_copy_reads_the_compute_dtype_shadow(seed):
