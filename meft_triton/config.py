@@ -94,7 +94,9 @@ class MEFTConfig:
     step. A micro-batch of T tokens touches U ~ N (1 - exp(-T K_top / N)) rows, so factors
     take far fewer bytes whenever T < U (both MEFT presets): a budget too small for the sums
     holds many micro-batches' factors, and rows cross PCIe a few times per step instead of
-    every micro-batch. ``python -m profiling.plan`` compares both.
+    every micro-batch. "auto" (the default): "rows" when a layer's share of the budget holds
+    the sums of all its N rows (one send per step, whatever the micro-batches), else
+    "factors". ``python -m profiling.plan`` compares both for a given step.
     """
 
     num_neurons: int = 4096
@@ -113,7 +115,7 @@ class MEFTConfig:
     residency: str = "resident"
     value_budget: int | str = AUTO
     gradient_budget: int | str = AUTO
-    gradient_form: str = "rows"
+    gradient_form: str = AUTO
 
     def __post_init__(self) -> None:
         check_int("num_neurons", self.num_neurons)
@@ -144,7 +146,7 @@ class MEFTConfig:
         if self.low_key_dim is not None:
             check_int("low_key_dim", self.low_key_dim)
         check_choice("residency", self.residency, RESIDENCIES)
-        check_choice("gradient_form", self.gradient_form, GRADIENT_FORMS)
+        check_choice("gradient_form", self.gradient_form, (AUTO, *GRADIENT_FORMS))
         for name in ("value_budget", "gradient_budget"):
             value = getattr(self, name)
             if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

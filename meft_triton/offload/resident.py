@@ -270,7 +270,8 @@ class ResidentLayer:
     no value table (the call's rows go through a slot as under "per-micro-batch"), or no
     gradient sums (each backward's rows go home at once, in the compute dtype). Under
     ``gradient_form="factors"`` the gradient budget holds :class:`GradientFactors` instead of
-    sums; a backward with more tokens than its share holds sends its rows home at once.
+    sums ("auto": when the share cannot hold the sums of every row); a backward with more
+    tokens than its share holds sends its rows home at once.
     """
 
     def __init__(self, rows) -> None:
@@ -312,7 +313,10 @@ class ResidentLayer:
                        if value_rows >= id_bound else None)
         cfg = self.rows.adapter.config
         self.grads = self.factors = None
-        if cfg.gradient_form == "factors":
+        form = cfg.gradient_form
+        if form == "auto":  # the sums when they hold every row (one send per step), else factors
+            form = "rows" if grad_rows >= store.num_rows else "factors"
+        if form == "factors":
             token_bytes = GradientFactors.token_bytes(key_width=store.key_size, hidden=store.hidden_size,
                                                       experts_per_token=cfg.experts_per_token, topk=cfg.topk, es=es)
             tokens = grad_budget // (layers * token_bytes)

@@ -30,7 +30,7 @@ TARGET = 1.2
 #: three micro-batches' gradient factors per layer, all layers (bf16 x and dy, int64 ids, fp32 coefficients)
 TIGHT_BUDGET = LAYERS * 3 * TOKENS * (2 * D * 2 + SHAPE["experts_per_token"] * 8 + SHAPE["topk"] * 16)
 CASES = {"per-micro-batch": dict(residency="per-micro-batch"), "resident": dict(residency="resident"),
-         "resident, rows, tight": dict(residency="resident", gradient_budget=TIGHT_BUDGET),
+         "resident, rows, tight": dict(residency="resident", gradient_form="rows", gradient_budget=TIGHT_BUDGET),
          "resident, factors, tight": dict(residency="resident", gradient_form="factors", gradient_budget=TIGHT_BUDGET)}
 
 

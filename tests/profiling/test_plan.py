@@ -102,7 +102,7 @@ def test_a_gradient_budget_below_one_call_is_planned_as_the_runtime_runs_it(tmp_
     that, not half a table: its bytes equal the counters."""
     tokens = CFG["num_neurons"] // CFG["topk"] + 1
     budget = LAYERS * (CFG["num_neurons"] // 2) * 2 * D * 4
-    runtime, tickets, _ = run_library("refetch", "resident", tokens, gradient_budget=budget)
+    runtime, tickets, _ = run_library("refetch", "resident", tokens, gradient_budget=budget, gradient_form="rows")
     records = planned(tmp_path, capsys, tickets, "refetch", tokens,
                       extra=["--grad-budget-gb", str(budget / 2**30), "--gradient-form", "rows"])
     [resident] = [r for r in records if r["placement"] == "cpu" and r["policy"] == "resident"]
