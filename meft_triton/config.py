@@ -79,8 +79,9 @@ class MEFTConfig:
     (every micro-batch copies its active value rows in, and its gradient rows out in fp32; the
     device holds only the key cache and the copy slots). Under "resident" ``value_budget`` and
     ``gradient_budget`` are the device bytes, for all layers together, of the resident value
-    rows and the gradient sums ("auto", the default: sized by the planner,
-    profiling/plan/auto.py, from the device memory free at the first forward). What does not
+    rows and the gradient sums or factors (``gradient_form`` below), "auto" (the default) for
+    sizes from the planner (profiling/plan/auto.py) and the device memory free at the first
+    forward. What does not
     fit is evicted and fetched again (values) or sent home early (gradients); a layer whose
     share cannot hold one call's rows runs that part per micro-batch. "per-micro-batch" is the
     opt-out: it keeps each backward's gradient rows exact in fp32 on their way home (under
