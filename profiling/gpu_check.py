@@ -183,6 +183,10 @@ def rows_kernels(stage: Stage, csv: Path | None) -> list[Row]:
                 speed = float(table.loc[base, f"{phase}_speedup_of_triton"])
                 out.append(Row(f"Triton {what} speedup over {base}",
                                "OOM" if math.isnan(speed) else f"{speed:.3g}x", "> 1", "info"))
+    if "triton-factored" in table.index:  # gradient_form "factors", a flush every micro-batch
+        ratio = float(table.loc["triton-factored", "step_ms"] / table.loc["triton", "step_ms"])
+        out.append(Row("Triton factored forward+backward (flush every micro-batch) / rows form",
+                       f"{ratio:.3g}", "info", "info"))
     return out
 
 

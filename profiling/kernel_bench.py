@@ -10,9 +10,14 @@ rate: a large matmul in the compute dtype), then times forward and forward+backw
 * ``reference``: meft_triton.reference through autograd,
 * ``meft-original``: MEFT's published dense-masked formulation (dense [T, N] scores and a
   dense [T, N] activation matmul),
+* ``triton-factored``: placement "cpu"'s ``gradient_form="factors"`` on one micro-batch: the
+  backward without its dK/dV GEMMs, then ``key_value_rows`` over the same tokens (a flush
+  every micro-batch, the form's worst case),
 
 and prints each time with the floor max(bytes / bandwidth, flops / tensor-core rate) of the
-adapter and the ratios. Beside the Triton times stand the static report's predictions for the
+adapter and the ratios; then ``key_value_rows`` alone over ``--flush-micro-batches``
+micro-batches' factors (a flush, ``flush_ms`` beside its static prediction in machine.json).
+Beside the Triton times stand the static report's predictions for the
 same target, dtype and shape (``python -m profiling.aot``, the committed records of
 ``profiling/results/static-<target>/``; sm_90 GPUs read sm90a, sm_80 ones sm80), so a GPU
 run grades the model: ``*_vs_static`` = measured / predicted. A baseline that runs out of
@@ -39,7 +44,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STATIC_TARGETS = {(9, 0): "sm90a", (8, 0): "sm80"}
 STATIC_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 #: the static report's workloads the bench's two phases run: router + forward, then + backward
-STATIC_PHASES = {"fwd": ("router_topk", "forward"), "step": ("router_topk", "forward", "backward")}
+STATIC_PHASES = {"fwd": ("router_topk", "forward"), "step": ("router_topk", "forward", "backward"),
+                 "flush": ("factored_rows",)}  # (its records' shape_params carry the flush's micro-batches)
 
 
 def static_prediction(capability: tuple[int, int], dtype: str, shape: dict[str, int],
@@ -95,9 +101,10 @@ def adapter_problem(tokens: int, hidden_size: int, num_neurons: int, num_experts
 
 
 def triton_passes(problem: dict[str, torch.Tensor], experts_per_token: int, topk: int):
-    """``(forward, step)`` closures of the Triton path on ``problem``: router top-k + sparse
-    forward, and the same + sparse backward (row-sparse grads)."""
-    from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+    """``(forward, step, factored_step)`` closures of the Triton path on ``problem``: router
+    top-k + sparse forward; the same + sparse backward (row-sparse grads); the same with the
+    factored backward and key_value_rows over its own tokens."""
+    from meft_triton.kernels import key_value_rows, router_topk, sparse_kv_backward, sparse_kv_forward
 
     hidden, router, keys, values = (problem[k] for k in ("hidden", "router", "keys", "values"))
     num_experts = router.shape[0]
@@ -112,7 +119,34 @@ def triton_passes(problem: dict[str, torch.Tensor], experts_per_token: int, topk
         return sparse_kv_backward(problem["grad_y"], hidden, router, keys, values, expert_ids, gate_logits,
                                   neuron_ids, activations, dense=False, check_ids=False)
 
-    return forward, step
+    def factored_step():
+        expert_ids, gate_logits, _, neuron_ids, activations = forward()
+        grads = sparse_kv_backward(problem["grad_y"], hidden, router, keys, values, expert_ids, gate_logits,
+                                   neuron_ids, activations, dense=False, check_ids=False, factored=True)
+        return key_value_rows(hidden, problem["grad_y"], expert_ids, neuron_ids, grads.pick_grads, activations,
+                              keys.shape[0], num_experts, out_dtype=hidden.dtype, check_ids=False)
+
+    return forward, step, factored_step
+
+
+def flush_factors(problem: dict[str, torch.Tensor], experts_per_token: int, topk: int, micro_batches: int):
+    """The factors of ``micro_batches`` micro-batches (fresh tokens each, the problem's
+    weights), concatenated as a flush hands them to key_value_rows."""
+    from meft_triton.kernels import router_topk, sparse_kv_backward, sparse_kv_forward
+
+    router, keys, values = (problem[k] for k in ("router", "keys", "values"))
+    parts = []
+    for seed in range(micro_batches):
+        gen = torch.Generator(device=keys.device).manual_seed(1000 + seed)
+        hidden, grad_y = (torch.randn(problem["hidden"].shape, device=keys.device, generator=gen).to(keys.dtype)
+                          for _ in range(2))
+        gate_logits, expert_ids = router_topk(hidden, router, experts_per_token)
+        _, neuron_ids, activations = sparse_kv_forward(hidden, keys, values, expert_ids, gate_logits,
+                                                       router.shape[0], topk, check_ids=False)
+        grads = sparse_kv_backward(grad_y, hidden, router, keys, values, expert_ids, gate_logits, neuron_ids,
+                                   activations, dense=False, check_ids=False, factored=True)
+        parts.append((hidden, grad_y, expert_ids, neuron_ids, grads.pick_grads, activations))
+    return [torch.cat(p) for p in zip(*parts)]
 
 
 def measure_ceilings(dtype: torch.dtype, time_ms) -> dict[str, float]:
@@ -141,7 +175,7 @@ def run(args) -> tuple[pd.DataFrame, dict]:
     T, d, E, P, K = args.tokens, args.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.topk
     problem = adapter_problem(T, d, cfg.num_neurons, E, dtype)
     hidden, router, keys, values, grad_y = (problem[k] for k in ("hidden", "router", "keys", "values", "grad_y"))
-    triton_forward, triton_step = triton_passes(problem, P, K)
+    triton_forward, triton_step, triton_factored_step = triton_passes(problem, P, K)
 
     expert_ids, _, _, neuron_ids, _ = triton_forward()
     unique_rows = int(neuron_ids.unique().numel())
@@ -164,6 +198,7 @@ def run(args) -> tuple[pd.DataFrame, dict]:
 
     contenders = {
         "triton": (triton_forward, triton_step),
+        "triton-factored": (triton_forward, triton_factored_step),
         "reference": (lambda: reference.meft_forward(hidden, router, keys, values, P, K),
                       autograd_step(lambda *x: reference.meft_forward(*x, P, K))),
         "meft-original": (lambda: reference.meft_original_forward(hidden, router, keys, values, P, K),
@@ -188,14 +223,23 @@ def run(args) -> tuple[pd.DataFrame, dict]:
         table[f"{phase}_floor_ms"] = floor_ms(phase)
         table[f"{phase}_vs_floor"] = table[f"{phase}_ms"] / floor_ms(phase)
         table[f"{phase}_speedup_of_triton"] = table[f"{phase}_ms"] / table.loc[0, f"{phase}_ms"]
-    static = static_prediction(torch.cuda.get_device_capability(), args.dtype,
-                               dict(T=T, d=d, N=cfg.num_neurons, E=E, P=P, K=K))
+    shape = dict(T=T, d=d, N=cfg.num_neurons, E=E, P=P, K=K)
+    static = static_prediction(torch.cuda.get_device_capability(), args.dtype, shape)
+    flush = flush_factors(problem, P, K, args.flush_micro_batches)
+    from meft_triton.kernels import key_value_rows
+
+    flush_ms = time_ms(lambda: key_value_rows(*flush, cfg.num_neurons, E, out_dtype=dtype, check_ids=False))
+    del flush
+    torch.cuda.empty_cache()
+    flush_static = static_prediction(torch.cuda.get_device_capability(), args.dtype,
+                                     {**shape, "flush": args.flush_micro_batches})
     for phase in ("fwd", "step"):
         predicted = float("nan") if static is None else static[f"{phase}_ms"]
         table[f"{phase}_static_ms"] = [predicted] + [float("nan")] * (len(table) - 1)  # triton only
         table[f"{phase}_vs_static"] = table[f"{phase}_ms"] / table[f"{phase}_static_ms"]
     meta = {**describe_machine(), **ceilings, **floor, "unique_rows": unique_rows,
-            "unique_experts": unique_experts, "shape": vars(args), "static_prediction": static}
+            "unique_experts": unique_experts, "shape": vars(args), "static_prediction": static,
+            "flush_ms": flush_ms, "flush_static_ms": None if flush_static is None else flush_static["flush_ms"]}
     return table, meta
 
 
@@ -208,6 +252,9 @@ def main(argv=None) -> int:
     parser.add_argument("--experts-per-token", type=int, default=8)
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--flush-micro-batches", type=int, default=8,
+                        help="micro-batches of factors in the timed flush (default 8: scale-7b's step, "
+                             "as the static report compiles it)")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
@@ -219,6 +266,8 @@ def main(argv=None) -> int:
     print(json.dumps({k: meta[k] for k in ("device", "driver", "torch", "triton")}))
     print(f"HBM {meta['hbm_bytes_per_s'] / 1e9:.0f} GB/s, matmul {meta['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"unique rows {meta['unique_rows']}, unique experts {meta['unique_experts']}")
+    print(f"flush of {args.flush_micro_batches} micro-batches' factors (key_value_rows): {meta['flush_ms']:.3f} ms "
+          f"(static prediction {meta['flush_static_ms']} ms)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if not args.no_save:
         folder = results_dir("kernels")
