@@ -641,3 +641,28 @@ def test_records_checked_like_accumulate():
     opt.accumulate_records(torch.tensor([4, 7, 9]), bad)
     with pytest.raises(NonFiniteGradientError, match="values"):
         opt.step()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 7 * 3, 1 << 22])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_rows_summed_a_chunk_at_a_time(seed, monkeypatch, chunk_bytes, dtype):
+    """16-bit rows added to existing sums widen a chunk of rows at a time (row_grads.
+    WIDEN_CHUNK_BYTES): the sums equal those of the whole rows widened at once, for chunks of
+    one row, of three, and of all, with a repeated id in the batch."""
+    from meft_triton.optimizers import row_grads
+
+    monkeypatch.setattr(row_grads, "WIDEN_CHUNK_BYTES", chunk_bytes)
+    n, d, r = 40, 10, 7
+    store = random_store(n, d, r=r)
+    sums = row_grads.RowGradSums(store)
+    first = torch.randperm(n)[:25]
+    k1, v1 = torch.randn(25, r), torch.randn(25, d)
+    sums.add(first, k1, v1)
+    second = torch.cat([first[:9], torch.randperm(n)[:12], first[:1]])  # overlapping, one id twice
+    k2, v2 = torch.randn(second.numel(), r).to(dtype), torch.randn(second.numel(), d).to(dtype)
+    sums.add(second, k2, v2)
+    want = torch.zeros(n, r + d, dtype=torch.float64)
+    want.index_add_(0, first, torch.cat([k1, v1], 1).double())
+    want.index_add_(0, second, torch.cat([k2, v2], 1).double())
+    got = torch.zeros(n, r + d, dtype=torch.float64).index_add_(0, sums.ids[:sums.count], sums.rows().double())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
