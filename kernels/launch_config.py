@@ -35,6 +35,22 @@ def _expert_grads_default(dtype, pairs_per_expert, neurons_per_expert, width):
                 num_warps=4, num_stages=2)
 
 
+#: pairs per expert from which expert_grads takes its "expert_grads_long" entry (a flush of
+#: many micro-batches' factors, key_value_rows; one micro-batch at the presets has 6 or 32)
+LONG_RUN_PAIRS = 128
+
+
+def _expert_grads_long_default(dtype, pairs_per_expert, neurons_per_expert, width):
+    # long runs of pairs: wider width tiles over 8 warps halve the programs, whose per-program
+    # overhead made the issue term 2.3x the floor at paper-7b's flush (static report: 134 ->
+    # 83 µs; scale-7b's flush at its bytes floor; no spills). fp32 keeps the short-run tiles
+    # (twice the shared memory per operand).
+    if dtype == torch.float32:
+        return _expert_grads_default(dtype, pairs_per_expert, neurons_per_expert, width)
+    return dict(BLOCK_M=32, BLOCK_S=_pow2(neurons_per_expert, 16, 64), BLOCK_D=_pow2(width, 16, 256),
+                num_warps=8, num_stages=2)
+
+
 def _score_grads_default(dtype, pairs_per_expert, neurons_per_expert, width):
     # two [BLOCK_M, BLOCK_S] fp32 accumulators (x K^T and dy V^T); blocks of pairs sized to
     # an expert's run, like the key scores; the kernel loops over S tiles itself
@@ -57,7 +73,8 @@ def _router_topk_default(dtype, num_tokens, num_experts, width, k_pad):
                 num_warps=4, num_stages=3, min_programs=264)
 
 
-HEURISTICS = {"router_topk": _router_topk_default, "expert_grads": _expert_grads_default, "score_grads": _score_grads_default,
+HEURISTICS = {"router_topk": _router_topk_default, "expert_grads": _expert_grads_default,
+              "expert_grads_long": _expert_grads_long_default, "score_grads": _score_grads_default,
               "row_gather_dot": _row_gather_dot_default}
 
 

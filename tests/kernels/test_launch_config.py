@@ -38,3 +38,26 @@ def test_shipped_tables_name_known_kernels_and_keys():
             for dtype, entry in entries.items():
                 assert dtype in (*lc.DTYPE_NAMES.values(), "default"), (path.name, dtype)
                 assert set(entry) <= set(default), (path.name, kernel, dtype)
+
+
+def test_long_runs_of_pairs_take_their_own_entry(monkeypatch):
+    """expert_grads launches with >= LONG_RUN_PAIRS pairs per expert (a flush of many
+    micro-batches' factors) read "expert_grads_long": wide width tiles on 8 warps in 16-bit,
+    the short-run tiles in fp32; the launcher picks the entry by the run length."""
+    long = dict(SHAPE, pairs_per_expert=lc.LONG_RUN_PAIRS)
+    cfg = lc.launch_config("expert_grads_long", torch.device("cpu"), torch.bfloat16, **long)
+    assert cfg == dict(BLOCK_M=32, BLOCK_S=32, BLOCK_D=128, num_warps=8, num_stages=2)  # width 97 -> 128
+    assert lc.launch_config("expert_grads_long", torch.device("cpu"), torch.float32, **long) == \
+        lc.launch_config("expert_grads", torch.device("cpu"), torch.float32, **long)
+    from meft_triton.kernels import expert_grads as eg
+
+    asked = []
+    real = eg.launch_config
+    monkeypatch.setattr(eg, "launch_config", lambda name, *a, **k: asked.append(name) or real(name, *a, **k))
+    x = torch.zeros(lc.LONG_RUN_PAIRS, 8)
+    order = torch.arange(lc.LONG_RUN_PAIRS)
+    router = torch.zeros(1, 8)
+    for tokens in (lc.LONG_RUN_PAIRS - 1, lc.LONG_RUN_PAIRS):
+        eg.expert_grads(None, None, torch.zeros(tokens), x[:tokens], x[:tokens], order[:tokens],
+                        torch.tensor([0, tokens]), 1, 4, None, None, router)
+    assert asked == ["expert_grads", "expert_grads_long"]
