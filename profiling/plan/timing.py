@@ -35,8 +35,9 @@ micro-batches that follow (:func:`in_step_exposed`). At the step boundary:
   rows also crossed during the step (a gradient budget below the step's rows), those were
   summed as they landed (as under per-micro-batch), the boundary's rows join them in the fp32
   accumulators (es + 8 B per element) and the update reads those (28 B)
-  (:func:`boundary_resident`: the runtime's order; a pipeline over layers from each layer's
-  last backward would hide more, but the step is all-or-nothing across layers).
+  (:func:`boundary_resident`: the runtime's order, the landing work beside the link; a
+  pipeline over layers from each layer's last backward would hide more, but the step is
+  all-or-nothing across layers).
 
 The CPU optimizer's bandwidth is the host's (``host_bytes_per_s``), shared by every layer.
 """
@@ -177,22 +178,30 @@ def boundary_today(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfil
 def boundary_resident(gpu: GPU, traffic: list[LayerTraffic], profile: RoutingProfile, compute: Compute, *,
                       hidden: int, key_width: int, es: int, include_cpu: bool = True) -> float:
     """Seconds the next step's forwards wait, resident policy, as the runtime orders it: at the
-    optimizer step every layer's gradient sums cross to the host (the link after the last
-    backward), are summed into the fp32 accumulators, the layers in parallel (the compute-dtype
-    row read, the fp32 sum read and written), then every layer's AdamW runs at once on worker
-    threads (all-or-nothing: the non-finite check and global-norm clipping need every layer's
-    gradients first), then the key rows go back as under per-micro-batch."""
+    optimizer step every layer's gradient rows cross to the host (the link after the last
+    backward, one layer after another), and each layer's optimizer thread takes its rows as
+    they land (checked for non-finite values; where rows came home during the step too, summed
+    into the fp32 accumulators: the compute-dtype row read, the fp32 sum read and written), the
+    layers in parallel sharing the host's bandwidth, so that work overlaps the rest of the
+    link; then every layer's AdamW runs at once on worker threads (all-or-nothing: the
+    non-finite check and global-norm clipping need every layer's gradients first), then the
+    key rows go back as under per-micro-batch."""
     r = key_width
     link = sum(t.boundary_d2h for t in traffic) / gpu.pcie_bytes_per_s
-    cpu_bytes = 0.0
+    landing_bytes = after_bytes = 0.0  # host work as rows land; after all have landed
     for t, layer in zip(traffic, profile.layers):
         record = (r + hidden) * es + ID_BYTES
         rows = t.boundary_d2h / record  # the rows sent home, padding included
         if sum(t.d2h_mb):  # rows came home during the step too (summed as they landed): these join them
-            cpu_bytes += rows * (r + hidden) * (es + 2 * FP32)
-            cpu_bytes += layer.per_step * (r + hidden) * ADAMW_BYTES
+            landing_bytes += rows * (r + hidden) * (es + 2 * FP32)
+            after_bytes += layer.per_step * (r + hidden) * ADAMW_BYTES
         else:  # one batch: kept as it came, checked for non-finite values, read by the update
-            cpu_bytes += rows * (r + hidden) * es
-            cpu_bytes += layer.per_step * (r + hidden) * (ADAMW_BYTES - FP32 + es)
-        cpu_bytes += layer.per_step * r * (FP32 + es)  # key rows gathered and rounded for the device
-    return _keys_back_wait(link + (cpu_bytes / gpu.host_bytes_per_s if include_cpu else 0.0), traffic, gpu, compute)
+            landing_bytes += rows * (r + hidden) * es
+            after_bytes += layer.per_step * (r + hidden) * (ADAMW_BYTES - FP32 + es)
+        after_bytes += layer.per_step * r * (FP32 + es)  # key rows gathered and rounded for the device
+    if not include_cpu:
+        return _keys_back_wait(link, traffic, gpu, compute)
+    # the first layer's rows land after its share of the link; the landing work then runs
+    # beside the rest of it
+    landed = max(link, link / len(traffic) + landing_bytes / gpu.host_bytes_per_s)
+    return _keys_back_wait(landed + after_bytes / gpu.host_bytes_per_s, traffic, gpu, compute)
