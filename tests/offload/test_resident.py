@@ -361,7 +361,10 @@ def test_factors_send_rows_when_the_budget_is_full_and_at_the_step(seed, tokens_
         before = runtime.bytes_to_host
         layer(torch.randn(5, D)).square().sum().backward()
         sent.append(runtime.bytes_to_host - before)
-    assert layer.offload.residency.factors.capacity == tokens_held
+    factors = layer.offload.residency.factors
+    # the arenas take what the planner counts per token (GradientFactors.token_bytes), once used
+    assert factors.capacity == tokens_held
+    assert factors.nbytes == (tokens_held * token_bytes if tokens_held >= 5 else 0)
     before = runtime.bytes_to_host
     layer.sparse_step().result()
     at_step = runtime.bytes_to_host - before
