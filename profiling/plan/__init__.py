@@ -16,7 +16,8 @@ Modules: inputs (GPU presets from profiling/gpu_presets.json, the backbone, the 
 routing (rows touched per micro-batch and per step), traffic (PCIe bytes per policy), memory
 (bytes by component), timing (the time model), data_parallel (world size: CPU RAM per node,
 gradient bytes each rank sends), planner (one record per candidate), auto (the resident
-budgets of ``MEFTConfig(value_budget="auto")``), cli.
+budgets of ``MEFTConfig(value_budget="auto")``), cli; record (``python -m
+profiling.plan.record``: a routing profile from a transformers model reading real text).
 Every number is a prediction from these formulas; the byte counts of both policies equal the
 runtime's counters on the same routing at full budgets (tests/profiling/test_plan.py, and the
 sweep's placement-"cpu" rows, which put both side by side).
