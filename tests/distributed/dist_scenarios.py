@@ -21,6 +21,12 @@ GLOBAL_ROWS, LENGTH, VOCAB = 6, 5, 64
 LR = 1e-2
 
 
+#: residency "resident" keeping gradient factors: 16 tokens per layer (fp32 x and dy of width 16,
+#: 2 expert ids, 4 picks: 208 bytes a token), one rank's micro-batch of 15 tokens when two ranks
+#: share the global one, so each backward after the first sends the one before's rows home
+FACTORS = dict(gradient_form="factors", gradient_budget=2 * 16 * 208)
+
+
 def config(placement: str, **kw) -> MEFTConfig:
     base = dict(num_neurons=64, num_experts=8, experts_per_token=2, topk=4, placement=placement,
                 backend="torch", value_init_std=0.02)

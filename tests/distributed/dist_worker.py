@@ -77,17 +77,21 @@ def fsdp_gpu(out: Path, rank: int, world: int) -> None:
     torch.save({"masters": full_masters(model), "resumed": full_masters(fresh), "local_key_rows": adapter.keys.to_local().shape[0], "refused": refused}, out / f"rank{rank}.pt")
 
 
-def node_cpu(out: Path, rank: int, world: int) -> None:
+def node_cpu(out: Path, rank: int, world: int, form: str = "auto") -> None:
     """Placement "cpu", one shared store per node; checkpoint after 2 steps, resumed by a fresh
-    model in the same processes, must continue bitwise as the uninterrupted run."""
+    model in the same processes, must continue bitwise as the uninterrupted run. ``form``
+    "factors": the adapters keep gradient factors (dist_scenarios.FACTORS)."""
     topo = node_topology()
-    model = sc.tiny_llama("cpu")
+    kw = sc.FACTORS if form == "factors" else {}
+    model = sc.tiny_llama("cpu", **kw)
     opt = NodeSharedAdamW(sc.adapters_of(model), topo, lr=sc.LR)
     sc.train(model, opt, 2, ACCUM, rank=rank, world=world)
     save_node_state(model, opt, out / "ckpt", step=2, topology=topo, rng=False)
     sc.train(model, opt, STEPS - 2, ACCUM, rank=rank, world=world, first_step=2)
-    result = {"masters": sc.masters(model), "bytes_sent": opt.bytes_sent, "rows_sent": opt.rows_sent}
-    fresh = sc.tiny_llama("cpu", adapter_seed=123)
+    factors = [a.offload.residency.factors for a in sc.adapters_of(model)]
+    result = {"masters": sc.masters(model), "bytes_sent": opt.bytes_sent, "rows_sent": opt.rows_sent,
+              "factor_tokens": [None if f is None else f.capacity for f in factors]}
+    fresh = sc.tiny_llama("cpu", adapter_seed=123, **kw)
     fresh_opt = NodeSharedAdamW(sc.adapters_of(fresh), topo, lr=sc.LR)
     step = load_node_state(fresh, fresh_opt, out / "ckpt", topology=topo, restore_rng=False)
     sc.train(fresh, fresh_opt, STEPS - step, ACCUM, rank=rank, world=world, first_step=step)
@@ -147,6 +151,8 @@ def main() -> None:
     try:
         if scenario == "memory":
             memory(out, rank, world, sys.argv[3])
+        elif scenario == "node_cpu" and len(sys.argv) > 3:
+            node_cpu(out, rank, world, sys.argv[3])
         else:
             {"ddp_gpu": ddp_gpu, "fsdp_gpu": fsdp_gpu, "node_cpu": node_cpu, "die": die}[scenario](out, rank, world)
     finally:

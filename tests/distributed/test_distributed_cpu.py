@@ -34,6 +34,24 @@ def test_one_master_per_node_equals_one_process_and_resumes_bitwise(tmp_path, wo
         assert all(r["bytes_sent"] > 0 for r in ranks)
 
 
+def test_gradient_factors_on_two_ranks_equal_one_process(tmp_path):
+    """gradient_form "factors" with a budget of one rank's micro-batch: each rank's backwards
+    send the held factors' rows home mid-step, the leader sums both ranks' rows, and the
+    masters equal one process's (whose whole micro-batches do not fit the budget: rows at
+    once); the checkpoint resumes bitwise."""
+    import dist_scenarios as sc
+
+    ranks = check_ranks(launch("node_cpu", 2, tmp_path, local_world=2, timeout=TIMEOUT, args=("factors",)),
+                        2, tmp_path)
+    want = one_process("cpu", **sc.FACTORS)
+    assert all(r["factor_tokens"] == [16, 16] for r in ranks)
+    for rank, got in enumerate(ranks):
+        for name, tensor in want.items():
+            assert torch.equal(got["masters"][name], ranks[0]["masters"][name]), (rank, name)
+            torch.testing.assert_close(got["masters"][name], tensor, rtol=0, atol=1e-6, msg=name)
+            assert torch.equal(got["resumed"][name], got["masters"][name]), (rank, name)
+
+
 def test_row_store_memory_of_two_ranks_is_that_of_one(tmp_path):
     total = {}
     for world, mode in ((1, "private"), (2, "shared")):

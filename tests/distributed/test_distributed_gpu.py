@@ -23,8 +23,8 @@ from profiling.plan.data_parallel import Parallel, gradient_bytes  # noqa: E402
 TIMEOUT = 240
 
 
-def one_process(placement: str) -> dict:
-    model = sc.tiny_llama(placement)
+def one_process(placement: str, **kw) -> dict:
+    model = sc.tiny_llama(placement, **kw)
     opt = create_meft_optimizer(model, lr=sc.LR)
     sc.train(model, opt, 3, 2)
     return sc.masters(model)
