@@ -201,9 +201,10 @@ def expert_grads(grad_raw_table, act_table, grad_w, x, dy, order, offsets, exper
         raise ValueError("expert_grads without key/value outputs computes dG alone: pass router_out, not rows")
     width = max(key_width, value_width) if with_rows else key_width
     pairs_per_expert = x.shape[0] * experts_per_token / num_experts
-    cfg = launch_config("expert_grads_long" if pairs_per_expert >= LONG_RUN_PAIRS else "expert_grads", x.device,
-                        x.dtype, pairs_per_expert=pairs_per_expert, neurons_per_expert=neurons_per_expert,
-                        width=width)
+    entry = ("expert_grads_dg" if not with_rows else
+             "expert_grads_long" if pairs_per_expert >= LONG_RUN_PAIRS else "expert_grads")
+    cfg = launch_config(entry, x.device, x.dtype, pairs_per_expert=pairs_per_expert,
+                        neurons_per_expert=neurons_per_expert, width=width)
     row_pos, row_experts = (rows.row_pos, rows.row_experts) if rows is not None else (offsets, offsets)
     grid = (num_experts if rows is None else row_experts.numel(),
             triton.cdiv(neurons_per_expert, cfg["BLOCK_S"]) if with_rows else 1,

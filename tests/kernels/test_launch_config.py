@@ -43,7 +43,8 @@ def test_shipped_tables_name_known_kernels_and_keys():
 def test_long_runs_of_pairs_take_their_own_entry(monkeypatch):
     """expert_grads launches with >= LONG_RUN_PAIRS pairs per expert (a flush of many
     micro-batches' factors) read "expert_grads_long": wide width tiles on 8 warps in 16-bit,
-    the short-run tiles in fp32; the launcher picks the entry by the run length."""
+    the short-run tiles in fp32; a dG-alone launch reads "expert_grads_dg"; the launcher picks
+    the entry by what it computes and the run length."""
     long = dict(SHAPE, pairs_per_expert=lc.LONG_RUN_PAIRS)
     cfg = lc.launch_config("expert_grads_long", torch.device("cpu"), torch.bfloat16, **long)
     assert cfg == dict(BLOCK_M=32, BLOCK_S=32, BLOCK_D=128, num_warps=8, num_stages=2)  # width 97 -> 128
@@ -57,7 +58,11 @@ def test_long_runs_of_pairs_take_their_own_entry(monkeypatch):
     x = torch.zeros(lc.LONG_RUN_PAIRS, 8)
     order = torch.arange(lc.LONG_RUN_PAIRS)
     router = torch.zeros(1, 8)
+    key_out = torch.zeros(4, 8)
     for tokens in (lc.LONG_RUN_PAIRS - 1, lc.LONG_RUN_PAIRS):
-        eg.expert_grads(None, None, torch.zeros(tokens), x[:tokens], x[:tokens], order[:tokens],
-                        torch.tensor([0, tokens]), 1, 4, None, None, router)
-    assert asked == ["expert_grads", "expert_grads_long"]
+        table = torch.zeros(tokens, 4)
+        eg.expert_grads(table, table, torch.zeros(tokens), x[:tokens], x[:tokens], order[:tokens],
+                        torch.tensor([0, tokens]), 1, 4, key_out, key_out.clone())
+    eg.expert_grads(None, None, torch.zeros(8), x[:8], x[:8], order[:8], torch.tensor([0, 8]), 1, 4, None, None,
+                    router)  # dG alone (the factored backward)
+    assert asked == ["expert_grads", "expert_grads_long", "expert_grads_dg"]
