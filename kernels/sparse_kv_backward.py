@@ -237,36 +237,29 @@ def sparse_kv_backward(grad_y, hidden, router_weight, keys, values, expert_ids, 
     if not param_grads:
         return SparseKVGrads(grad_hidden, None, None, None, None, None, None)
 
-    order, offsets = expert_segments(expert_ids, num_experts)
-    if factored:
-        grad_router = None
-        if gate == "logit":
-            grad_router = torch.empty(num_experts, key_width, dtype=router_weight.dtype, device=device)
-            expert_grads(None, None, grad_w, hidden, grad_y, order, offsets, experts_per_token,
-                         neurons_per_expert, None, None, grad_router, None, dot_precision(hidden.dtype))
-        else:
-            grad_router = (grad_logits.T @ hidden).to(router_weight.dtype)
-        return SparseKVGrads(grad_hidden, grad_router, None, None, None, None, None, grad_raw)
     grad_router = rows = None
     if gate == "logit":
-        # row-sparse outputs run only the experts owning a picked row; the rest have dG = 0
-        grad_router = (torch.empty if dense else torch.zeros)(
+        # row-sparse outputs run only the experts owning a picked row, the rest have dG = 0;
+        # dense outputs and dG alone (factored) run every expert
+        grad_router = (torch.empty if dense or factored else torch.zeros)(
             num_experts, key_width, dtype=router_weight.dtype, device=device)
-    row_ids = key_rows = value_rows = grad_keys = grad_values = None
+    row_ids = key_rows = value_rows = grad_keys = grad_values = key_out = value_out = None
     if dense:
         grad_keys = torch.empty(num_neurons, key_width, dtype=keys.dtype, device=device)
         grad_values = torch.empty(num_neurons, value_width, dtype=values.dtype, device=device)
         key_out, value_out = grad_keys, grad_values
-    else:
+    elif not factored:
         rows = picked_rows(neuron_ids, num_neurons, num_experts)
         row_ids = rows.row_ids
         key_rows = torch.empty(row_ids.numel(), key_width, dtype=torch.float32, device=device)
         value_rows = torch.empty(row_ids.numel(), value_width, dtype=torch.float32, device=device)
         key_out, value_out = key_rows, value_rows
-    expert_grads(grad_raw_table, act_table, grad_w, hidden, grad_y, order, offsets,
-                 experts_per_token, neurons_per_expert, key_out, value_out, grad_router, rows,
-                 dot_precision(hidden.dtype))
+    if key_out is not None or grad_router is not None:  # (factored under "softmax": nothing to run)
+        order, offsets = expert_segments(expert_ids, num_experts)
+        expert_grads(grad_raw_table, act_table, grad_w, hidden, grad_y, order, offsets,
+                     experts_per_token, neurons_per_expert, key_out, value_out, grad_router, rows,
+                     dot_precision(hidden.dtype))
     if gate == "softmax":
         grad_router = (grad_logits.T @ hidden).to(router_weight.dtype)
     return SparseKVGrads(grad_hidden, grad_router, row_ids, key_rows, value_rows, grad_keys,
-                         grad_values)
+                         grad_values, grad_raw if factored else None)

@@ -32,6 +32,8 @@ element size es; U: rows a micro-batch touches, V: rows the step touches):
 
 from __future__ import annotations
 
+from meft_triton.offload.resident import GradientFactors  # the runtime's bytes per held token
+
 from .inputs import Backbone, Batch
 from .routing import RoutingProfile
 from .traffic import FP32, ID_BYTES
@@ -78,14 +80,6 @@ def gpu_placement_bytes(backbone: Backbone, batch: Batch, num_neurons: int, key_
             "compute-dtype copies saved for backward": float(rows * batch.es)}
 
 
-def factor_token_bytes(*, key_width: int, hidden: int, experts_per_token: int, topk: int, es: int) -> int:
-    """Device bytes of one token's gradient factors (the runtime's own formula)."""
-    from meft_triton.offload.resident import GradientFactors
-
-    return GradientFactors.token_bytes(key_width=key_width, hidden=hidden, experts_per_token=experts_per_token,
-                                       topk=topk, es=es)
-
-
 def cpu_placement_bytes(backbone: Backbone, batch: Batch, profile: RoutingProfile, *, num_neurons: int,
                         key_width: int, topk: int, policy: str, backward_rows: str, value_share: float = 1.0,
                         grad_share: float = 1.0, factor_period: int | None = None, num_experts: int = 1,
@@ -114,7 +108,7 @@ def cpu_placement_bytes(backbone: Backbone, batch: Batch, profile: RoutingProfil
         if factor_period is None:
             out["gradient sums (fp32)"] = float(grad_share * sum(l.per_step for l in profile.layers) * (r + d) * FP32)
         else:
-            out["gradient factors"] = float(L * factor_period * batch.tokens * factor_token_bytes(
+            out["gradient factors"] = float(L * factor_period * batch.tokens * GradientFactors.token_bytes(
                 key_width=r, hidden=d, experts_per_token=experts_per_token, topk=topk, es=es))
     return out
 

@@ -9,10 +9,11 @@ from typing import Any
 
 from meft_triton import MEFTConfig
 from meft_triton.config import GRADIENT_FORMS
+from meft_triton.offload.resident import GradientFactors
 
 from .data_parallel import Parallel, gradient_bytes, node_ram_bytes
 from .inputs import GPU, Backbone, Batch
-from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, factor_token_bytes, gpu_placement_bytes
+from .memory import common_gpu_bytes, cpu_placement_bytes, cpu_ram_bytes, gpu_placement_bytes
 from .routing import RoutingProfile
 from .timing import boundary_resident, boundary_today, compute_time, in_step_exposed
 from .traffic import FP32, POLICIES, layer_traffic
@@ -84,8 +85,8 @@ def evaluate(gpu: GPU, backbone: Backbone, batch: Batch, config: MEFTConfig, pro
         factor_period = None  # gradient_form "factors": the micro-batches a layer's budget holds
         id_bound = min(config.num_neurons, batch.tokens * config.topk)  # a call's padded ids
         M, L = batch.micro_batches, backbone.layers
-        token_bytes = factor_token_bytes(key_width=r, hidden=d, experts_per_token=config.experts_per_token,
-                                         topk=config.topk, es=batch.es)
+        token_bytes = GradientFactors.token_bytes(key_width=r, hidden=d, experts_per_token=config.experts_per_token,
+                                                  topk=config.topk, es=batch.es)
         if policy == "resident":
             base = cpu_placement_bytes(backbone, batch, profile, num_neurons=config.num_neurons, key_width=r,
                                        topk=config.topk,

@@ -54,13 +54,13 @@ def record_profile(model, micro_batches: torch.Tensor, config: MEFTConfig, *, se
         picks: list[list[torch.Tensor]] = [[] for _ in adapters]
         hooks = [a.register_forward_pre_hook(lambda module, args, i=i: picks[i].append(_picked(module, args[0])))
                  for i, a in enumerate(adapters)]
+        was_training = model.training
         try:
-            was_training = model.training
             model.eval()
             for ids in micro_batches:
                 model(ids[None].to(next(model.parameters()).device))
-            model.train(was_training)
         finally:
+            model.train(was_training)
             for hook in hooks:
                 hook.remove()
     finally:
