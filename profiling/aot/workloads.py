@@ -38,10 +38,10 @@ class Shape:
 
 
 #: docs/DESIGN.md, "Semantics"'s presets, and a small odd shape (nothing a power of two). The
-#: flushes: what the planner's fastest plan holds (paper-7b on the 24 GB card: 25 micro-batches;
+#: flushes: what the planner's fastest plan holds (paper-7b on the 24 GB card: 23 micro-batches;
 #: scale-7b on an H100: the whole step's 8).
 SHAPES = {
-    "paper-7b": Shape("paper-7b", d=4096, N=8464, E=368, P=8, K=64, T=256, smt_block=256, smt_blocks=16, flush=25),
+    "paper-7b": Shape("paper-7b", d=4096, N=8464, E=368, P=8, K=64, T=256, smt_block=256, smt_blocks=16, flush=23),
     "scale-7b": Shape("scale-7b", d=4096, N=65536, E=1024, P=8, K=64, T=4096, smt_block=256, smt_blocks=16,
                       flush=8),
     "odd": Shape("odd", d=97, N=23 * 7, E=7, P=3, K=5, T=23, smt_block=16, smt_blocks=3, flush=3),
